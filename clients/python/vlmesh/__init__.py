@@ -1,0 +1,93 @@
+"""vlmesh client: talk to a vlmesh coordinator over gRPC.
+
+    from vlmesh import Client
+
+    with Client("127.0.0.1:50051") as client:
+        print(client.chat("Hello!").text)
+
+Depends only on grpcio, protobuf and pillow (no torch, no transformers).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# The services install this package too (for vlmesh.v1) and import it on every start; loading
+# the client lazily keeps `import vlmesh.v1...` cheap there and isolates them from client code.
+_EXPORTS = {
+    "load_image": "._messages",
+    "ChatEvent": "._results",
+    "ChatResult": "._results",
+    "ModelInfo": "._results",
+    "TokenLogprob": "._results",
+    "TokenLogprobs": "._results",
+    "Usage": "._results",
+    "DEFAULT_ADDRESS": ".client",
+    "AsyncClient": ".client",
+    "AsyncSession": ".client",
+    "Client": ".client",
+    "GenerateOptions": ".client",
+    "Session": ".client",
+    "Cancelled": ".errors",
+    "DeadlineExceeded": ".errors",
+    "FailedPrecondition": ".errors",
+    "InvalidArgument": ".errors",
+    "NotFound": ".errors",
+    "ResourceExhausted": ".errors",
+    "Unavailable": ".errors",
+    "VlmeshError": ".errors",
+}
+
+if TYPE_CHECKING:
+    from ._messages import load_image
+    from ._results import ChatEvent, ChatResult, ModelInfo, TokenLogprob, TokenLogprobs, Usage
+    from .client import DEFAULT_ADDRESS, AsyncClient, AsyncSession, Client, GenerateOptions, Session
+    from .errors import (
+        Cancelled,
+        DeadlineExceeded,
+        FailedPrecondition,
+        InvalidArgument,
+        NotFound,
+        ResourceExhausted,
+        Unavailable,
+        VlmeshError,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_EXPORTS))
+
+
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "Client",
+    "AsyncClient",
+    "Session",
+    "AsyncSession",
+    "GenerateOptions",
+    "ChatResult",
+    "ChatEvent",
+    "Usage",
+    "TokenLogprob",
+    "TokenLogprobs",
+    "ModelInfo",
+    "load_image",
+    "VlmeshError",
+    "InvalidArgument",
+    "NotFound",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Unavailable",
+    "DeadlineExceeded",
+    "Cancelled",
+]

@@ -1,0 +1,294 @@
+"""Conversion of chat messages in the Qwen / transformers / OpenAI formats to wire messages.
+
+Accepted message shapes (a list of them, or a plain string meaning one user text message)::
+
+    {"role": "user", "content": "Hi"}
+    {"role": "user", "content": [
+        {"type": "image", "image": X},                  # Qwen / transformers
+        {"type": "image", "url": X} or {"type": "image", "path": X},   # transformers
+        {"type": "image_url", "image_url": {"url": X}},                 # OpenAI
+        {"type": "image_url", "image_url": X},
+        {"type": "text", "text": "What is this?"},
+    ]}
+
+Roles: system, user, assistant. An image X is a filesystem path (str or os.PathLike), a
+``file://`` URL, an ``http(s)://`` URL, a ``data:`` URL, raw bytes of an encoded image, or a
+``PIL.Image.Image``. Everything is turned into encoded image bytes here, on the client: the
+coordinator never fetches anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping, Sequence
+from importlib import metadata as _metadata
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from vlmesh.v1 import coordinator_pb2 as pb
+
+__all__ = [
+    "ImageSource",
+    "MessagesLike",
+    "MAX_IMAGE_BYTES",
+    "HTTP_TIMEOUT_S",
+    "load_image",
+    "to_proto_messages",
+]
+
+#: Anything `load_image` accepts.
+ImageSource = str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image
+#: What `Client.chat` and friends accept as `messages`.
+MessagesLike = str | Mapping[str, Any] | pb.Message | Sequence[Mapping[str, Any] | pb.Message]
+
+#: Largest image accepted from an http(s) URL.
+MAX_IMAGE_BYTES = 50 * 1024 * 1024
+#: Connect/read timeout of an image download, in seconds.
+HTTP_TIMEOUT_S = 30.0
+
+_ROLES = {
+    "system": pb.ROLE_SYSTEM,
+    "user": pb.ROLE_USER,
+    "assistant": pb.ROLE_ASSISTANT,
+}
+_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def _user_agent() -> str:
+    try:
+        version = _metadata.version("vlmesh-client")
+    except _metadata.PackageNotFoundError:
+        version = "dev"
+    return f"vlmesh-client/{version} (+python-urllib)"
+
+
+def _describe(source: object) -> str:
+    """A short, log-safe description of an image source for error messages."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<{len(source)} bytes>"
+    text = str(source)
+    # data: URLs can be megabytes long; nobody wants them in a traceback.
+    return text if len(text) <= 120 else text[:100] + "...(" + str(len(text)) + " chars)"
+
+
+def _check_image(data: bytes, source: object) -> bytes:
+    """Fail early, with the source in the message, on bytes that are not a known image format.
+
+    Only the header is parsed (Image.open is lazy), so this costs next to nothing; the server
+    would reject the same bytes, but with less context and after the upload.
+    """
+    if not data:
+        raise ValueError(f"image {_describe(source)} is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img_format = img.format
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"image {_describe(source)} is not a recognised image file: {e}") from e
+    if not img_format:
+        raise ValueError(f"image {_describe(source)} is not a recognised image file")
+    return data
+
+
+def _encode_pil(img: Image.Image) -> bytes:
+    """PNG-encode a PIL image, losslessly where PNG can hold the mode."""
+    buf = io.BytesIO()
+    try:
+        # compress_level=1: the bytes only cross the network once; speed beats size here.
+        img.save(buf, format="PNG", compress_level=1)
+    except (OSError, ValueError, KeyError):
+        # Modes PNG cannot store (CMYK, YCbCr, LAB, HSV, F, ...): the model sees RGB anyway.
+        has_alpha = "A" in img.getbands() or "transparency" in img.info
+        buf = io.BytesIO()
+        img.convert("RGBA" if has_alpha else "RGB").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _decode_data_url(url: str) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep:
+        raise ValueError(f"malformed data URL {_describe(url)}: no ',' separator")
+    params = header[len("data:") :].split(";")
+    mediatype = params[0].strip().lower()
+    if mediatype and not mediatype.startswith("image") and mediatype != "application/octet-stream":
+        raise ValueError(f"data URL {_describe(url)} has media type {mediatype!r}, not an image")
+    if "base64" in (p.strip().lower() for p in params[1:]):
+        try:
+            # Tolerate line breaks and missing padding, both common in hand-built data URLs.
+            compact = "".join(urllib.parse.unquote(payload).split())
+            return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ValueError(f"data URL {_describe(url)} has invalid base64: {e}") from e
+    return urllib.parse.unquote_to_bytes(payload)
+
+
+def _file_url_path(url: str) -> str:
+    parsed = urllib.parse.urlparse(url)
+    if parsed.netloc not in ("", "localhost"):
+        raise ValueError(f"file URL {url!r} names host {parsed.netloc!r}; only local files are supported")
+    return urllib.request.url2pathname(parsed.path)
+
+
+def _read_file(path: str | os.PathLike[str], source: object) -> bytes:
+    path = os.path.expanduser(os.fspath(path))
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise ValueError(f"image file not found: {_describe(source)}") from e
+    except IsADirectoryError as e:
+        raise ValueError(f"image path is a directory: {_describe(source)}") from e
+    except OSError as e:
+        raise ValueError(f"cannot read image file {_describe(source)}: {e}") from e
+
+
+def _download(url: str, timeout: float, max_bytes: int) -> bytes:
+    request = urllib.request.Request(
+        url, headers={"User-Agent": _user_agent(), "Accept": "image/*,*/*;q=0.5"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            length = resp.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > max_bytes:
+                raise ValueError(
+                    f"image at {_describe(url)} is {int(length)} bytes, more than the {max_bytes}-byte limit"
+                )
+            # Read one byte past the cap so an over-long body without Content-Length is caught.
+            data: bytes = resp.read(max_bytes + 1)
+    except urllib.error.HTTPError as e:
+        raise ValueError(f"could not download image {_describe(url)}: HTTP {e.code} {e.reason}") from e
+    except urllib.error.URLError as e:
+        raise ValueError(f"could not download image {_describe(url)}: {e.reason}") from e
+    except TimeoutError as e:  # socket.timeout is TimeoutError since 3.10
+        raise ValueError(f"could not download image {_describe(url)}: timed out after {timeout} s") from e
+    except OSError as e:  # connection reset mid-body, ...
+        raise ValueError(f"could not download image {_describe(url)}: {e}") from e
+    if len(data) > max_bytes:
+        raise ValueError(f"image at {_describe(url)} is larger than the {max_bytes}-byte limit")
+    return data
+
+
+def load_image(source: ImageSource, *, timeout: float | None = None) -> bytes:
+    """Encoded image bytes (PNG, JPEG, ...) for any supported image source.
+
+    Args:
+        source: a path (str or os.PathLike), a ``file://``, ``http(s)://`` or ``data:`` URL,
+            raw encoded bytes, or a ``PIL.Image.Image`` (encoded as PNG, losslessly).
+        timeout: download timeout for http(s) URLs in seconds (default `HTTP_TIMEOUT_S`).
+
+    Raises:
+        ValueError: the source is of an unsupported kind, cannot be read or downloaded, is
+            larger than `MAX_IMAGE_BYTES` (downloads), or is not an image file.
+    """
+    if isinstance(source, Image.Image):
+        return _encode_pil(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _check_image(bytes(source), source)
+    if isinstance(source, os.PathLike):
+        return _check_image(_read_file(source, source), source)
+    if not isinstance(source, str):
+        raise ValueError(
+            f"unsupported image source of type {type(source).__name__}; expected a path, "
+            "a file/http(s)/data URL, bytes, or a PIL.Image.Image"
+        )
+    text = source.strip()
+    if text[:5].lower() == "data:":
+        return _check_image(_decode_data_url(text), source)
+    match = _URL_SCHEME.match(text)
+    if match is None or len(match.group(1)) == 1:  # "C://..." is a Windows drive, not a scheme
+        return _check_image(_read_file(text, source), source)
+    scheme = match.group(1).lower()
+    if scheme == "file":
+        return _check_image(_read_file(_file_url_path(text), source), source)
+    if scheme in ("http", "https"):
+        data = _download(text, HTTP_TIMEOUT_S if timeout is None else timeout, MAX_IMAGE_BYTES)
+        return _check_image(data, source)
+    raise ValueError(
+        f"unsupported image URL scheme {scheme!r} in {_describe(source)}; use file, http, https or data"
+    )
+
+
+def _image_part(item: Mapping[str, Any], index: str) -> pb.Content:
+    kind = item.get("type")
+    if kind == "image_url" or (kind is None and "image_url" in item):
+        ref = item.get("image_url")
+        if isinstance(ref, Mapping):
+            ref = ref.get("url")
+        if ref is None:
+            raise ValueError(f"{index}: 'image_url' part needs image_url.url (or image_url as a string)")
+        return pb.Content(image=load_image(ref))
+    for key in ("image", "url", "path"):
+        if item.get(key) is not None:
+            return pb.Content(image=load_image(item[key]))
+    raise ValueError(f"{index}: 'image' part needs an 'image' (or 'url' / 'path') value")
+
+
+def _content_part(item: Any, index: str) -> pb.Content:
+    if isinstance(item, str):
+        return pb.Content(text=item)
+    if isinstance(item, pb.Content):
+        return item
+    if not isinstance(item, Mapping):
+        raise ValueError(f"{index}: content parts must be dicts or strings, got {type(item).__name__}")
+    kind = item.get("type")
+    if kind is None:
+        # qwen-vl-utils style parts may leave out "type": infer it from the key present.
+        kind = next((k for k in ("text", "image", "image_url") if k in item), None)
+    if kind == "text":
+        text = item.get("text")
+        if not isinstance(text, str):
+            raise ValueError(f"{index}: 'text' part needs a string 'text', got {type(text).__name__}")
+        return pb.Content(text=text)
+    if kind in ("image", "image_url"):
+        return _image_part(item, index)
+    raise ValueError(f"{index}: unsupported content type {kind!r}; supported: 'text', 'image', 'image_url'")
+
+
+def _message(msg: Any, index: str) -> pb.Message:
+    if isinstance(msg, pb.Message):
+        return msg
+    if not isinstance(msg, Mapping):
+        raise ValueError(
+            f"{index}: a message must be a dict with 'role' and 'content', got {type(msg).__name__}"
+        )
+    role = msg.get("role")
+    if role not in _ROLES:
+        raise ValueError(f"{index}: unsupported role {role!r}; supported: 'system', 'user', 'assistant'")
+    content = msg.get("content")
+    if isinstance(content, str):
+        parts = [pb.Content(text=content)]
+    elif isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray)):
+        parts = [_content_part(item, f"{index}.content[{j}]") for j, item in enumerate(content)]
+    else:
+        raise ValueError(
+            f"{index}: 'content' must be a string or a list of parts, got {type(content).__name__}"
+        )
+    return pb.Message(role=_ROLES[role], content=parts)
+
+
+def to_proto_messages(messages: MessagesLike) -> list[pb.Message]:
+    """Wire messages for a conversation (or a session turn).
+
+    `messages` is a list of message dicts (or `vlmesh.v1` Message protos), a single message
+    dict, or a plain string meaning one user text message. Images are loaded here.
+
+    Raises:
+        ValueError: unknown role or content type, malformed message, or an unloadable image.
+    """
+    if isinstance(messages, str):
+        return [pb.Message(role=pb.ROLE_USER, content=[pb.Content(text=messages)])]
+    if isinstance(messages, (Mapping, pb.Message)):
+        return [_message(messages, "messages[0]")]
+    if not isinstance(messages, Sequence):
+        raise ValueError(f"messages must be a list of messages or a string, got {type(messages).__name__}")
+    out = [_message(m, f"messages[{i}]") for i, m in enumerate(messages)]
+    if not out:
+        raise ValueError("messages is empty")
+    return out

@@ -1,0 +1,233 @@
+"""`vlmesh chat`: talk to a coordinator from the terminal.
+
+One-shot (a prompt argument) streams one answer; without a prompt it runs an interactive
+multi-turn session. The main `vlmesh` CLI calls `add_arguments` and `run`; `main` runs the
+subcommand on its own (``python -m vlmesh.chat_cli``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any, TextIO
+
+from ._messages import load_image
+from .client import DEFAULT_ADDRESS, Client, GenerateOptions, Session
+from .errors import NotFound, VlmeshError
+
+__all__ = ["add_arguments", "run", "main"]
+
+_HELP = "commands: /image PATH (attach to next message), /reset (new session), /quit"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `vlmesh chat` arguments to `parser`."""
+    parser.add_argument(
+        "prompt",
+        nargs="?",
+        help="ask this and exit ('-' reads it from stdin); without it, chat interactively",
+    )
+    parser.add_argument(
+        "--address",
+        default=None,
+        help=f"coordinator address (default: $VLMESH_ADDRESS or {DEFAULT_ADDRESS})",
+    )
+    parser.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="attach an image (path or URL) to the (first) message; repeatable",
+    )
+    parser.add_argument("--system", metavar="TEXT", help="system prompt")
+    parser.add_argument("--max-tokens", type=int, default=None, help="most tokens per reply")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string; repeatable")
+
+
+def _options(args: argparse.Namespace) -> GenerateOptions:
+    return {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+        "stop": list(args.stop or []),
+    }
+
+
+def _error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def _report(exc: Exception) -> None:
+    if isinstance(exc, VlmeshError):
+        _error(f"{exc.code.name}: {exc.details}")
+    else:
+        # Local validation (bad image, bad option): the same class of failure the server
+        # would report as INVALID_ARGUMENT, so scripts can parse one format.
+        _error(f"INVALID_ARGUMENT: {exc}")
+
+
+def _turn(system: str | None, images: list[bytes], text: str) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
+    if system:
+        messages.append({"role": "system", "content": system})
+    content: list[dict[str, Any]] = [{"type": "image", "image": img} for img in images]
+    content.append({"type": "text", "text": text})
+    messages.append({"role": "user", "content": content})
+    return messages
+
+
+class _Printer:
+    """Writes deltas as they come and remembers whether a line is open (a newline is owed)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.open_line = False
+
+    def stream(self, deltas: Iterable[str]) -> None:
+        for delta in deltas:
+            self.out.write(delta)
+            self.out.flush()
+            self.open_line = True
+
+    def end_line(self) -> None:
+        if self.open_line:
+            self.out.write("\n")
+        self.out.flush()
+        self.open_line = False
+
+
+def _one_shot(client: Client, args: argparse.Namespace, images: list[bytes]) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    printer = _Printer(sys.stdout)
+    try:
+        printer.stream(client.stream(_turn(args.system, images, prompt), **_options(args)))
+    except (VlmeshError, ValueError) as e:
+        printer.end_line()
+        _report(e)
+        return 1
+    except KeyboardInterrupt:
+        printer.end_line()
+        return 130
+    # The answer always ends with a newline, even when it is empty.
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return 0
+
+
+def _read_line(interactive: bool) -> str | None:
+    if interactive:
+        try:
+            return input("you> ")
+        except EOFError:
+            print()
+            return None
+    line = sys.stdin.readline()
+    return line if line else None
+
+
+def _close_quietly(session: Session | None) -> None:
+    if session is not None:
+        # The server frees abandoned sessions eventually; nothing more to do here on failure.
+        with contextlib.suppress(VlmeshError):
+            session.close()
+
+
+def _interactive(client: Client, args: argparse.Namespace, images: list[bytes]) -> int:
+    tty = sys.stdin.isatty()
+    if tty:
+        print(_HELP, file=sys.stderr)
+    session: Session | None = None
+    # The system prompt goes with the first turn of each session; --image with the first message.
+    send_system = True
+    pending: list[bytes] = list(images)
+    try:
+        while True:
+            try:
+                line = _read_line(tty)
+            except KeyboardInterrupt:
+                print()
+                return 130
+            if line is None:
+                return 0
+            text = line.strip()
+            if not text:
+                continue
+            if text.startswith("/"):
+                command, _, rest = text.partition(" ")
+                if command == "/quit":
+                    return 0
+                if command == "/reset":
+                    _close_quietly(session)
+                    session, send_system, pending = None, True, []
+                    print("(new session)", file=sys.stderr)
+                elif command == "/image":
+                    try:
+                        pending.append(load_image(rest.strip()))
+                        print(f"(image attached: {rest.strip()})", file=sys.stderr)
+                    except ValueError as e:
+                        _report(e)
+                else:
+                    _error(f"unknown command {command!r}; {_HELP}")
+                continue
+
+            printer = _Printer(sys.stdout)
+            try:
+                if session is None:
+                    session = client.session()
+                messages = _turn(args.system if send_system else None, pending, text)
+                printer.stream(session.stream(messages, **_options(args)))
+                send_system, pending = False, []
+            except (VlmeshError, ValueError) as e:
+                printer.end_line()
+                _report(e)
+                if isinstance(e, NotFound) and session is not None:
+                    # The server dropped the session (evicted, restarted): start over.
+                    print("(session lost; the next message starts a new session)", file=sys.stderr)
+                    session, send_system = None, True
+            except KeyboardInterrupt:
+                if session is not None:
+                    # The turn reached the server, which may keep part of it: don't resend it.
+                    send_system, pending = False, []
+                printer.end_line()
+                print("(interrupted)", file=sys.stderr)
+            else:
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+    finally:
+        _close_quietly(session)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `vlmesh chat` with parsed `args`; returns the exit status."""
+    address = args.address or os.environ.get("VLMESH_ADDRESS") or DEFAULT_ADDRESS
+    try:
+        images = [load_image(path) for path in args.image or []]
+    except ValueError as e:
+        _report(e)
+        return 1
+    with Client(address) as client:
+        if args.prompt is not None:
+            return _one_shot(client, args, images)
+        return _interactive(client, args, images)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry point: ``python -m vlmesh.chat_cli [options] [prompt]``."""
+    parser = argparse.ArgumentParser(prog="vlmesh chat", description="Chat with a vlmesh coordinator.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

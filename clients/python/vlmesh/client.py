@@ -1,0 +1,688 @@
+"""Sync and async clients of the vlmesh coordinator (CoordinatorService).
+
+Only grpcio, protobuf, pillow and the standard library are used here: this module must stay
+importable without torch or transformers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
+
+import grpc
+import grpc.aio
+
+from vlmesh.v1 import coordinator_pb2 as pb
+from vlmesh.v1 import coordinator_pb2_grpc as pb_grpc
+from vlmesh.v1 import tensor_pb2
+
+from ._messages import MessagesLike, to_proto_messages
+from ._results import (
+    Accumulator,
+    ChatEvent,
+    ChatResult,
+    ModelInfo,
+    TokenLogprob,
+    TokenLogprobs,
+    Usage,
+    event_from_response,
+    model_info_from_response,
+)
+from .errors import (
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    VlmeshError,
+    from_rpc_error,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Self, Unpack
+
+    from vlmesh.v1.coordinator_pb2_grpc import CoordinatorServiceAsyncStub
+
+__all__ = [
+    "DEFAULT_ADDRESS",
+    "Client",
+    "AsyncClient",
+    "Session",
+    "AsyncSession",
+    "GenerateOptions",
+    "ChatResult",
+    "ChatEvent",
+    "Usage",
+    "TokenLogprob",
+    "TokenLogprobs",
+    "ModelInfo",
+    "VlmeshError",
+    "InvalidArgument",
+    "NotFound",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Unavailable",
+    "DeadlineExceeded",
+    "Cancelled",
+    "build_request",
+]
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+#: gRPC call metadata: a mapping or (key, value) pairs; keys must be lowercase.
+Metadata = Mapping[str, str | bytes] | Sequence[tuple[str, str | bytes]]
+
+# KV log deltas of long prompts and large images easily pass gRPC's 4 MB default; the mesh's
+# servers allow 1 GiB, so the client does too.
+_MESSAGE_LIMIT = 1 << 30
+_DEFAULT_CHANNEL_OPTIONS: dict[str, Any] = {
+    "grpc.max_send_message_length": _MESSAGE_LIMIT,
+    "grpc.max_receive_message_length": _MESSAGE_LIMIT,
+}
+_INT32_MAX = 2**31 - 1
+_T = TypeVar("_T")
+
+
+class GenerateOptions(TypedDict, total=False):
+    """Generation keyword arguments shared by every chat/stream method (see `Client.chat`)."""
+
+    max_tokens: int | None
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+    seed: int | None
+    stop: str | Sequence[str] | None
+    logprobs: int
+    include_stop_token_text: bool
+
+
+def build_request(
+    messages: MessagesLike,
+    *,
+    session_id: str | None = None,
+    max_tokens: int | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    logprobs: int = 0,
+    include_stop_token_text: bool = False,
+) -> pb.GenerateRequest:
+    """The GenerateRequest for a conversation and options (see `Client.chat`).
+
+    Everything is validated here, before any RPC, so a bad argument costs no round trip.
+
+    Raises:
+        ValueError: bad messages, unloadable image, or an out-of-range option.
+    """
+    if max_tokens is not None and not 1 <= max_tokens <= _INT32_MAX:
+        # 0 means "server default" on the wire; an explicit 0 here is more likely a bug.
+        raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens}")
+    if not temperature >= 0.0:  # also rejects NaN
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 <= top_k <= _INT32_MAX:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+    if not repetition_penalty >= 0.0:
+        raise ValueError(f"repetition_penalty must be >= 0 (1 = off), got {repetition_penalty}")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    if not 0 <= logprobs <= _INT32_MAX:
+        raise ValueError(f"logprobs must be >= 0, got {logprobs}")
+    stops = [stop] if isinstance(stop, str) else list(stop or ())
+    for s in stops:
+        if not isinstance(s, str) or not s:
+            # An empty stop string matches every text and would end generation at once.
+            raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+    sampling = tensor_pb2.SamplingParams(
+        temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty
+    )
+    if seed is not None:
+        sampling.seed = seed
+    return pb.GenerateRequest(
+        session_id=session_id or "",
+        messages=to_proto_messages(messages),
+        sampling=sampling,
+        max_tokens=max_tokens or 0,
+        stop=stops,
+        logprobs=logprobs,
+        include_stop_token_text=include_stop_token_text,
+    )
+
+
+def _normalize_metadata(metadata: Metadata | None) -> tuple[tuple[str, str | bytes], ...] | None:
+    if metadata is None:
+        return None
+    items = metadata.items() if isinstance(metadata, Mapping) else metadata
+    return tuple((str(k), v) for k, v in items)
+
+
+def _channel_options(options: Sequence[tuple[str, Any]] | None) -> list[tuple[str, Any]]:
+    merged = dict(_DEFAULT_CHANNEL_OPTIONS)
+    merged.update(options or ())
+    return list(merged.items())
+
+
+def _result(request: pb.GenerateRequest) -> Accumulator:
+    return Accumulator(want_logprobs=request.logprobs > 0, session_id=request.session_id)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sync
+# ----------------------------------------------------------------------------------------------
+
+
+class Client:
+    """Blocking client of a vlmesh coordinator.
+
+    Example::
+
+        with Client("127.0.0.1:50051") as client:
+            print(client.chat("Hello!").text)
+
+    Args:
+        address: the coordinator's ``host:port`` (any gRPC target string works).
+        timeout: deadline of every RPC in seconds (for a Generate stream: the whole reply);
+            None = no deadline.
+        metadata: gRPC metadata sent with every RPC (e.g. auth headers added by a proxy).
+        credentials: TLS channel credentials; None = plaintext.
+        options: extra gRPC channel options, overriding the client's defaults.
+
+    A Client is thread-safe; a `Session` is not (one turn at a time).
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] | None = None,
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._metadata = _normalize_metadata(metadata)
+        opts = _channel_options(options)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(address, options=opts)
+        else:
+            self._channel = grpc.secure_channel(address, credentials, options=opts)
+        self._stub = pb_grpc.CoordinatorServiceStub(self._channel)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel; in-flight calls are cancelled."""
+        self._channel.close()
+
+    def _unary(self, method: Callable[..., _T], request: object) -> _T:
+        try:
+            return method(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+
+    def _events(self, request: pb.GenerateRequest) -> Generator[ChatEvent, None, None]:
+        call = self._stub.Generate(request, timeout=self.timeout, metadata=self._metadata)
+        try:
+            for resp in call:
+                yield event_from_response(resp)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        finally:
+            # The caller may stop reading early (break, exception): stop generation server-side.
+            call.cancel()
+
+    def chat(
+        self,
+        messages: MessagesLike,
+        *,
+        max_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        logprobs: int = 0,
+        session_id: str | None = None,
+        include_stop_token_text: bool = False,
+    ) -> ChatResult:
+        """Generate a complete reply.
+
+        Args:
+            messages: the conversation: a list of ``{"role": ..., "content": ...}`` dicts in the
+                Qwen/transformers or OpenAI format, or a plain string (one user message).
+                With `session_id`, only the new messages of this turn.
+            max_tokens: most tokens to generate; None = the coordinator's default.
+            temperature: 0 = greedy; > 0 samples from softmax(logits / temperature).
+            top_k: keep the k most likely tokens; 0 = off.
+            top_p: nucleus sampling mass; 1 (or 0) = off.
+            repetition_penalty: HF-style penalty; 1 (or 0) = off.
+            seed: sampling seed; same seed => same tokens. None = random.
+            stop: string(s) that end generation; not included in the text.
+            logprobs: return each token's log-probability and this many alternatives.
+            session_id: continue this session (see `session()` for the managed way).
+            include_stop_token_text: keep the end-of-turn token's text in the reply.
+
+        Raises:
+            ValueError: invalid messages/options (before any RPC).
+            VlmeshError: the RPC failed (`NotFound` for an unknown session, ...).
+        """
+        request = build_request(
+            messages,
+            session_id=session_id,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop=stop,
+            logprobs=logprobs,
+            include_stop_token_text=include_stop_token_text,
+        )
+        acc = _result(request)
+        for event in self._events(request):
+            acc.add(event)
+        return acc.result()
+
+    def stream_events(
+        self, messages: MessagesLike, *, session_id: str | None = None, **options: Unpack[GenerateOptions]
+    ) -> Iterator[ChatEvent]:
+        """Generate a reply and yield every streamed response as a `ChatEvent`.
+
+        The last event carries `finish_reason` and `usage`. Arguments as for `chat`; they are
+        validated (and images loaded) here, before iteration starts. Stopping iteration early
+        cancels the generation.
+        """
+        return self._events(build_request(messages, session_id=session_id, **options))
+
+    def stream(
+        self, messages: MessagesLike, *, session_id: str | None = None, **options: Unpack[GenerateOptions]
+    ) -> Iterator[str]:
+        """Generate a reply and yield its text deltas as they arrive (empty deltas skipped).
+
+        Arguments as for `chat`. Stopping iteration early cancels the generation.
+        """
+        events = self.stream_events(messages, session_id=session_id, **options)
+        return _texts(events)
+
+    def create_session(self) -> str:
+        """Open a session on the coordinator and return its id (prefer `session()`)."""
+        return self._unary(self._stub.CreateSession, pb.CreateSessionRequest()).session_id
+
+    def close_session(self, session_id: str) -> bool:
+        """Close a session; False if it did not exist (closing is idempotent)."""
+        return self._unary(self._stub.CloseSession, pb.CloseSessionRequest(session_id=session_id)).existed
+
+    def session(self, session_id: str | None = None) -> Session:
+        """Open a multi-turn session (CreateSession now, CloseSession on exit/close).
+
+        With `session_id`, attach to an existing session instead of creating one.
+        """
+        return Session(self, session_id if session_id is not None else self.create_session())
+
+    def model_info(self) -> ModelInfo:
+        """The model and mesh description."""
+        return model_info_from_response(self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest()))
+
+    def kv_log(self, session_id: str) -> list[tensor_pb2.KVDelta]:
+        """A session's KV log: the raw KVDelta protos, in server order."""
+        call = self._stub.GetKVLog(
+            pb.GetKVLogRequest(session_id=session_id), timeout=self.timeout, metadata=self._metadata
+        )
+        try:
+            return list(call)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+
+
+def _texts(events: Iterator[ChatEvent]) -> Iterator[str]:
+    with contextlib.closing(events):  # type: ignore[type-var]
+        for event in events:
+            if event.text:
+                yield event.text
+
+
+class Session:
+    """A multi-turn conversation held on the mesh (its KV cache stays on the stages).
+
+    Each turn sends only its new messages. Use as a context manager so the session (and its
+    cache) is freed on exit::
+
+        with client.session() as s:
+            s.chat([{"role": "user", "content": [{"type": "image", "image": "cat.png"},
+                                                  {"type": "text", "text": "What is this?"}]}])
+            print(s.chat("And its colour?").text)
+
+    Not thread-safe: run one turn at a time.
+    """
+
+    def __init__(self, client: Client, session_id: str) -> None:
+        self._client = client
+        self._id = session_id
+        self._closed = False
+
+    @property
+    def id(self) -> str:
+        """The session id."""
+        return self._id
+
+    @property
+    def closed(self) -> bool:
+        """True once `close()` ran."""
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"session {self._id} is closed")
+
+    def chat(self, messages: MessagesLike, **options: Unpack[GenerateOptions]) -> ChatResult:
+        """Run one turn and return the complete reply.
+
+        `messages` are this turn's new messages (a plain string = one user text message);
+        options as for `Client.chat`.
+        """
+        self._check_open()
+        return self._client.chat(messages, session_id=self._id, **options)
+
+    def stream(self, messages: MessagesLike, **options: Unpack[GenerateOptions]) -> Iterator[str]:
+        """Run one turn and yield the reply's text deltas (see `Client.stream`)."""
+        self._check_open()
+        return self._client.stream(messages, session_id=self._id, **options)
+
+    def stream_events(
+        self, messages: MessagesLike, **options: Unpack[GenerateOptions]
+    ) -> Iterator[ChatEvent]:
+        """Run one turn and yield every streamed response (see `Client.stream_events`)."""
+        self._check_open()
+        return self._client.stream_events(messages, session_id=self._id, **options)
+
+    def close(self) -> None:
+        """Close the session and free its cache; later calls do nothing."""
+        if not self._closed:
+            self._client.close_session(self._id)
+            self._closed = True
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            self.close()
+            return
+        # Don't let a failing CloseSession (often the same outage) hide the real error.
+        with contextlib.suppress(VlmeshError):
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"Session(id={self._id!r}, closed={self._closed})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Async
+# ----------------------------------------------------------------------------------------------
+
+
+class AsyncClient:
+    """asyncio client of a vlmesh coordinator (grpc.aio); same surface as `Client`.
+
+    Example::
+
+        async with AsyncClient() as client:
+            async for delta in client.stream("Tell me a story"):
+                print(delta, end="", flush=True)
+
+    Arguments as for `Client`. The channel is opened on first use, in the running event loop;
+    use one AsyncClient per event loop.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] | None = None,
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._metadata = _normalize_metadata(metadata)
+        self._credentials = credentials
+        self._options = _channel_options(options)
+        self._channel: grpc.aio.Channel | None = None
+        self._stub_: CoordinatorServiceAsyncStub | None = None
+
+    @property
+    def _stub(self) -> CoordinatorServiceAsyncStub:
+        # Created lazily: an aio channel binds to the event loop current at creation, and
+        # users often construct clients before asyncio.run().
+        if self._stub_ is None:
+            if self._credentials is None:
+                self._channel = grpc.aio.insecure_channel(self.address, options=self._options)
+            else:
+                self._channel = grpc.aio.secure_channel(
+                    self.address, self._credentials, options=self._options
+                )
+            self._stub_ = pb_grpc.CoordinatorServiceStub(self._channel)
+        return self._stub_
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel; in-flight calls are cancelled."""
+        if self._channel is not None:
+            channel, self._channel, self._stub_ = self._channel, None, None
+            await channel.close()
+
+    async def _unary(self, method: Callable[..., Awaitable[_T]], request: object) -> _T:
+        try:
+            return await method(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+
+    async def _build(
+        self, messages: MessagesLike, session_id: str | None, options: GenerateOptions
+    ) -> pb.GenerateRequest:
+        # Loading images may read files or download URLs: keep that off the event loop.
+        return await asyncio.to_thread(build_request, messages, session_id=session_id, **options)
+
+    async def _events(self, request: pb.GenerateRequest) -> AsyncGenerator[ChatEvent, None]:
+        call = self._stub.Generate(request, timeout=self.timeout, metadata=self._metadata)
+        try:
+            async for resp in call:
+                yield event_from_response(resp)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        finally:
+            call.cancel()
+
+    async def chat(
+        self,
+        messages: MessagesLike,
+        *,
+        max_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        logprobs: int = 0,
+        session_id: str | None = None,
+        include_stop_token_text: bool = False,
+    ) -> ChatResult:
+        """Generate a complete reply; arguments and errors as for `Client.chat`."""
+        options: GenerateOptions = {
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+            "repetition_penalty": repetition_penalty,
+            "seed": seed,
+            "stop": stop,
+            "logprobs": logprobs,
+            "include_stop_token_text": include_stop_token_text,
+        }
+        request = await self._build(messages, session_id, options)
+        acc = _result(request)
+        async with contextlib.aclosing(self._events(request)) as events:
+            async for event in events:
+                acc.add(event)
+        return acc.result()
+
+    async def stream_events(
+        self, messages: MessagesLike, *, session_id: str | None = None, **options: Unpack[GenerateOptions]
+    ) -> AsyncGenerator[ChatEvent, None]:
+        """Async-iterate over every streamed response (see `Client.stream_events`).
+
+        Arguments are validated when iteration starts.
+        """
+        request = await self._build(messages, session_id, options)
+        async with contextlib.aclosing(self._events(request)) as events:
+            async for event in events:
+                yield event
+
+    async def stream(
+        self, messages: MessagesLike, *, session_id: str | None = None, **options: Unpack[GenerateOptions]
+    ) -> AsyncGenerator[str, None]:
+        """Async-iterate over the reply's text deltas (see `Client.stream`)."""
+        request = await self._build(messages, session_id, options)
+        async with contextlib.aclosing(self._events(request)) as events:
+            async for event in events:
+                if event.text:
+                    yield event.text
+
+    async def create_session(self) -> str:
+        """Open a session and return its id (prefer `session()`)."""
+        return (await self._unary(self._stub.CreateSession, pb.CreateSessionRequest())).session_id
+
+    async def close_session(self, session_id: str) -> bool:
+        """Close a session; False if it did not exist."""
+        return (
+            await self._unary(self._stub.CloseSession, pb.CloseSessionRequest(session_id=session_id))
+        ).existed
+
+    def session(self, session_id: str | None = None) -> AsyncSession:
+        """A multi-turn session: ``async with client.session() as s`` or ``s = await client.session()``.
+
+        The session is created (CreateSession) on entry/await and closed on exit. With
+        `session_id`, attach to an existing session instead.
+        """
+        return AsyncSession(self, session_id)
+
+    async def model_info(self) -> ModelInfo:
+        """The model and mesh description."""
+        return model_info_from_response(await self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest()))
+
+    async def kv_log(self, session_id: str) -> list[tensor_pb2.KVDelta]:
+        """A session's KV log: the raw KVDelta protos, in server order."""
+        call = self._stub.GetKVLog(
+            pb.GetKVLogRequest(session_id=session_id), timeout=self.timeout, metadata=self._metadata
+        )
+        try:
+            return [delta async for delta in call]
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+
+
+class AsyncSession:
+    """Async twin of `Session`, from `AsyncClient.session()`."""
+
+    def __init__(self, client: AsyncClient, session_id: str | None = None) -> None:
+        self._client = client
+        self._id = session_id
+        self._closed = False
+
+    async def open(self) -> AsyncSession:
+        """Create the session on the coordinator unless it has an id already; returns self."""
+        if self._id is None:
+            self._id = await self._client.create_session()
+        return self
+
+    def __await__(self) -> Generator[Any, None, AsyncSession]:
+        return self.open().__await__()
+
+    async def __aenter__(self) -> AsyncSession:
+        return await self.open()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            await self.close()
+            return
+        with contextlib.suppress(VlmeshError):
+            await self.close()
+
+    @property
+    def id(self) -> str:
+        """The session id (RuntimeError before the session is opened)."""
+        if self._id is None:
+            raise RuntimeError("session not opened yet: use 'async with' or 'await client.session()'")
+        return self._id
+
+    @property
+    def closed(self) -> bool:
+        """True once `close()` ran."""
+        return self._closed
+
+    def _check_open(self) -> str:
+        session_id = self.id
+        if self._closed:
+            raise RuntimeError(f"session {session_id} is closed")
+        return session_id
+
+    async def chat(self, messages: MessagesLike, **options: Unpack[GenerateOptions]) -> ChatResult:
+        """Run one turn and return the complete reply (see `Session.chat`)."""
+        return await self._client.chat(messages, session_id=self._check_open(), **options)
+
+    async def stream(
+        self, messages: MessagesLike, **options: Unpack[GenerateOptions]
+    ) -> AsyncGenerator[str, None]:
+        """Run one turn and async-iterate over the reply's text deltas."""
+        session_id = self._check_open()
+        async with contextlib.aclosing(self._client.stream(messages, session_id=session_id, **options)) as it:
+            async for delta in it:
+                yield delta
+
+    async def stream_events(
+        self, messages: MessagesLike, **options: Unpack[GenerateOptions]
+    ) -> AsyncGenerator[ChatEvent, None]:
+        """Run one turn and async-iterate over every streamed response."""
+        session_id = self._check_open()
+        async with contextlib.aclosing(
+            self._client.stream_events(messages, session_id=session_id, **options)
+        ) as it:
+            async for event in it:
+                yield event
+
+    async def close(self) -> None:
+        """Close the session and free its cache; later calls (or never-opened sessions) do nothing."""
+        if not self._closed and self._id is not None:
+            await self._client.close_session(self._id)
+        self._closed = True
+
+    def __repr__(self) -> str:
+        return f"AsyncSession(id={self._id!r}, closed={self._closed})"

@@ -1,0 +1,163 @@
+"""Reading an HF checkpoint directory: config, model family, and only the tensors a service owns.
+
+Two key layouts exist for the same model: the hub's (`model.layers.N.*`, `visual.*`, as in
+Qwen/Qwen2-VL-2B-Instruct) and transformers 5's save_pretrained (`model.language_model.*`,
+`model.visual.*`). Both are mapped to one canonical form here, so every service is layout-blind."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Family:
+    """The transformers classes one model family is built from."""
+
+    model_type: str
+    for_generation: type  # e.g. Qwen2VLForConditionalGeneration: the reference for parity
+    base_model: type  # owns get_rope_index
+    text_model: type  # embed_tokens / layers / norm / rotary_emb
+    vision_model: type
+
+
+def _qwen2_vl() -> Family:
+    from transformers.models.qwen2_vl import modeling_qwen2_vl as m
+
+    return Family(
+        "qwen2_vl",
+        m.Qwen2VLForConditionalGeneration,
+        m.Qwen2VLModel,
+        m.Qwen2VLTextModel,
+        m.Qwen2VisionTransformerPretrainedModel,
+    )
+
+
+FAMILIES: dict[str, Callable[[], Family]] = {"qwen2_vl": _qwen2_vl}
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: object  # the model's PretrainedConfig (text_config, vision_config inside)
+    family: Family
+
+    @property
+    def text_config(self):
+        return self.config.text_config
+
+    @property
+    def vision_config(self):
+        return self.config.vision_config
+
+    @property
+    def tied(self) -> bool:
+        # Qwen2-VL-2B ties lm_head to embed_tokens; transformers 5 reads the flag from either level.
+        return bool(
+            getattr(self.config, "tie_word_embeddings", False) or getattr(self.text_config, "tie_word_embeddings", False)
+        )
+
+    def dtype(self, requested: str = "auto") -> torch.dtype:
+        if requested != "auto":
+            return getattr(torch, requested)
+        d = getattr(self.text_config, "dtype", None) or getattr(self.config, "dtype", None) or "float32"
+        return d if isinstance(d, torch.dtype) else getattr(torch, str(d).removeprefix("torch."))
+
+    def weight_files(self) -> dict[str, Path]:
+        """checkpoint key -> file holding it."""
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return {k: self.path / f for k, f in weight_map.items()}
+        single = self.path / "model.safetensors"
+        if not single.exists():
+            raise FileNotFoundError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
+        with safe_open(single, framework="pt") as f:
+            return {k: single for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+
+    def read(self, select: Callable[[str, str], str | None], dtype: torch.dtype, desc: str) -> dict[str, torch.Tensor]:
+        """Read the tensors that `select(part, name)` maps to a local name; nothing else is
+        touched, so a stage's memory scales with its share of the layers."""
+        files = self.weight_files()
+        wanted: dict[str, tuple[str, Path]] = {}
+        for key, file in files.items():
+            part, name = canonical_key(key)
+            local = select(part, name)
+            if local is not None:
+                wanted[key] = (local, file)
+        out: dict[str, torch.Tensor] = {}
+        by_file: dict[Path, list[str]] = {}
+        for key, (_, file) in wanted.items():
+            by_file.setdefault(file, []).append(key)
+        with tqdm(total=len(wanted), desc=desc, unit="tensor", disable=None) as bar:
+            for file, keys in by_file.items():
+                with safe_open(file, framework="pt") as f:
+                    for key in keys:
+                        out[wanted[key][0]] = f.get_tensor(key).to(dtype)
+                        bar.update(1)
+        return out
+
+
+_KEY_RULES = [
+    (re.compile(r"^model\.language_model\.(.+)$"), "text"),
+    (re.compile(r"^model\.visual\.(.+)$"), "vision"),
+    (re.compile(r"^visual\.(.+)$"), "vision"),
+    (re.compile(r"^lm_head\.(.+)$"), "head"),
+    (re.compile(r"^model\.(.+)$"), "text"),
+]
+
+
+def canonical_key(key: str) -> tuple[str, str]:
+    """('text', 'layers.3.mlp.up_proj.weight'), ('vision', 'blocks.0...'), ('head', 'weight')."""
+    for pattern, part in _KEY_RULES:
+        m = pattern.match(key)
+        if m:
+            return part, m.group(1)
+    return "other", key
+
+
+def open_checkpoint(path: str | Path, attn_implementation: str = "sdpa") -> Checkpoint:
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type not in FAMILIES:
+        raise ValueError(f"{path}: model_type {config.model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
+    # The layers are built directly, not through from_pretrained, so the attention kernel has to
+    # be chosen here; sdpa is what from_pretrained picks, and parity needs the same kernel.
+    for c in (config, config.text_config, config.vision_config):
+        c._attn_implementation = attn_implementation
+    return Checkpoint(path, config, FAMILIES[config.model_type]())
+
+
+def build_on_meta(cls: type, config, dtype: torch.dtype) -> torch.nn.Module:
+    """Instantiate a transformers module without allocating or initialising its weights."""
+    with torch.device("meta"):
+        return cls._from_config(config, dtype=dtype)
+
+
+def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Move `state` into a meta-built module; recompute the buffers that checkpoints never hold
+    (rotary inv_freq) by rebuilding their owner from its config on the CPU."""
+    missing = sorted(set(module.state_dict()) - set(state))
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensors of {what}, e.g. {missing[:3]}")
+    module.load_state_dict(state, strict=False, assign=True)
+    for sub in module.modules():
+        meta = [name for name, buf in sub.named_buffers(recurse=False) if buf.is_meta]
+        if meta:
+            fresh = type(sub)(sub.config)
+            for name in meta:
+                sub.register_buffer(name, getattr(fresh, name), persistent=False)

@@ -1,0 +1,57 @@
+"""Typed service configs built from CLI flags with environment-variable defaults.
+
+Each service declares one dataclass; every field becomes `--field-name` with the default taken
+from `VLMESH_FIELD_NAME` when set, so the same image runs from flags (local) or env (k8s)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from typing import Any, TypeVar
+
+C = TypeVar("C")
+
+
+def _env_name(field: str) -> str:
+    return "VLMESH_" + field.upper()
+
+
+def _parse_bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean: {s!r}")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        origin = typing.get_origin(typ)
+        if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+            typ = next(a for a in typing.get_args(typ) if a is not type(None))
+        conv: Any = _parse_bool if typ is bool else typ
+        default = f.default if f.default is not dataclasses.MISSING else None
+        env = os.environ.get(_env_name(f.name))
+        if env is not None:
+            default = conv(env)
+        helptext = f.metadata.get("help", "")
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=conv,
+            default=default,
+            required=default is None and f.default is dataclasses.MISSING,
+            help=f"{helptext} [env {_env_name(f.name)}; default: %(default)s]",
+        )
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})  # type: ignore[misc]
+
+
+def field(default: Any = dataclasses.MISSING, help: str = "") -> Any:  # noqa: A002 - mirrors argparse
+    return dataclasses.field(default=default, metadata={"help": help})

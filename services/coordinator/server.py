@@ -1,0 +1,259 @@
+"""The coordinator service: the mesh's public entry point."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+from dataclasses import dataclass
+
+import grpc
+import torch
+from opentelemetry import trace
+
+from services.common import tensors
+from services.common.checkpoint import open_checkpoint
+from services.common.config import add_config_arguments, config_from_args, field
+from services.common.errors import InvalidInput, VlmeshError, from_rpc_error
+from services.common.server import RunningServer, channel, setup_logging, start_server
+from services.common.tracing import extract, metadata, setup_tracing, trace_id_hex, tracer
+from vlmesh.v1 import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2, vision_pb2, vision_pb2_grpc
+
+from .detokenizer import IncrementalDetokenizer
+from .engine import Engine, Request
+from .prompt import PromptBuilder
+from .rope import RopeIndex
+from .runner import Runner
+from .session import Session, SessionStore
+from .stage_client import Mesh
+
+log = logging.getLogger(__name__)
+_tracer = tracer("coordinator")
+_ROLES = {
+    coordinator_pb2.ROLE_SYSTEM: "system",
+    coordinator_pb2.ROLE_USER: "user",
+    coordinator_pb2.ROLE_ASSISTANT: "assistant",
+}
+
+
+@dataclass
+class CoordinatorConfig:
+    model: str = field(help="checkpoint directory (config, tokenizer and processor files are read; no weights)")
+    stages: str = field(help="stage addresses host:port, comma-separated, any order")
+    vision: str = field(help="vision service address host:port")
+    host: str = field("0.0.0.0", "address to bind")
+    port: int = field(50051, "port to bind (0 = any free port)")
+    default_max_tokens: int = field(256, "max_tokens when a request sets none")
+    max_batch: int = field(32, "most sessions decoded in one step")
+    kv_log: bool = field(True, "collect each step's KV deltas into the session's KV log")
+    session_ttl: float = field(1800.0, "close sessions idle for this many seconds")
+    trace_exporter: str = field("none", "none | console | otlp")
+    otlp_endpoint: str = field("", "OTLP gRPC endpoint, e.g. http://jaeger:4317")
+    log_level: str = field("INFO", "logging level")
+
+
+def parse_messages(messages) -> tuple[list[dict], list[bytes]]:
+    if not messages:
+        raise InvalidInput("a request needs at least one message")
+    out, images = [], []
+    for i, m in enumerate(messages):
+        role = _ROLES.get(m.role)
+        if role is None:
+            raise InvalidInput(f"message {i}: role must be system, user or assistant")
+        if not m.content:
+            raise InvalidInput(f"message {i}: no content")
+        content = []
+        for c in m.content:
+            kind = c.WhichOneof("kind")
+            if kind == "text":
+                content.append({"type": "text", "text": c.text})
+            elif kind == "image":
+                if not c.image:
+                    raise InvalidInput(f"message {i}: empty image")
+                content.append({"type": "image"})
+                images.append(c.image)
+            else:
+                raise InvalidInput(f"message {i}: content item with neither text nor image")
+        out.append({"role": role, "content": content})
+    return out, images
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
+    def __init__(self, cfg: CoordinatorConfig, mesh: Mesh, vision_address: str):
+        from transformers import AutoProcessor, GenerationConfig
+
+        self.cfg = cfg
+        self.ckpt = open_checkpoint(cfg.model)
+        self.processor = AutoProcessor.from_pretrained(cfg.model)
+        try:
+            gen = GenerationConfig.from_pretrained(cfg.model)
+            eos = gen.eos_token_id
+        except OSError:
+            eos = self.ckpt.text_config.eos_token_id
+        self.eos_token_ids = set([eos] if isinstance(eos, int) else (eos or []))
+        self.prompts = PromptBuilder(self.processor, sorted(self.eos_token_ids))
+        self.rope = RopeIndex(self.ckpt, self.processor)
+        self.max_positions = self.ckpt.text_config.max_position_embeddings
+        self.mesh = mesh
+        self.vision = vision_pb2_grpc.VisionServiceStub(channel(vision_address))
+        self.sessions = SessionStore()
+        self.engine = Engine(Runner(mesh, cfg.kv_log), cfg.max_batch)
+        self._stop = threading.Event()
+        threading.Thread(target=self._expire_loop, daemon=True).start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.engine.stop()
+        self.mesh.close()
+
+    def _expire_loop(self) -> None:
+        ttl = self.cfg.session_ttl
+        while not self._stop.wait(min(ttl, 30.0)):
+            for s in self.sessions.idle(ttl):
+                log.info("session %s expired after %.0fs idle", s.id, ttl)
+                self.mesh.release(s.id)
+
+    def _encode(self, images: list[bytes]) -> tuple[list[torch.Tensor], list[tuple[int, int, int]]]:
+        if not images:
+            return [], []
+        with _tracer.start_as_current_span("vision", attributes={"vlmesh.images": len(images)}) as span:
+            try:
+                resp = self.vision.Encode(
+                    vision_pb2.EncodeRequest(inputs=[vision_pb2.VisualInput(image_bytes=b) for b in images]),
+                    metadata=metadata(),
+                    timeout=600,
+                )
+            except grpc.RpcError as err:
+                raise from_rpc_error(err, "vision") from None
+            span.set_attribute("vlmesh.cache_hits", sum(e.cache_hit for e in resp.embeddings))
+        embeds = [tensors.from_proto(e.embeddings, "visual embeddings") for e in resp.embeddings]
+        return embeds, [tuple(e.grid_thw) for e in resp.embeddings]
+
+    def Generate(self, request, context):
+        with _tracer.start_as_current_span(
+            "generate", context=extract(context.invocation_metadata()), attributes={"vlmesh.service": "coordinator"}
+        ) as span:
+            trace_id = trace_id_hex(span)
+            if request.session_id:
+                session = self.sessions.acquire(request.session_id)
+            else:
+                session = self.sessions.create(persistent=False)
+                session.busy = True
+            span.set_attribute("vlmesh.session_id", session.id)
+            saved = (list(session.token_ids), session.cached, session.rope_delta)
+            ok = False
+            inflight: list[Request] = []
+            try:
+                yield from self._generate(request, context, session, trace_id, inflight)
+                ok = True
+            finally:
+                for req in inflight:  # let the engine finish with it before touching the session
+                    req.cancel()
+                    req.released.wait(timeout=60)
+                if not ok:  # failed or cancelled: the turn did not happen
+                    ran = session.cached != saved[1]
+                    session.token_ids, session.cached, session.rope_delta = saved
+                    if ran:  # the stages hold KV of the lost turn: rebuild from history next time
+                        session.cached = 0
+                        session.kv_log = type(session.kv_log)()
+                if session.persistent:
+                    self.sessions.release(session)
+                else:
+                    self.sessions.pop(session.id)
+                    self.mesh.release(session.id)
+
+    def _generate(self, request, context, session: Session, trace_id: str, inflight: list[Request]):
+        messages, images = parse_messages(request.messages)
+        last = session.token_ids[-1] if session.token_ids else None
+        text = self.prompts.closing(last) + self.prompts.new_text(session.messages, messages)
+        rebuild = session.cached == 0 and bool(session.token_ids)
+        embeds, grids = self._encode(session.images + images if rebuild else images)
+        new_grids = grids[len(session.images) :] if rebuild else grids
+        new_ids = self.prompts.tokenize(text, new_grids, first_turn=not session.token_ids)
+        history = session.token_ids + new_ids
+        if len(history) >= self.max_positions:
+            raise InvalidInput(f"prompt of {len(history)} tokens leaves no room within the model's limit of {self.max_positions}")
+        positions, delta = self.rope.positions(history, session.image_grids + new_grids)
+        max_tokens = request.max_tokens or self.cfg.default_max_tokens
+        if max_tokens < 0:
+            raise InvalidInput("max_tokens must be >= 0")
+        max_tokens = min(max_tokens, self.max_positions - len(history))
+        sampling = tensor_pb2.SamplingParams()
+        sampling.CopyFrom(request.sampling)
+        cached = session.cached
+        session.token_ids = history
+        session.rope_delta = delta
+        req = Request(
+            session=session,
+            prompt_ids=history[cached:],
+            positions=positions[:, cached:],
+            visual=torch.cat(embeds) if embeds else None,
+            sampling=sampling,
+            max_tokens=max_tokens,
+            logprobs=request.logprobs,
+            detok=IncrementalDetokenizer(self.processor.tokenizer, list(request.stop)),
+            eos_token_ids=self.eos_token_ids,
+            trace_context=trace.set_span_in_context(trace.get_current_span()),
+            cached_tokens=cached,
+        )
+        context.add_callback(req.cancel)
+        inflight.append(req)
+        self.engine.submit(req)
+        first = True
+        text_out = []
+        for item in iter(req.out.get, None):
+            if isinstance(item, VlmeshError):
+                raise item
+            if first:
+                item.session_id = session.id if session.persistent else ""
+                item.trace_id = trace_id
+                first = False
+            text_out.append(item.text)
+            yield item
+        session.messages += messages + [{"role": "assistant", "content": "".join(text_out)}]
+        session.images += images
+        session.image_grids += new_grids
+
+    def CreateSession(self, request, context):
+        return coordinator_pb2.CreateSessionResponse(session_id=self.sessions.create().id)
+
+    def CloseSession(self, request, context):
+        s = self.sessions.pop(request.session_id)
+        if s is not None:
+            self.mesh.release(s.id)
+        return coordinator_pb2.CloseSessionResponse(existed=s is not None)
+
+    def GetKVLog(self, request, context):
+        s = self.sessions.get(request.session_id)
+        for layer, (k, v) in s.kv_log.merged().items():
+            yield tensor_pb2.KVDelta(layer=layer, start_position=0, key=tensors.to_proto(k), value=tensors.to_proto(v))
+
+    def GetModelInfo(self, request, context):
+        return coordinator_pb2.GetModelInfoResponse(
+            model_type=self.ckpt.config.model_type,
+            num_layers=self.ckpt.text_config.num_hidden_layers,
+            stage_layers=[f"{s.info.layer_start}:{s.info.layer_end}" for s in self.mesh.stages],
+            max_sequence_length=self.max_positions,
+        )
+
+
+def start(cfg: CoordinatorConfig) -> RunningServer:
+    setup_tracing("coordinator", cfg.trace_exporter, cfg.otlp_endpoint)
+    ckpt = open_checkpoint(cfg.model)
+    mesh = Mesh.connect([a.strip() for a in cfg.stages.split(",") if a.strip()], ckpt.text_config.num_hidden_layers)
+    servicer = CoordinatorServicer(cfg, mesh, cfg.vision)
+    return start_server(
+        [(coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server, servicer, "vlmesh.v1.CoordinatorService")],
+        cfg.host,
+        cfg.port,
+        on_stop=servicer.close,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vlmesh serve coordinator", description="Serve the mesh's public API.")
+    add_config_arguments(parser, CoordinatorConfig)
+    cfg = config_from_args(CoordinatorConfig, parser.parse_args(argv))
+    setup_logging(cfg.log_level)
+    start(cfg).wait_for_signal()
+    return 0

@@ -1,0 +1,87 @@
+"""A contiguous slice of the language model, built from the family's own transformers classes.
+
+Nothing here re-implements model math: the decoder layers, rotary embedding and norm are
+transformers' modules; this file only slices them and loads their weights."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from services.common.checkpoint import Checkpoint, build_on_meta, load_weights
+
+from .kv_cache import BatchKV
+
+log = logging.getLogger(__name__)
+
+
+class StageModel(nn.Module):
+    def __init__(self, ckpt: Checkpoint, start: int, end: int, dtype: torch.dtype):
+        super().__init__()
+        tc = ckpt.text_config
+        n = tc.num_hidden_layers
+        if not (0 <= start < end <= n):
+            raise ValueError(f"layer range {start}:{end} is not inside the model's 0:{n}")
+        self.start, self.end, self.num_layers = start, end, n
+        self.is_first, self.is_last = start == 0, end == n
+        self.config = tc
+        # Build the whole text model on the meta device (no memory), keep our slice, then load
+        # only our tensors into it: the layers keep their global layer_idx for the cache.
+        full = build_on_meta(ckpt.family.text_model, tc, dtype)
+        self.layers = nn.ModuleList(full.layers[start:end])
+        self.embed_tokens = full.embed_tokens if self.is_first else None
+        self.norm = full.norm if self.is_last else None
+        self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False, device="meta", dtype=dtype) if self.is_last else None
+        self.rotary_emb = full.rotary_emb
+
+        state = ckpt.read(self._select(ckpt.tied), dtype, desc=f"stage {start}:{end} weights")
+        if self.is_first and self.is_last and ckpt.tied:
+            state["lm_head.weight"] = state["embed_tokens.weight"]  # one stage: share, as HF ties
+        load_weights(self, state, f"{ckpt.path} stage {start}:{end}")
+        self.eval()
+
+    def _select(self, tied: bool):
+        def select(part: str, name: str) -> str | None:
+            if part == "text":
+                if name.startswith("layers."):
+                    idx, rest = name.split(".", 2)[1:]
+                    i = int(idx)
+                    return f"layers.{i - self.start}.{rest}" if self.start <= i < self.end else None
+                if name == "embed_tokens.weight":
+                    # Tied checkpoints (Qwen2-VL-2B) store no lm_head: the last stage reads the embedding.
+                    if self.is_first:
+                        return "embed_tokens.weight"
+                    return "lm_head.weight" if self.is_last and tied else None
+                if name.startswith("norm.") and self.is_last:
+                    return name
+            if part == "head" and self.is_last and not tied:
+                return f"lm_head.{name}"
+            return None
+
+        return select
+
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def embed(self, token_ids: torch.Tensor, visual: torch.Tensor | None, visual_ids: tuple[int, ...]) -> torch.Tensor:
+        """[B, T] ids -> [B, T, H], visual embeddings scattered into the placeholder positions."""
+        h = self.embed_tokens(token_ids)
+        if visual is not None:
+            mask = torch.isin(token_ids, torch.tensor(visual_ids))  # the backend checked the counts match
+            h = h.masked_scatter(mask[..., None], visual.to(h.dtype))
+        return h
+
+    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, kv: BatchKV) -> torch.Tensor:
+        """hidden [B, T, H], position_ids [3, B, T] -> [B, T, H] after this stage's layers."""
+        position_embeddings = self.rotary_emb(hidden, position_ids)
+        mask = kv.attention_mask()
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, past_key_values=kv, use_cache=True)
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, T, H] -> [B, V] float32 logits of the last position, as `generate` computes them."""
+        h = self.norm(hidden)
+        return self.lm_head(h[:, -1:, :])[:, -1, :].to(torch.float32)

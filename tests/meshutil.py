@@ -1,0 +1,166 @@
+"""Test helpers: an in-process mesh of real gRPC servers, and the transformers reference."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+from PIL import Image
+
+from services.common.server import RunningServer, channel
+from services.coordinator.server import CoordinatorConfig
+from services.coordinator.server import start as start_coordinator
+from services.stage.server import StageConfig
+from services.stage.server import start as start_stage
+from services.vision.server import VisionConfig
+from services.vision.server import start as start_vision
+from vlmesh.v1 import coordinator_pb2 as cpb
+from vlmesh.v1 import coordinator_pb2_grpc as cgrpc
+
+
+@dataclass
+class InProcessMesh:
+    vision: RunningServer
+    stages: list[RunningServer]
+    coordinator: RunningServer
+    ranges: list[tuple[int, int]]
+    stub: cgrpc.CoordinatorServiceStub = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.channel = channel(self.coordinator.address)
+        self.stub = cgrpc.CoordinatorServiceStub(self.channel)
+
+    @property
+    def address(self) -> str:
+        return self.coordinator.address
+
+    def stop(self) -> None:
+        self.channel.close()
+        for s in [self.coordinator, *self.stages, self.vision]:
+            s.stop(0)
+
+    def generate(self, messages: list[dict], **kw) -> tuple[list[int], str, cpb.GenerateResponse]:
+        """Returns (token ids, text, last response)."""
+        req = cpb.GenerateRequest(messages=to_proto(messages), **kw)
+        ids, text, last = [], "", None
+        for r in self.stub.Generate(req, timeout=120):
+            ids += list(r.token_ids)
+            text += r.text
+            last = r
+        return ids, text, last
+
+
+def start_mesh(model, ranges, vision_kw: dict | None = None, stage_kw: dict | None = None, coord_kw: dict | None = None) -> InProcessMesh:
+    vision = start_vision(VisionConfig(model=str(model), host="127.0.0.1", port=0, **(vision_kw or {})))
+    stages = [
+        start_stage(StageConfig(model=str(model), layers=f"{a}:{b}", host="127.0.0.1", port=0, **(stage_kw or {})))
+        for a, b in ranges
+    ]
+    coordinator = start_coordinator(
+        CoordinatorConfig(
+            model=str(model),
+            stages=",".join(s.address for s in stages),
+            vision=vision.address,
+            host="127.0.0.1",
+            port=0,
+            **(coord_kw or {}),
+        )
+    )
+    return InProcessMesh(vision, stages, coordinator, list(ranges))
+
+
+_ROLE = {"system": cpb.ROLE_SYSTEM, "user": cpb.ROLE_USER, "assistant": cpb.ROLE_ASSISTANT}
+
+
+def to_proto(messages: list[dict]) -> list[cpb.Message]:
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        items = [cpb.Content(image=c["image"]) if c["type"] == "image" else cpb.Content(text=c["text"]) for c in content]
+        out.append(cpb.Message(role=_ROLE[m["role"]], content=items))
+    return out
+
+
+def with_pil(messages: list[dict]) -> list[dict]:
+    """The same messages as transformers users write them: images as PIL objects."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            content = [
+                {"type": "image", "image": Image.open(io.BytesIO(c["image"]))} if c["type"] == "image" else c for c in content
+            ]
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def images_of(messages: list[dict]) -> list[Image.Image]:
+    return [
+        Image.open(io.BytesIO(c["image"]))
+        for m in messages
+        if isinstance(m["content"], list)
+        for c in m["content"]
+        if c["type"] == "image"
+    ]
+
+
+class Reference:
+    """`generate()` of the same checkpoint: the truth."""
+
+    def __init__(self, model_dir):
+        from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.eos = self.model.generation_config.eos_token_id
+
+    def generate_ids(self, input_ids: list[int], images: list[Image.Image], max_new_tokens: int, **kw):
+        inputs = {"input_ids": torch.tensor([input_ids])}
+        inputs["mm_token_type_ids"] = torch.tensor(self.processor.create_mm_token_type_ids([input_ids]))
+        if images:
+            pix = self.processor.image_processor(images=images, return_tensors="pt")
+            inputs.update(pixel_values=pix["pixel_values"], image_grid_thw=pix["image_grid_thw"])
+        with torch.inference_mode():
+            out = self.model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True, **kw
+            )
+        return out.sequences[0, len(input_ids) :].tolist(), out
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        inputs = self.processor.apply_chat_template(
+            with_pil(messages), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        return inputs["input_ids"][0].tolist()
+
+    def continuation_ids(self, history: list[dict], new: list[dict], last_token: int) -> list[int]:
+        """Token ids the Qwen chat template adds for `new` after `history` (which ends with an
+        assistant reply whose last generated token is `last_token`), images expanded by the
+        processor itself."""
+        p = self.processor
+        before = p.apply_chat_template(strip_images(history), tokenize=False)
+        full = p.apply_chat_template(strip_images(history + new), tokenize=False, add_generation_prompt=True)
+        assert full.startswith(before)
+        im_end = p.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        text = ("\n" if last_token == im_end else "<|im_end|>\n") + full[len(before) :]
+        imgs = images_of(new)
+        enc = p(text=[text], images=imgs or None, return_tensors="pt")
+        return enc["input_ids"][0].tolist()
+
+
+def strip_images(messages: list[dict]) -> list[dict]:
+    out = []
+    for m in messages:
+        c = m["content"]
+        if isinstance(c, list):
+            c = [{"type": "image"} if x["type"] == "image" else x for x in c]
+        out.append({"role": m["role"], "content": c})
+    return out
+
+
+@lru_cache(maxsize=8)
+def reference(model_dir) -> Reference:
+    return Reference(model_dir)
