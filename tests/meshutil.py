@@ -44,11 +44,13 @@ class InProcessMesh:
     def generate(self, messages: list[dict], **kw) -> tuple[list[int], str, cpb.GenerateResponse]:
         """Returns (token ids, text, last response)."""
         req = cpb.GenerateRequest(messages=to_proto(messages), **kw)
-        ids, text, last = [], "", None
+        ids, text, last, trace_id = [], "", None, ""
         for r in self.stub.Generate(req, timeout=120):
             ids += list(r.token_ids)
             text += r.text
+            trace_id = trace_id or r.trace_id  # sent with the first response
             last = r
+        last.trace_id = trace_id
         return ids, text, last
 
 
