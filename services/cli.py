@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -74,7 +75,9 @@ def _demo(args: argparse.Namespace) -> int:
     model = _model_or_tiny(args.model)
     image = args.image or str(Path(__file__).parent / "assets" / "demo.png")
     layers = open_checkpoint(model).text_config.num_hidden_layers
-    with LocalMesh(model, split_layers(layers, min(args.stages, layers)), log_dir=args.log_dir) as mesh:
+    log_dir = args.log_dir or tempfile.mkdtemp(prefix="vlmesh-demo-")
+    print(f"starting vision + {min(args.stages, layers)} stages + coordinator (logs in {log_dir})", file=sys.stderr)
+    with LocalMesh(model, split_layers(layers, min(args.stages, layers)), log_dir=log_dir) as mesh:
         print(f"mesh up at {mesh.address}; asking about {image}", file=sys.stderr)
         messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": args.question}]}]
         print(f"Q: {args.question}\nA: ", end="", flush=True)

@@ -12,7 +12,7 @@ small `Qwen2VLConfig`, and random weights re-initialised so greedy decoding is r
 CLI: `vlmesh make-tiny --family qwen2-vl --out DIR [--layers N --hidden H ... --untied]`, through
 `add_arguments(parser)` and `run(args)`.
 
-What the directory holds (the same set of files as Qwen/Qwen2-VL-2B-Instruct):
+What the directory holds (the layout of Qwen/Qwen2-VL-2B-Instruct):
     config.json, generation_config.json, model.safetensors (or model-0000i-of-0000n.safetensors +
     model.safetensors.index.json), tokenizer.json, tokenizer_config.json, chat_template.jinja,
     preprocessor_config.json, video_preprocessor_config.json.
@@ -24,9 +24,17 @@ Notes on transformers 5.23 (checked, not assumed):
     `save_original_format=False`. We always save the in-memory layout and do the hub renaming
     ourselves, so the output does not depend on transformers' reverse mapping.
   * Tying is decided by the *outer* `Qwen2VLConfig.tie_word_embeddings` (default False); a True
-    `text_config.tie_word_embeddings` is forwarded to the outer config for backward compatibility.
-    We set both levels to the same value.
-  * A tied checkpoint saves no `lm_head.weight`; an untied one does.
+    `text_config.tie_word_embeddings` is forwarded to the outer config for backward compatibility
+    (`Qwen2VLTextConfig` has no such attribute unless given one). We set both levels to the same value.
+  * A tied checkpoint saves no `lm_head.weight`; an untied one does; loading a tied one makes
+    `lm_head.weight` the very tensor `embed_tokens.weight` is.
+  * `Qwen2VLProcessor.save_pretrained()` writes tokenizer.json + tokenizer_config.json (no
+    chat_template in it), the template as `chat_template.jinja`, and one nested
+    `processor_config.json` for the image and video processors (no preprocessor_config.json). We
+    replace the latter by the hub's preprocessor_config.json / video_preprocessor_config.json, which
+    5.23 reads as well. `Qwen2VLImageProcessor` is the torchvision-backed class (the PIL one is
+    `Qwen2VLImageProcessorPil`); AutoProcessor gives Qwen2VLImageProcessor + Qwen2VLVideoProcessor.
+  * safetensors 0.8 writes files with mode 0600; we chmod them 0644.
 """
 
 from __future__ import annotations
@@ -99,17 +107,35 @@ CHAT_TEMPLATE = (
 NUM_MERGES = 800
 
 # --- weight init -----------------------------------------------------------------------------------
-# Every weight is redrawn from N(0, std) with a seeded generator (norm weights = 1, norm biases = 0).
-# The std was chosen by measuring greedy decoding (20 new tokens, 4 prompts incl. one with an image,
-# default sizes, tied and untied, seeds 0-2): top-1 minus top-2 logit at each step.
-# Measured (see the report in `_measure_margins`):
-#   INIT_STD = 0.02 (transformers' default): logits std ~0.02, median margin ~5e-3, min ~1e-5 -> fragile
-#   INIT_STD = 0.1:  logits std ~ 1,   median margin ~0.3,  min ~2e-3
-#   INIT_STD = 0.3:  logits std ~ 3,   median margin ~0.9,  min ~1e-2
-#   INIT_STD = 0.5:  logits std ~ 5,   median margin ~1.5,  min ~2e-2, activations finite, tokens vary
-# (filled in from the measurement; see MEASURED_MARGINS below)
-INIT_STD = 0.5  # linear / conv / embedding weights
-BIAS_STD = 0.1  # linear biases
+# Every parameter is redrawn from a generator seeded with `seed`: embed_tokens / lm_head ~ N(0, EMBED_STD),
+# every other matrix (linear, conv) ~ N(0, LINEAR_GAIN / sqrt(fan_in)), biases ~ N(0, BIAS_STD), norm
+# weights 1 and norm biases 0. For the default sizes that is std 0.19 for the fan-in-64 projections,
+# 0.13 for down_proj / the merger, 0.044 for the patch-embedding conv (fan-in 1176).
+#
+# How it was chosen: greedy decoding, 20 new tokens, 4 prompts (3 text incl. non-ASCII, 1 with a 100x60
+# image), default sizes, tied and untied. "margin" = top-1 minus top-2 logit per step; "dev" = max
+# |logit(fp32) - logit(fp64)| on the same sequence (the size of a real float-order difference, the thing
+# greedy must be robust to); "distinct" = distinct tokens among the 20.
+#   plain std for all weights (3 seeds x 4 prompts, 240 steps; tied / untied):
+#     std 0.02 (HF default)  logits std 0.16  margin median 0.19/0.08  dev 3e-7  decoding stuck on 1-4 tokens
+#     std 0.1                logits std 0.8   margin median 0.29/0.19  min 9e-4/6e-3  dev 3e-6  distinct 2-19
+#     std 0.3                logits std 2.4   margin median 0.49/0.54  min 2e-3/6e-4  dev 9e-5  distinct 18-20
+#     std 0.5                logits std 4.0   margin median 0.76/0.83  min 2e-2/1e-3  dev 5e-4  distinct 15-20
+#     std 1.0                logits std 8.0   margin median 1.6/1.7    min 6e-3/2e-2  dev 3e-3  distinct 18-20
+#   -> margins grow with the std, but the float noise grows faster (attention saturates, layers amplify):
+#      a big plain std makes greedy *less* robust. Hence fan-in scaling for the matrices (activations
+#      O(1)) and a separate, larger std for the embeddings, which set the logit scale (sqrt(hidden) x EMBED_STD):
+#   LINEAR_GAIN 1.0, EMBED_STD 0.5: dev 1e-5, but tied decoding echoes its input (1-2 distinct tokens)
+#   LINEAR_GAIN 3.0, EMBED_STD 0.5: dev 1e-3 to 2e-3 (too chaotic); shrinking only q/k: decoding repeats
+#   LINEAR_GAIN 1.5, EMBED_STD 0.5 (chosen; 8 seeds x 4 prompts, 640 steps):
+#     tied:   logits std 4.0, margin median 0.87, 5th pct 0.08, 1st pct 2e-2, min 5e-4, dev <= 8e-5,
+#             distinct median 18 (min 10); seed 0: margin median 0.80, min 2e-2
+#     untied: logits std 4.0, margin median 0.83, 5th pct 0.06, 1st pct 1e-2, min 4e-3, dev <= 1.5e-4,
+#             distinct median 19 (min 13); seed 0: margin median 0.74, min 4e-3
+#     all finite; fp64 and 1e-6 relative noise on every weight (logits move <= 6e-4) flipped no argmax.
+LINEAR_GAIN = 1.5
+EMBED_STD = 0.5
+BIAS_STD = 0.02
 
 
 def _corpus() -> list[str]:
@@ -465,16 +491,14 @@ def build_tokenizer(num_merges: int = NUM_MERGES):
     return tok
 
 
-def _wrap_tokenizer(raw, tmpdir: Path):
-    """The transformers tokenizer (Qwen2Tokenizer, as the real checkpoint's tokenizer_config.json says)."""
+def build_hf_tokenizer(raw=None):
+    """The transformers tokenizer around `raw` (default: a fresh `build_tokenizer()`): Qwen2Tokenizer,
+    as the real checkpoint's tokenizer_config.json names it. transformers 5.23 reloads it from
+    tokenizer.json by extracting vocab + merges and rebuilding Qwen2's normalizer/pre-tokenizer, which
+    `build_tokenizer` already uses, so the saved and the reloaded tokenizer encode identically."""
     from transformers import Qwen2Tokenizer
 
-    tmpdir.mkdir(parents=True, exist_ok=True)
-    raw.save(str(tmpdir / "tokenizer.json"))
-    return Qwen2Tokenizer(
-        tokenizer_file=str(tmpdir / "tokenizer.json"),
-        **_tokenizer_kwargs(),
-    )
+    return Qwen2Tokenizer(tokenizer_object=raw if raw is not None else build_tokenizer(), **_tokenizer_kwargs())
 
 
 def _tokenizer_kwargs() -> dict:
@@ -511,6 +535,18 @@ def mrope_section(head_dim: int) -> list[int]:
     return sec
 
 
+def _check_sizes(hidden_size: int, num_heads: int, num_kv_heads: int, vision_embed_dim: int, vision_heads: int) -> None:
+    if min(hidden_size, num_heads, num_kv_heads, vision_embed_dim, vision_heads) < 1:
+        raise ValueError("sizes and head counts must be positive")
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if vision_embed_dim % vision_heads:
+        raise ValueError(f"vision_embed_dim {vision_embed_dim} is not divisible by vision_heads {vision_heads}")
+    mrope_section(hidden_size // num_heads)  # raises for an unusable head_dim
+
+
 def build_config(
     tokenizer,
     *,
@@ -527,12 +563,7 @@ def build_config(
 ):
     from transformers import Qwen2VLConfig
 
-    if hidden_size % num_heads:
-        raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    if vision_embed_dim % vision_heads:
-        raise ValueError(f"vision_embed_dim {vision_embed_dim} is not divisible by vision_heads {vision_heads}")
+    _check_sizes(hidden_size, num_heads, num_kv_heads, vision_embed_dim, vision_heads)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab_size = -(-len(tokenizer) // 64) * 64  # padded like the real checkpoints (151936 > len 151657)
     text_config = dict(
@@ -606,18 +637,26 @@ def _never_generated_ids(tokenizer, vocab_size: int) -> list[int]:
     return sorted({tokenizer.convert_tokens_to_ids(t) for t in placeholders} | set(range(len(tokenizer), vocab_size)))
 
 
-def reinit_weights(model, *, seed: int, std: float = INIT_STD, bias_std: float = BIAS_STD, zero_rows=()) -> None:
-    """Redraw every parameter from a generator seeded with `seed`, in sorted-name order (independent
-    of module construction order): norm weights 1, norm biases 0, other biases N(0, bias_std), all
-    other weights N(0, std). Tied parameters are drawn once."""
+def reinit_weights(
+    model,
+    *,
+    seed: int,
+    gain: float = LINEAR_GAIN,
+    embed_std: float = EMBED_STD,
+    bias_std: float = BIAS_STD,
+    zero_rows=(),
+) -> None:
+    """Redraw every parameter (see the comment at LINEAR_GAIN) from a generator seeded with `seed`, in
+    sorted-name order, so the result depends on nothing but the seed and the shapes. Tied parameters
+    are drawn once. `zero_rows`: ids whose input/output embedding rows are set to 0."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    norm_types = (torch.nn.LayerNorm,)
     norms: set[str] = set()
     for mname, mod in model.named_modules():
-        if isinstance(mod, norm_types) or type(mod).__name__.endswith(("RMSNorm", "LayerNorm")):
+        if isinstance(mod, torch.nn.LayerNorm) or type(mod).__name__.endswith(("RMSNorm", "LayerNorm")):
             norms.update(f"{mname}.{p}" if mname else p for p, _ in mod.named_parameters(recurse=False))
+    embeddings = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
     seen: set[int] = set()
     with torch.no_grad():
         for name, p in sorted(model.named_parameters(remove_duplicate=False)):
@@ -627,12 +666,39 @@ def reinit_weights(model, *, seed: int, std: float = INIT_STD, bias_std: float =
             if name in norms:
                 p.fill_(1.0 if name.endswith("weight") else 0.0)
                 continue
-            s = bias_std if name.endswith("bias") else std
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(s).to(p.dtype))
+            if id(p) in embeddings:
+                std = embed_std
+            elif p.dim() < 2:
+                std = bias_std
+            else:
+                std = gain / math.sqrt(p[0].numel())  # fan-in of a Linear (out, in) or Conv3d (out, in, t, h, w)
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(std).to(p.dtype))
         zero = torch.tensor(sorted(zero_rows), dtype=torch.long)
         if len(zero):
             model.get_input_embeddings().weight[zero] = 0
             model.get_output_embeddings().weight[zero] = 0
+
+
+def greedy_margins(model, inputs: dict, max_new_tokens: int = 20) -> tuple[list[int], list[float]]:
+    """Greedy-decode `max_new_tokens` (EOS ignored) from processor outputs `inputs`; return the new
+    token ids and, per step, the top-1 minus top-2 logit."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    new = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    margins = []
+    for step in out.logits:
+        top2 = step[0].double().topk(2).values
+        margins.append(float(top2[0] - top2[1]))
+    return new, margins
 
 
 # --- saving ----------------------------------------------------------------------------------------
@@ -728,14 +794,13 @@ def make_tiny(
         raise ValueError(f"unsupported family {family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
     if key_layout not in KEY_LAYOUTS:
         raise ValueError(f"unknown key_layout {key_layout!r}; expected one of {', '.join(KEY_LAYOUTS)}")
-    import tempfile
-
     import torch
-    from transformers import Qwen2Tokenizer, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLForConditionalGeneration
 
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
         raise ValueError(f"dtype must be a torch floating dtype name (float32, bfloat16, float16), got {dtype!r}")
+    _check_sizes(hidden_size, num_heads, num_kv_heads, vision_embed_dim, vision_heads)  # before writing anything
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("*.safetensors"), out / "model.safetensors.index.json", out / "processor_config.json"]:
@@ -743,7 +808,7 @@ def make_tiny(
 
     _log("training the byte-level BPE tokenizer")
     raw = build_tokenizer()
-    tokenizer = Qwen2Tokenizer(tokenizer_object=raw, **_tokenizer_kwargs())
+    tokenizer = build_hf_tokenizer(raw)
     _log(f"tokenizer: {len(tokenizer)} tokens ({raw.get_vocab_size(with_added_tokens=False)} BPE + {len(SPECIAL_TOKENS)} special)")
 
     processor = _build_processor(tokenizer, min_pixels, max_pixels)
@@ -776,14 +841,13 @@ def make_tiny(
         save_kwargs["max_shard_size"] = max_shard_size
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # our own one-line progress instead of tqdm bars
     try:
         model.save_pretrained(str(out), **save_kwargs)
     finally:
-        hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
+        if bars:
+            hf_logging.enable_progress_bar()
     files = _rewrite_safetensors(out, key_layout)
     _log(f"weights: {len(files)} safetensors file(s), {key_layout} key layout")
     _log(f"wrote {out}")

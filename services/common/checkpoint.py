@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,7 @@ class Checkpoint:
             if local is not None:
                 wanted[key] = (local, file)
         out: dict[str, torch.Tensor] = {}
+        began = time.monotonic()
         by_file: dict[Path, list[str]] = {}
         for key, (_, file) in wanted.items():
             by_file.setdefault(file, []).append(key)
@@ -105,6 +107,8 @@ class Checkpoint:
                     for key in keys:
                         out[wanted[key][0]] = f.get_tensor(key).to(dtype)
                         bar.update(1)
+        size = sum(t.numel() * t.element_size() for t in out.values())
+        log.info("%s: %d tensors, %.1f MiB in %.1fs from %s", desc, len(out), size / 2**20, time.monotonic() - began, self.path)
         return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -125,6 +126,7 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
                 )
                 for m, s in zip(request.steps, steps)
             ]
+            began = time.perf_counter()
             try:
                 results = self.backend.run(steps)
             except Exception as exc:
@@ -135,7 +137,8 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
             finally:
                 for span in spans:
                     span.end()
-            yield stage_pb2.ForwardResponse(outputs=[encode_result(r, s.start_position) for r, s in zip(results, steps)])
+            outputs = [encode_result(r, s.start_position) for r, s in zip(results, steps)]
+            yield stage_pb2.ForwardResponse(outputs=outputs, compute_us=int((time.perf_counter() - began) * 1e6))
 
     def GetInfo(self, request, context):
         b = self.backend

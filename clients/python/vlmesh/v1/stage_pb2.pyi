@@ -202,6 +202,11 @@ class ForwardResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     OUTPUTS_FIELD_NUMBER: _builtins.int
+    COMPUTE_US_FIELD_NUMBER: _builtins.int
+    compute_us: _builtins.int
+    """Microseconds the stage spent on this request (validation + forward + sampling), so a
+    caller can tell compute from network and serialisation overhead.
+    """
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepOutput]:
         """One output per input step, same order."""
@@ -210,10 +215,11 @@ class ForwardResponse(_message.Message):
         self,
         *,
         outputs: _abc.Iterable[Global___StepOutput] | None = ...,
+        compute_us: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["outputs", b"outputs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_us", b"compute_us", "outputs", b"outputs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
