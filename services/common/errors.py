@@ -43,6 +43,12 @@ class Conflict(VlmeshError):
     code = grpc.StatusCode.ABORTED
 
 
+class Cancelled(VlmeshError):
+    """The caller cancelled the request."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
 class StageDown(VlmeshError):
     """A downstream service cannot be reached."""
 

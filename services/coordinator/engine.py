@@ -27,6 +27,9 @@ FINISH_LENGTH = coordinator_pb2.FINISH_REASON_LENGTH
 FINISH_STOP_STRING = coordinator_pb2.FINISH_REASON_STOP_STRING
 
 
+CANCELLED = object()  # queued by Request.cancel: the turn ends without a finish reason
+
+
 @dataclass
 class Request:
     """One Generate call in flight."""
@@ -50,7 +53,11 @@ class Request:
     wake: object = None  # set by the engine: nudges an idle loop to notice a cancellation
 
     def cancel(self) -> None:
+        """The caller went away (or the handler gave up): stop generating and unblock the handler."""
+        if self.done:
+            return
         self.done = True
+        self.out.put(CANCELLED)
         if self.wake is not None:
             self.wake()
 

@@ -14,13 +14,13 @@ from opentelemetry import trace
 from services.common import tensors
 from services.common.checkpoint import open_checkpoint
 from services.common.config import add_config_arguments, config_from_args, field
-from services.common.errors import InvalidInput, VlmeshError, from_rpc_error
+from services.common.errors import Cancelled, InvalidInput, VlmeshError, from_rpc_error
 from services.common.server import RunningServer, channel, setup_logging, start_server
 from services.common.tracing import extract, metadata, setup_tracing, trace_id_hex, tracer
 from vlmesh.v1 import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2, vision_pb2, vision_pb2_grpc
 
 from .detokenizer import IncrementalDetokenizer
-from .engine import Engine, Request
+from .engine import CANCELLED, Engine, Request
 from .prompt import PromptBuilder
 from .rope import RopeIndex
 from .runner import Runner
@@ -204,6 +204,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         for item in iter(req.out.get, None):
             if isinstance(item, VlmeshError):
                 raise item
+            if item is CANCELLED:
+                raise Cancelled("the request was cancelled")
             if first:
                 item.session_id = session.id if session.persistent else ""
                 item.trace_id = trace_id
