@@ -10,7 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from conftest import png
-from meshutil import images_of, reference, start_mesh
+from meshutil import images_of, reference, start_mesh, to_proto
 from services.common import tensors
 from services.common.server import channel
 from services.common.tracing import setup_tracing
@@ -68,7 +68,7 @@ def test_logprobs_are_log_softmax_of_the_logits(mesh, images):
     msgs = ask(images["wide"])
     ids = ref.prompt_ids(msgs)
     _, out = ref.generate_ids(ids, images_of(msgs), 3, output_logits=True)
-    resp = list(mesh.stub.Generate(cpb.GenerateRequest(messages=__import__("meshutil").to_proto(msgs), max_tokens=3, logprobs=5)))
+    resp = list(mesh.stub.Generate(cpb.GenerateRequest(messages=to_proto(msgs), max_tokens=3, logprobs=5)))
     details = [d for r in resp for d in r.logprobs]
     assert len(details) == 3
     for step, d in enumerate(details):
@@ -200,11 +200,6 @@ def test_bad_messages(mesh, images):
     still_serves(mesh, images)
 
 
-def _stage_step(mesh, stage: int, **fields) -> stage_pb2.StepInput:
-    step = stage_pb2.StepInput(session_id="direct", start_position=0, **fields)
-    return step
-
-
 def forward_once(address: str, step: stage_pb2.StepInput):
     with channel(address) as ch:
         return list(stage_pb2_grpc.StageServiceStub(ch).Forward(iter([stage_pb2.ForwardRequest(steps=[step])]), timeout=30))
@@ -234,7 +229,7 @@ def forward_once(address: str, step: stage_pb2.StepInput):
 )
 def test_malformed_step_sent_straight_to_a_stage(mesh, images, stage, build, words):
     with pytest.raises(grpc.RpcError) as err:
-        forward_once(mesh.stages[stage].address, _stage_step(mesh, stage, **build()))
+        forward_once(mesh.stages[stage].address, stage_pb2.StepInput(session_id="direct", **build()))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert words in err.value.details()
     still_serves(mesh, images)

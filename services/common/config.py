@@ -55,3 +55,15 @@ def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
 
 def field(default: Any = dataclasses.MISSING, help: str = "") -> Any:  # noqa: A002 - mirrors argparse
     return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(kw_only=True)
+class ServiceConfig:
+    """Flags every service has; each service's config extends it."""
+
+    host: str = field("0.0.0.0", "address to bind")
+    trace_exporter: str = field("none", "none | console | otlp")
+    otlp_endpoint: str = field("", "OTLP gRPC endpoint, e.g. http://jaeger:4317")
+    threads: int = field(0, "torch intra-op threads (0 = torch's default)")
+    log_level: str = field("INFO", "logging level")
+    log_format: str = field("text", "text | json (one JSON object per line, with trace_id)")

@@ -4,6 +4,7 @@ shutdown, logging, and the channel options the mesh uses everywhere."""
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import signal
 import threading
@@ -27,11 +28,60 @@ GRPC_OPTIONS = [
 ]
 
 
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with the active trace id so logs join their trace."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from opentelemetry import trace
+
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        ctx = trace.get_current_span().get_span_context()
+        if ctx.is_valid:
+            entry["trace_id"] = format(ctx.trace_id, "032x")
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    elif fmt == "text":
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    else:
+        raise ValueError(f"unknown log format {fmt!r} (text or json)")
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
+
+
+def prepare_process(service: str, cfg) -> None:
+    """Tracing and torch threads, from a ServiceConfig."""
+    from .tracing import setup_tracing
+
+    setup_tracing(service, cfg.trace_exporter, cfg.otlp_endpoint)
+    if cfg.threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+
+
+def serve_main(prog: str, description: str, config_cls: type, start: Callable, argv: list[str] | None) -> int:
+    """`vlmesh serve X`: config from flags and environment, logging, serve until SIGTERM."""
+    import argparse
+
+    from .config import add_config_arguments, config_from_args
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_config_arguments(parser, config_cls)
+    cfg = config_from_args(config_cls, parser.parse_args(argv))
+    setup_logging(cfg.log_level, cfg.log_format)
+    start(cfg).wait_for_signal()
+    return 0
 
 
 def channel(address: str) -> grpc.Channel:

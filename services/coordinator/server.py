@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import threading
 from dataclasses import dataclass
@@ -12,11 +11,11 @@ import torch
 from opentelemetry import trace
 
 from services.common import tensors
-from services.common.checkpoint import open_checkpoint
-from services.common.config import add_config_arguments, config_from_args, field
+from services.common.checkpoint import Checkpoint, open_checkpoint
+from services.common.config import ServiceConfig, field
 from services.common.errors import Cancelled, InvalidInput, VlmeshError, from_rpc_error
-from services.common.server import RunningServer, channel, setup_logging, start_server
-from services.common.tracing import extract, metadata, setup_tracing, trace_id_hex, tracer
+from services.common.server import RunningServer, channel, prepare_process, serve_main, start_server
+from services.common.tracing import extract, metadata, trace_id_hex, tracer
 from vlmesh.v1 import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2, vision_pb2, vision_pb2_grpc
 
 from .detokenizer import IncrementalDetokenizer
@@ -36,20 +35,16 @@ _ROLES = {
 }
 
 
-@dataclass
-class CoordinatorConfig:
+@dataclass(kw_only=True)
+class CoordinatorConfig(ServiceConfig):
     model: str = field(help="checkpoint directory (config, tokenizer and processor files are read; no weights)")
     stages: str = field(help="stage addresses host:port, comma-separated, any order")
     vision: str = field(help="vision service address host:port")
-    host: str = field("0.0.0.0", "address to bind")
     port: int = field(50051, "port to bind (0 = any free port)")
     default_max_tokens: int = field(256, "max_tokens when a request sets none")
     max_batch: int = field(32, "most sessions decoded in one step")
     kv_log: bool = field(True, "collect each step's KV deltas into the session's KV log")
     session_ttl: float = field(1800.0, "close sessions idle for this many seconds")
-    trace_exporter: str = field("none", "none | console | otlp")
-    otlp_endpoint: str = field("", "OTLP gRPC endpoint, e.g. http://jaeger:4317")
-    log_level: str = field("INFO", "logging level")
 
 
 def parse_messages(messages) -> tuple[list[dict], list[bytes]]:
@@ -79,11 +74,11 @@ def parse_messages(messages) -> tuple[list[dict], list[bytes]]:
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
-    def __init__(self, cfg: CoordinatorConfig, mesh: Mesh, vision_address: str):
+    def __init__(self, cfg: CoordinatorConfig, ckpt: Checkpoint, mesh: Mesh):
         from transformers import AutoProcessor, GenerationConfig
 
         self.cfg = cfg
-        self.ckpt = open_checkpoint(cfg.model)
+        self.ckpt = ckpt
         self.processor = AutoProcessor.from_pretrained(cfg.model)
         try:
             gen = GenerationConfig.from_pretrained(cfg.model)
@@ -95,7 +90,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self.rope = RopeIndex(self.ckpt, self.processor)
         self.max_positions = self.ckpt.text_config.max_position_embeddings
         self.mesh = mesh
-        self.vision = vision_pb2_grpc.VisionServiceStub(channel(vision_address))
+        self.vision = vision_pb2_grpc.VisionServiceStub(channel(cfg.vision))
         self.sessions = SessionStore()
         self.engine = Engine(Runner(mesh, cfg.kv_log), cfg.max_batch)
         self._stop = threading.Event()
@@ -240,10 +235,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
 
 def start(cfg: CoordinatorConfig) -> RunningServer:
-    setup_tracing("coordinator", cfg.trace_exporter, cfg.otlp_endpoint)
+    prepare_process("coordinator", cfg)
     ckpt = open_checkpoint(cfg.model)
     mesh = Mesh.connect([a.strip() for a in cfg.stages.split(",") if a.strip()], ckpt.text_config.num_hidden_layers)
-    servicer = CoordinatorServicer(cfg, mesh, cfg.vision)
+    servicer = CoordinatorServicer(cfg, ckpt, mesh)
     return start_server(
         [(coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server, servicer, "vlmesh.v1.CoordinatorService")],
         cfg.host,
@@ -253,9 +248,4 @@ def start(cfg: CoordinatorConfig) -> RunningServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vlmesh serve coordinator", description="Serve the mesh's public API.")
-    add_config_arguments(parser, CoordinatorConfig)
-    cfg = config_from_args(CoordinatorConfig, parser.parse_args(argv))
-    setup_logging(cfg.log_level)
-    start(cfg).wait_for_signal()
-    return 0
+    return serve_main("vlmesh serve coordinator", "Serve the mesh's public API.", CoordinatorConfig, start, argv)

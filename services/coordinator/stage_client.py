@@ -24,7 +24,7 @@ class _Stream:
         self.requests: queue.Queue = queue.Queue()
         self.responses = stub.Forward(iter(self.requests.get, _CLOSE))
 
-    def call(self, request: stage_pb2.ForwardRequest, timeout: float) -> stage_pb2.ForwardResponse:
+    def call(self, request: stage_pb2.ForwardRequest) -> stage_pb2.ForwardResponse:
         self.requests.put(request)
         return next(self.responses)
 
@@ -34,10 +34,9 @@ class _Stream:
 
 
 class StageClient:
-    def __init__(self, address: str, retries: int = 3, timeout: float = 600.0):
+    def __init__(self, address: str, retries: int = 3):
         self.address = address
         self.retries = retries
-        self.timeout = timeout
         self.channel = channel(address)
         self.stub = stage_pb2_grpc.StageServiceStub(self.channel)
         self._stream: _Stream | None = None
@@ -57,7 +56,7 @@ class StageClient:
                 if self._stream is None:
                     self._stream = _Stream(self.stub)
                 try:
-                    return self._stream.call(request, self.timeout)
+                    return self._stream.call(request)
                 except (grpc.RpcError, StopIteration) as err:
                     self._stream.close()
                     self._stream = None

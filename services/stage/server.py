@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import threading
 import time
 from dataclasses import dataclass
 
-import grpc
 import torch
 from opentelemetry import trace
 
 from services.common import tensors
 from services.common.checkpoint import open_checkpoint
-from services.common.config import add_config_arguments, config_from_args, field
+from services.common.config import ServiceConfig, field
 from services.common.errors import InvalidInput
-from services.common.server import RunningServer, setup_logging, start_server
-from services.common.tracing import extract, setup_tracing, tracer
+from services.common.server import RunningServer, prepare_process, serve_main, start_server
+from services.common.tracing import extract, tracer
 from vlmesh.v1 import stage_pb2, stage_pb2_grpc, tensor_pb2
 
 from .backend import Step, StageBackend, StepResult
@@ -27,20 +25,15 @@ log = logging.getLogger(__name__)
 _tracer = tracer("stage")
 
 
-@dataclass
-class StageConfig:
+@dataclass(kw_only=True)
+class StageConfig(ServiceConfig):
     model: str = field(help="checkpoint directory (HF layout)")
     layers: str = field(help="layer range START:END this stage owns (END exclusive)")
-    host: str = field("0.0.0.0", "address to bind")
     port: int = field(50061, "port to bind (0 = any free port)")
     dtype: str = field("auto", "parameter dtype: auto (the checkpoint's), float32, bfloat16, float16")
     kv_budget_mb: int = field(2048, "KV cache budget in MiB; steps beyond it get RESOURCE_EXHAUSTED")
     max_batch: int = field(32, "most session steps in one request")
     session_ttl: float = field(3600.0, "drop a session's KV after this many idle seconds")
-    trace_exporter: str = field("none", "none | console | otlp")
-    otlp_endpoint: str = field("", "OTLP gRPC endpoint, e.g. http://jaeger:4317")
-    threads: int = field(0, "torch intra-op threads (0 = torch's default)")
-    log_level: str = field("INFO", "logging level")
 
     def layer_range(self) -> tuple[int, int]:
         try:
@@ -168,9 +161,7 @@ def _expiry_loop(backend: StageBackend, ttl: float, stop: threading.Event) -> No
 
 
 def start(cfg: StageConfig) -> RunningServer:
-    setup_tracing("stage", cfg.trace_exporter, cfg.otlp_endpoint)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    prepare_process("stage", cfg)
     ckpt = open_checkpoint(cfg.model)
     start_layer, end_layer = cfg.layer_range()
     backend = StageBackend(ckpt, start_layer, end_layer, ckpt.dtype(cfg.dtype), cfg.kv_budget_mb << 20, cfg.max_batch)
@@ -186,9 +177,4 @@ def start(cfg: StageConfig) -> RunningServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vlmesh serve stage", description="Serve a range of decoder layers.")
-    add_config_arguments(parser, StageConfig)
-    cfg = config_from_args(StageConfig, parser.parse_args(argv))
-    setup_logging(cfg.log_level)
-    start(cfg).wait_for_signal()
-    return 0
+    return serve_main("vlmesh serve stage", "Serve a range of decoder layers.", StageConfig, start, argv)

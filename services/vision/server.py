@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass
 
-import torch
 
 from services.common import tensors
 from services.common.checkpoint import open_checkpoint
-from services.common.config import add_config_arguments, config_from_args, field
+from services.common.config import ServiceConfig, field
 from services.common.errors import InvalidInput
-from services.common.server import RunningServer, setup_logging, start_server
-from services.common.tracing import extract, setup_tracing, tracer
+from services.common.server import RunningServer, prepare_process, serve_main, start_server
+from services.common.tracing import extract, tracer
 from vlmesh.v1 import vision_pb2, vision_pb2_grpc
 
 from .encoder import VisionEncoder
@@ -22,19 +20,14 @@ log = logging.getLogger(__name__)
 _tracer = tracer("vision")
 
 
-@dataclass
-class VisionConfig:
+@dataclass(kw_only=True)
+class VisionConfig(ServiceConfig):
     model: str = field(help="checkpoint directory (HF layout)")
-    host: str = field("0.0.0.0", "address to bind")
     port: int = field(50071, "port to bind (0 = any free port)")
     dtype: str = field("auto", "parameter dtype: auto (the checkpoint's), float32, bfloat16, float16")
     cache_mb: int = field(1024, "embedding cache budget in MiB")
     max_image_pixels: int = field(64_000_000, "refuse images with more pixels than this (before decoding)")
     max_images: int = field(16, "most images in one request")
-    trace_exporter: str = field("none", "none | console | otlp")
-    otlp_endpoint: str = field("", "OTLP gRPC endpoint, e.g. http://jaeger:4317")
-    threads: int = field(0, "torch intra-op threads (0 = torch's default)")
-    log_level: str = field("INFO", "logging level")
 
 
 class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
@@ -76,9 +69,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
 
 
 def start(cfg: VisionConfig) -> RunningServer:
-    setup_tracing("vision", cfg.trace_exporter, cfg.otlp_endpoint)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    prepare_process("vision", cfg)
     ckpt = open_checkpoint(cfg.model)
     encoder = VisionEncoder(ckpt, ckpt.dtype(cfg.dtype), cfg.cache_mb << 20, cfg.max_image_pixels, cfg.max_images)
     servicer = VisionServicer(encoder, ckpt.config.model_type)
@@ -88,9 +79,4 @@ def start(cfg: VisionConfig) -> RunningServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vlmesh serve vision", description="Serve the vision encoder.")
-    add_config_arguments(parser, VisionConfig)
-    cfg = config_from_args(VisionConfig, parser.parse_args(argv))
-    setup_logging(cfg.log_level)
-    start(cfg).wait_for_signal()
-    return 0
+    return serve_main("vlmesh serve vision", "Serve the vision encoder.", VisionConfig, start, argv)
