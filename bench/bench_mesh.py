@@ -54,6 +54,15 @@ import time
 import uuid
 from pathlib import Path
 
+# gRPC core's fork support (on by default in grpcio's Linux builds) installs pthread_atfork handlers.
+# LocalMesh spawns its children with preexec_fn, i.e. a real fork() of this multi-threaded gRPC client
+# process; we saw that fork() deadlock in gRPC's prefork handler (main thread in __run_prefork_handlers
+# -> cygrpc, a "grpc_shutdown" thread left over from closed channels waiting too) while LocalMesh.start
+# spawned the coordinator of the third mesh. This process never needs gRPC to survive a fork (the
+# children exec at once), so fork support is switched off here; the mesh processes inherit the
+# variable, which changes nothing for them (they never fork).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "clients" / "python"))
@@ -129,13 +138,39 @@ class CpuWatch:
 FOREIGN: list[dict] = []  # one entry per measurement: CPU load from outside this bench
 
 
+QUIET = {"wait_s": 0.0, "threshold": 0.25}  # set from --quiet-wait / --quiet-threshold
+
+
+def wait_for_quiet(what: str) -> float:
+    """Other people share this machine: before a measurement, wait (at most QUIET['wait_s']) until
+    processes outside this bench used less than QUIET['threshold'] cores over a 2 s window.
+    Returns the seconds waited."""
+    if QUIET["wait_s"] <= 0:
+        return 0.0
+    began = time.perf_counter()
+    said = False
+    while True:
+        w = CpuWatch()
+        with w:
+            time.sleep(2.0)
+        if w.foreign_cores < QUIET["threshold"]:
+            return time.perf_counter() - began
+        if time.perf_counter() - began > QUIET["wait_s"]:
+            log(f"  machine still busy ({w.foreign_cores:.2f} cores used by other processes); measuring '{what}' anyway")
+            return time.perf_counter() - began
+        if not said:
+            log(f"  waiting for the machine to be quiet before '{what}' ({w.foreign_cores:.2f} cores used by other processes)")
+            said = True
+
+
 @contextlib.contextmanager
 def watched(what: str):
+    waited = wait_for_quiet(what)
     w = CpuWatch()
     with w:
         yield w
     FOREIGN.append({"what": what, "seconds": round(time.perf_counter() - w.t0, 3), "foreign_cores": round(w.foreign_cores, 3),
-                    "bench_tree_cores": round(w.own_cores, 3)})
+                    "bench_tree_cores": round(w.own_cores, 3), "waited_for_quiet_s": round(waited, 1)})
     if w.foreign_cores > 0.2:
         log(f"  note: other processes used {w.foreign_cores:.2f} cores on average during '{what}'")
 
@@ -294,6 +329,11 @@ def bench_hf(args, model_dir: Path, warm_image: Path, images: list[Path]) -> dic
     log(f"HF: TTFT warm-up with {warm_image.name}")
     res["ttft_warmup_s"], _, _ = ttft(warm_image)
     log(f"HF: TTFT warm-up took {res['ttft_warmup_s']:.2f} s")
+    # transformers 5 maps the safetensors lazily: right after from_pretrained few weight pages are
+    # resident, so the RSS growth is also taken after the warm-up, once every weight was read.
+    res["rss_after_warmup_mb"] = rss_bytes() / 2**20
+    res["rss_model_warm_mb"] = res["rss_after_warmup_mb"] - rss0 / 2**20
+    log(f"HF: RSS after warm-up +{res['rss_model_warm_mb']:.0f} MB over the RSS before loading")
     res["ttft_s_all"] = []
     for p in images:
         log(f"HF: TTFT with unseen image {p.name}")
@@ -500,9 +540,29 @@ def bench_mesh(args, model_dir: Path, num_layers: int, stages: int, warm_image: 
     if args.threads:
         env["VLMESH_THREADS"] = str(args.threads)
     log(f"mesh S={stages}: starting vision + stages {res['ranges']} + coordinator (logs in {log_dir})")
-    t = time.perf_counter()
-    mesh = LocalMesh(str(model_dir), ranges, log_dir=str(log_dir), env=env)
-    mesh.start(timeout=args.start_timeout)
+    for attempt in range(1, 4):
+        t = time.perf_counter()
+        mesh = LocalMesh(str(model_dir), ranges, log_dir=str(log_dir), env=env)
+        try:
+            mesh.start(timeout=args.start_timeout)
+        except Exception as exc:  # noqa: BLE001
+            log(f"mesh S={stages}: start failed (attempt {attempt}): {type(exc).__name__}: {exc}")
+            res.setdefault("start_failures", []).append(f"{type(exc).__name__}: {exc}")
+            if attempt == 3:
+                raise
+            continue
+        # LocalMesh picks ports with bind(0)+close() before the children bind them, and gRPC servers
+        # bind with SO_REUSEPORT: two children can end up listening on the same port without an
+        # error (seen here: two stages on one port). Check and restart rather than measure nonsense.
+        addrs = [mesh.vision_address, *mesh.stage_addresses, mesh.address]
+        if len(set(addrs)) != len(addrs):
+            log(f"mesh S={stages}: PORT COLLISION among {addrs} (attempt {attempt}); restarting the mesh")
+            res.setdefault("port_collisions", []).append(addrs)
+            mesh.stop()
+            if attempt == 3:
+                raise RuntimeError(f"port collision in 3 attempts: {addrs}")
+            continue
+        break
     res["startup_s"] = time.perf_counter() - t
     names = ["vision", *[f"stage{i}" for i in range(stages)], "coordinator"]
     procs = dict(zip(names, mesh.procs))
@@ -594,7 +654,8 @@ def table(report: dict) -> str:
     if hf:
         rows.append(
             f"| {hf['config']} | {fmt(hf['ttft_s'], '.3f')} | 1.00 | {fmt(hf['decode_tok_s'], '.2f')} | 1.00 | – "
-            f"| model +{hf['rss_model_mb']:.0f} (process {hf['rss_after_load_mb']:.0f}) |"
+            f"| model +{hf['rss_model_warm_mb']:.0f} after warm-up (+{hf['rss_model_mb']:.0f} right after from_pretrained); "
+            f"process {hf['rss_after_warmup_mb']:.0f} |"
         )
     for m in report["mesh"]:
         if "error" in m:
@@ -663,6 +724,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hop-warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = torch's default)")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment for the mesh processes")
+    ap.add_argument("--quiet-wait", type=float, default=300.0,
+                    help="before each measurement wait up to this many seconds for other processes to go idle (0 = off)")
+    ap.add_argument("--quiet-threshold", type=float, default=0.25, help="cores other processes may use and still count as idle")
     ap.add_argument("--model-dir", default=None, help="use this checkpoint directory instead of making one")
     ap.add_argument("--skip-hf", action="store_true", help="no HF baseline (debugging)")
     ap.add_argument("--start-timeout", type=float, default=1800.0)
@@ -673,6 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats is None:
         args.repeats = 3 if args.model == "tiny" else 1
     args.env = dict(kv.split("=", 1) for kv in args.env)
+    QUIET.update(wait_s=args.quiet_wait, threshold=args.quiet_threshold)
     stage_counts = [int(s) for s in args.stages.split(",") if s.strip()]
     out = Path(args.out) if args.out else RESULTS / f"{args.model}-{args.dtype}.json"
     args.tag = out.stem
@@ -715,6 +780,8 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads or torch.get_num_threads(),
         "threads_note": f"{args.threads} (--threads)" if args.threads else f"torch default ({torch.get_num_threads()})",
         "mesh_env": args.env,
+        "quiet_gate": dict(QUIET),
+        "grpc_enable_fork_support": os.environ.get("GRPC_ENABLE_FORK_SUPPORT"),
         "images": {"warmup": str(warm_image), "measured": [str(p) for p in images]},
         "hf": None,
         "mesh": [],
