@@ -61,7 +61,10 @@ class LocalMesh:
         if self.log_dir:
             os.makedirs(self.log_dir, exist_ok=True)
             out = open(os.path.join(self.log_dir, f"{name}.log"), "w")  # noqa: SIM115 - lives as long as the child
-        env = {**os.environ, **self.env}
+        # Several torch processes share the cores here; OpenMP threads that spin-wait after their
+        # stage's turn steal CPU from the stage that computes next (measured: bfloat16 2B, 2
+        # stages, 3.38 -> 3.74 tok/s on 2 cores). The environment can still override it.
+        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **self.env}
         proc = subprocess.Popen(
             [sys.executable, "-m", "services.cli", "serve", *args, "--host", "127.0.0.1", *self.extra_args],
             stdout=out,
