@@ -1,16 +1,35 @@
-"""Write a tiny random-weight Qwen2-VL checkpoint in the real Hugging Face layout.
+"""Write a tiny random-weight Qwen-VL checkpoint (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE) in
+the real Hugging Face layout.
 
 Everything is built locally (no hub access): a byte-level BPE tokenizer trained on a small embedded
-corpus, Qwen's special tokens, the Qwen2-VL-Instruct chat template, the image/video processors, a
-small `Qwen2VLConfig`, and random weights re-initialised so greedy decoding is robust to float noise.
+corpus, Qwen's special tokens, the family's Instruct chat template, its image/video processors, a
+small config of the family, and random weights re-initialised so greedy decoding is robust to float
+noise.
 
     from services.tiny import make_tiny
     path = make_tiny("/tmp/tiny-qwen2-vl")                       # hub key layout, tied, one file
     path = make_tiny("/tmp/t2", key_layout="transformers", tie_word_embeddings=False,
                      max_shard_size="200KB")                      # sharded + index json
+    path = make_tiny("/tmp/t3", "qwen3-vl-moe")                    # MoE decoder layers, DeepStack
 
-CLI: `vlmesh make-tiny --family qwen2-vl --out DIR [--layers N --hidden H ... --untied]`, through
-`add_arguments(parser)` and `run(args)`.
+CLI: `vlmesh make-tiny --family qwen2-vl|qwen2.5-vl|qwen3-vl|qwen3-vl-moe --out DIR [--layers N
+--hidden H ... --untied]`, through `add_arguments(parser)` and `run(args)`.
+
+Per family (each loads with its own `*ForConditionalGeneration.from_pretrained` and `AutoProcessor`):
+    qwen2-vl      Qwen2VLConfig; patch 14; Qwen2-VL-Instruct template.
+    qwen2.5-vl    Qwen2_5_VLConfig: RMSNorm/SwiGLU vision blocks with window attention (window_size 56,
+                  i.e. 2x2 merged patches, so the tiny images span several windows) and the last
+                  block full attention; tokens_per_second 2 (video M-RoPE); Qwen2-VL template.
+    qwen3-vl      Qwen3VLConfig: patch 16, learned vision position grid, DeepStack mergers after vision
+                  blocks `deepstack_visual_indexes` (default [0, 1]: features for decoder layers 0, 1),
+                  interleaved M-RoPE, q/k norms; Qwen3-VL-Instruct template (no default system prompt,
+                  videos expanded per frame with timestamps by Qwen3VLProcessor).
+    qwen3-vl-moe  Qwen3VLMoeConfig: as qwen3-vl with sparse-MoE decoder layers (fused experts) except
+                  `mlp_only_layers` (default: the last layer, a dense MLP). The hub layout stores the
+                  fused experts transposed (gate_up_proj [E, H, 2I], down_proj [E, I, H]), as the real
+                  Qwen3-VL-MoE checkpoints do; transformers transposes them on load.
+The hub key layout of qwen2-vl / qwen2.5-vl is `model.*` + `visual.*`; that of the Qwen3 families is
+transformers 5's own (`model.language_model.*`, `model.visual.*`).
 
 What the directory holds (the layout of Qwen/Qwen2-VL-2B-Instruct):
     config.json, generation_config.json, model.safetensors (or model-0000i-of-0000n.safetensors +
@@ -45,7 +64,7 @@ import math
 import sys
 from pathlib import Path
 
-SUPPORTED_FAMILIES = ("qwen2-vl",)
+SUPPORTED_FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe")
 KEY_LAYOUTS = ("hub", "transformers")
 
 # Qwen's special tokens, in Qwen2's id order (they follow the BPE vocabulary, as in the real tokenizer).
@@ -101,6 +120,44 @@ CHAT_TEMPLATE = (
     "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# The Qwen3-VL-Instruct chat template (Qwen/Qwen3-VL-*-Instruct's chat_template.json without the tool-call
+# branches): no default system prompt; images and videos as in Qwen2-VL.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- if messages[0].role == 'system' %}"
+    "{{- '<|im_start|>system\n' }}"
+    "{%- if messages[0].content is string %}{{- messages[0].content }}"
+    "{%- else %}{%- for content in messages[0].content %}{%- if 'text' in content %}{{- content.text }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- set image_count = namespace(value=0) %}{%- set video_count = namespace(value=0) %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' %}"
+    "{{- '<|im_start|>' + message.role + '\n' }}"
+    "{%- if message.content is string %}{{- message.content }}"
+    "{%- else %}{%- for content in message.content %}"
+    "{%- if content.type == 'image' or 'image' in content or 'image_url' in content %}"
+    "{%- set image_count.value = image_count.value + 1 %}"
+    "{%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{%- elif content.type == 'video' or 'video' in content %}"
+    "{%- set video_count.value = video_count.value + 1 %}"
+    "{%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{%- elif 'text' in content %}{{- content.text }}"
+    "{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\n' }}"
+    "{%- elif message.role == 'assistant' %}"
+    "{{- '<|im_start|>' + message.role + '\n' }}"
+    "{%- if message.content is string %}{{- message.content }}"
+    "{%- else %}{%- for content_item in message.content %}{%- if 'text' in content_item %}{{- content_item.text }}"
+    "{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
 )
 
 # Target number of BPE merges (the trainer may stop earlier if the corpus runs out of pairs seen twice).
@@ -460,10 +517,11 @@ _CORPUS_LINES = (
 # --- tokenizer -------------------------------------------------------------------------------------
 
 
-def build_tokenizer(num_merges: int = NUM_MERGES):
+def build_tokenizer(num_merges: int = NUM_MERGES, extra_corpus: list[str] | None = None):
     """A `tokenizers.Tokenizer` shaped like Qwen2's: NFC, the Qwen2 split regex + byte-level, BPE
     (no unk, all 256 byte symbols in the vocab so any UTF-8 text round-trips), byte-level decoder,
-    Qwen's special tokens appended after the BPE vocabulary. Deterministic."""
+    Qwen's special tokens appended after the BPE vocabulary. Deterministic. `extra_corpus` adds
+    domain text (the shapes model's questions and answers) so its words become single tokens."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from tokenizers.trainers import BpeTrainer
 
@@ -486,7 +544,7 @@ def build_tokenizer(num_merges: int = NUM_MERGES):
         special_tokens=[],
         limit_alphabet=len(alphabet),
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator([*_corpus(), *(extra_corpus or [])], trainer=trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return tok
 
@@ -617,6 +675,161 @@ def build_config(
     )
 
 
+def qwen3_mrope_section(head_dim: int) -> list[int]:
+    """Qwen3-VL's interleaved (t, h, w) split of head_dim/2 frequencies in the real 24:20:20 proportion
+    (h = w rounded down, t takes the rest): 128 -> [24, 20, 20], 16 -> [4, 2, 2]."""
+    half = head_dim // 2
+    hw = half * 20 // 64
+    if head_dim % 2 or hw < 1:
+        raise ValueError(f"head_dim must be even and >= 8 for Qwen3-VL's interleaved mrope, got {head_dim}")
+    return [half - 2 * hw, hw, hw]
+
+
+def _check_family_sizes(
+    family: str,
+    num_layers: int,
+    hidden_size: int,
+    num_heads: int,
+    vision_depth: int,
+    *,
+    deepstack_layers: int,
+    num_experts: int,
+    experts_per_token: int,
+    moe_intermediate_size: int,
+    mlp_only_layers: tuple[int, ...] | None,
+) -> None:
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(f"unsupported family {family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
+    if family.startswith("qwen3"):
+        if not 0 < deepstack_layers <= min(vision_depth, num_layers):
+            raise ValueError(f"deepstack_layers must be in 1..min(vision_depth, num_layers), got {deepstack_layers}")
+        qwen3_mrope_section(hidden_size // num_heads)  # raises for a head_dim too small to split
+    if family == "qwen3-vl-moe":
+        if moe_intermediate_size in (hidden_size, hidden_size / 2):
+            # A square expert matrix would make the hub's transposed layout indistinguishable on load.
+            raise ValueError("moe_intermediate_size must differ from hidden_size and hidden_size / 2")
+        if not 0 < experts_per_token <= num_experts:
+            raise ValueError(f"experts_per_token must be in 1..num_experts, got {experts_per_token}")
+        if mlp_only_layers is not None and not all(0 <= i < num_layers for i in mlp_only_layers):
+            raise ValueError(f"mlp_only_layers must name layers in 0..{num_layers - 1}")
+
+
+def build_family_config(
+    family: str,
+    tokenizer,
+    *,
+    num_layers: int,
+    hidden_size: int,
+    num_heads: int,
+    num_kv_heads: int,
+    intermediate_size: int,
+    vision_depth: int,
+    vision_embed_dim: int,
+    vision_heads: int,
+    tie_word_embeddings: bool,
+    dtype: str,
+    deepstack_layers: int = 2,
+    num_experts: int = 4,
+    experts_per_token: int = 2,
+    moe_intermediate_size: int = 48,
+    mlp_only_layers: tuple[int, ...] | None = None,
+):
+    """The config of a tiny checkpoint of `family` (a SUPPORTED_FAMILIES name)."""
+    sizes = dict(
+        num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        intermediate_size=intermediate_size, vision_depth=vision_depth, vision_embed_dim=vision_embed_dim,
+        vision_heads=vision_heads, tie_word_embeddings=tie_word_embeddings, dtype=dtype,
+    )
+    if family == "qwen2-vl":
+        return build_config(tokenizer, **sizes)
+    base = build_config(tokenizer, **sizes).to_dict()  # the shared text settings and token ids
+    ids = {k: base[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
+    text = {
+        k: base["text_config"][k]
+        for k in (
+            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "hidden_act", "max_position_embeddings", "rms_norm_eps", "bos_token_id",
+            "eos_token_id", "pad_token_id", "tie_word_embeddings",
+        )
+    }
+    text["dtype"] = dtype
+    if family == "qwen2.5-vl":
+        from transformers import Qwen2_5_VLConfig
+
+        text.update(use_sliding_window=False, max_window_layers=num_layers, rope_parameters=base["text_config"]["rope_parameters"])
+        vision = dict(
+            depth=vision_depth,
+            hidden_size=vision_embed_dim,
+            intermediate_size=2 * vision_embed_dim,
+            num_heads=vision_heads,
+            hidden_act="silu",
+            out_hidden_size=hidden_size,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,  # 2x2 merged patches per window: tiny images still span several windows
+            fullatt_block_indexes=[vision_depth - 1],
+            tokens_per_second=2,
+            in_channels=3,
+            dtype=dtype,
+        )
+        return Qwen2_5_VLConfig(
+            text_config=text, vision_config=vision, tie_word_embeddings=tie_word_embeddings,
+            architectures=["Qwen2_5_VLForConditionalGeneration"], dtype=dtype, **ids,
+        )
+    _check_family_sizes(
+        family, num_layers, hidden_size, num_heads, vision_depth, deepstack_layers=deepstack_layers, num_experts=num_experts,
+        experts_per_token=experts_per_token, moe_intermediate_size=moe_intermediate_size, mlp_only_layers=mlp_only_layers,
+    )
+    head_dim = hidden_size // num_heads
+    text.update(
+        head_dim=head_dim,
+        attention_bias=False,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 5000000.0,
+            "mrope_section": qwen3_mrope_section(head_dim),
+            "mrope_interleaved": True,
+        },
+    )
+    vision = dict(
+        depth=vision_depth,
+        hidden_size=vision_embed_dim,
+        intermediate_size=2 * vision_embed_dim,
+        num_heads=vision_heads,
+        hidden_act="gelu_pytorch_tanh",
+        out_hidden_size=hidden_size,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        num_position_embeddings=64,  # an 8x8 learned grid, interpolated to each image's patch grid
+        # The last `deepstack_layers` vision blocks feed decoder layers 0..k-1 (real: [8, 16, 24] of 27).
+        deepstack_visual_indexes=list(range(vision_depth - deepstack_layers, vision_depth)),
+        in_channels=3,
+        dtype=dtype,
+    )
+    if family == "qwen3-vl":
+        from transformers import Qwen3VLConfig
+
+        return Qwen3VLConfig(
+            text_config=text, vision_config=vision, tie_word_embeddings=tie_word_embeddings,
+            architectures=["Qwen3VLForConditionalGeneration"], dtype=dtype, **ids,
+        )
+    from transformers import Qwen3VLMoeConfig
+
+    text.update(
+        num_experts=num_experts,
+        num_experts_per_tok=experts_per_token,
+        moe_intermediate_size=moe_intermediate_size,
+        decoder_sparse_step=1,
+        mlp_only_layers=list((num_layers - 1,) if mlp_only_layers is None else mlp_only_layers),
+    )
+    return Qwen3VLMoeConfig(
+        text_config=text, vision_config=vision, tie_word_embeddings=tie_word_embeddings,
+        architectures=["Qwen3VLMoeForConditionalGeneration"], dtype=dtype, **ids,
+    )
+
+
 def build_generation_config(tokenizer):
     from transformers import GenerationConfig
 
@@ -635,6 +848,9 @@ def _never_generated_ids(tokenizer, vocab_size: int) -> list[int]:
     placeholders are overwritten by the vision features."""
     placeholders = ["<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
     return sorted({tokenizer.convert_tokens_to_ids(t) for t in placeholders} | set(range(len(tokenizer), vocab_size)))
+
+
+_FUSED_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 
 def reinit_weights(
@@ -670,6 +886,8 @@ def reinit_weights(
                 std = embed_std
             elif p.dim() < 2:
                 std = bias_std
+            elif name.endswith(_FUSED_EXPERTS):
+                std = gain / math.sqrt(p.shape[-1])  # fused experts (experts, out, in): fan-in is the last dim
             else:
                 std = gain / math.sqrt(p[0].numel())  # fan-in of a Linear (out, in) or Conv3d (out, in, t, h, w)
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(std).to(p.dtype))
@@ -713,18 +931,25 @@ def hub_key(key: str) -> str:
     return key
 
 
-def _rewrite_safetensors(out: Path, key_layout: str) -> list[Path]:
-    """Re-save every safetensors file (renaming keys for the hub layout) with safetensors' save_file and
-    metadata {"format": "pt"}; update the index json when sharded. Returns the weight files."""
+def _rewrite_safetensors(out: Path, key_layout: str, family: str = "qwen2-vl") -> list[Path]:
+    """Re-save every safetensors file (renaming keys, and for qwen3-vl-moe transposing the fused
+    experts, for the hub layout) with safetensors' save_file and metadata {"format": "pt"}; update the
+    index json when sharded. Returns the weight files."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    rename = hub_key if key_layout == "hub" else (lambda k: k)
+    hub = key_layout == "hub"
+    rename = hub_key if hub and family in ("qwen2-vl", "qwen2.5-vl") else (lambda k: k)
+    transpose = hub and family == "qwen3-vl-moe"
+
+    def convert(key, t):
+        return t.transpose(1, 2).contiguous() if transpose and key.endswith(_FUSED_EXPERTS) else t.contiguous()
+
     index_path = out / "model.safetensors.index.json"
     files = sorted(out.glob("*.safetensors"))
     for f in files:
         with safe_open(str(f), "pt") as fh:
-            tensors = {rename(k): fh.get_tensor(k).contiguous() for k in fh.keys()}
+            tensors = {rename(k): convert(k, fh.get_tensor(k)) for k in fh.keys()}
         save_file(tensors, str(f), metadata={"format": "pt"})
         f.chmod(0o644)  # safetensors writes 0600 (through a temp file); other services may run as other users
     if index_path.exists():
@@ -735,15 +960,46 @@ def _rewrite_safetensors(out: Path, key_layout: str) -> list[Path]:
     return files
 
 
-def _build_processor(tokenizer, min_pixels: int, max_pixels: int):
+def patch_factor(family: str) -> int:
+    """Pixels per merged patch side: patch size x spatial merge (28 for Qwen2(.5)-VL, 32 for Qwen3-VL)."""
+    return 32 if family.startswith("qwen3") else 28
+
+
+def _build_processor(tokenizer, min_pixels: int, max_pixels: int, family: str = "qwen2-vl"):
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
-    common = dict(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14, temporal_patch_size=2, merge_size=2)
-    return Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**common),
+    if family == "qwen2-vl":
+        common = dict(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14, temporal_patch_size=2, merge_size=2)
+        return Qwen2VLProcessor(
+            image_processor=Qwen2VLImageProcessor(**common),
+            tokenizer=tokenizer,
+            video_processor=Qwen2VLVideoProcessor(**common),
+            chat_template=CHAT_TEMPLATE,
+        )
+    # Videos: sampled at 2 frames per second (Qwen's default), at least 4 frames; the per-frame cap
+    # of qwen-vl-utils is off, as transformers 5.23 still defaults (set explicitly: no warning).
+    video = dict(fps=2.0, do_sample_frames=True, min_frames=4, max_frames=32, cap_pixels_per_frame=False)
+    if family == "qwen2.5-vl":
+        from transformers import Qwen2_5_VLProcessor
+
+        common = dict(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14, temporal_patch_size=2, merge_size=2)
+        return Qwen2_5_VLProcessor(
+            image_processor=Qwen2VLImageProcessor(**common),
+            tokenizer=tokenizer,
+            video_processor=Qwen2VLVideoProcessor(**common, **video),
+            chat_template=CHAT_TEMPLATE,
+        )
+    from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    half = [0.5, 0.5, 0.5]  # Qwen3-VL normalises to [-1, 1]
+    common = dict(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=half, image_std=half)
+    # Qwen3VLVideoProcessor bounds frames x height x width (two frames per temporal patch).
+    video_size = {"shortest_edge": 2 * min_pixels, "longest_edge": 2 * max_pixels}
+    return Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels, **common),
         tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(**common),
-        chat_template=CHAT_TEMPLATE,
+        video_processor=Qwen3VLVideoProcessor(size=video_size, **common, **video),
+        chat_template=QWEN3_CHAT_TEMPLATE,
     )
 
 
@@ -760,7 +1016,9 @@ def _save_processor(processor, out: Path, min_pixels: int, max_pixels: int) -> N
         ("video_preprocessor_config.json", processor.video_processor),
     ):
         d = sub.to_dict()
-        d.update(min_pixels=min_pixels, max_pixels=max_pixels, processor_class=type(processor).__name__)
+        if "min_pixels" in getattr(sub.valid_kwargs, "__annotations__", {}):  # Qwen3VLVideoProcessor has size only
+            d.update(min_pixels=min_pixels, max_pixels=max_pixels)
+        d.update(processor_class=type(processor).__name__)
         (out / name).write_text(json.dumps(d, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -785,22 +1043,43 @@ def make_tiny(
     max_shard_size: str | None = None,
     seed: int = 0,
     dtype: str = "float32",
-    min_pixels: int = 28 * 28 * 4,
-    max_pixels: int = 28 * 28 * 64,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    deepstack_layers: int = 2,
+    num_experts: int = 4,
+    experts_per_token: int = 2,
+    moe_intermediate_size: int = 48,
+    mlp_only_layers: tuple[int, ...] | None = None,
 ) -> Path:
-    """Write a tiny random Qwen2-VL-Instruct checkpoint to `out` (created; existing checkpoint files
-    in it are replaced) and return its path. Deterministic: same arguments -> byte-identical weights."""
+    """Write a tiny random Instruct checkpoint of `family` to `out` (created; existing checkpoint files
+    in it are replaced) and return its path. Deterministic: same arguments -> byte-identical weights.
+    min/max_pixels default to 4 and 64 merged patches (28x28 for Qwen2(.5)-VL, 32x32 for Qwen3-VL).
+    deepstack_layers: Qwen3 families only; num_experts .. mlp_only_layers: qwen3-vl-moe only."""
     if family not in SUPPORTED_FAMILIES:
         raise ValueError(f"unsupported family {family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
     if key_layout not in KEY_LAYOUTS:
         raise ValueError(f"unknown key_layout {key_layout!r}; expected one of {', '.join(KEY_LAYOUTS)}")
     import torch
-    from transformers import Qwen2VLForConditionalGeneration
+    import transformers
+
+    factor = patch_factor(family)
+    min_pixels = factor * factor * 4 if min_pixels is None else min_pixels
+    max_pixels = factor * factor * 64 if max_pixels is None else max_pixels
 
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
         raise ValueError(f"dtype must be a torch floating dtype name (float32, bfloat16, float16), got {dtype!r}")
     _check_sizes(hidden_size, num_heads, num_kv_heads, vision_embed_dim, vision_heads)  # before writing anything
+    family_sizes = dict(
+        deepstack_layers=deepstack_layers, num_experts=num_experts, experts_per_token=experts_per_token,
+        moe_intermediate_size=moe_intermediate_size, mlp_only_layers=mlp_only_layers,
+    )
+    sizes = dict(
+        num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        intermediate_size=intermediate_size, vision_depth=vision_depth, vision_embed_dim=vision_embed_dim,
+        vision_heads=vision_heads, tie_word_embeddings=tie_word_embeddings, dtype=dtype,
+    )
+    _check_family_sizes(family, num_layers, hidden_size, num_heads, vision_depth, **family_sizes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("*.safetensors"), out / "model.safetensors.index.json", out / "processor_config.json"]:
@@ -811,29 +1090,17 @@ def make_tiny(
     tokenizer = build_hf_tokenizer(raw)
     _log(f"tokenizer: {len(tokenizer)} tokens ({raw.get_vocab_size(with_added_tokens=False)} BPE + {len(SPECIAL_TOKENS)} special)")
 
-    processor = _build_processor(tokenizer, min_pixels, max_pixels)
+    processor = _build_processor(tokenizer, min_pixels, max_pixels, family)
     _save_processor(processor, out, min_pixels, max_pixels)
 
-    config = build_config(
-        tokenizer,
-        num_layers=num_layers,
-        hidden_size=hidden_size,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        intermediate_size=intermediate_size,
-        vision_depth=vision_depth,
-        vision_embed_dim=vision_embed_dim,
-        vision_heads=vision_heads,
-        tie_word_embeddings=tie_word_embeddings,
-        dtype=dtype,
-    )
+    config = build_family_config(family, tokenizer, **sizes, **family_sizes)
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
+    model = getattr(transformers, config.architectures[0])(config)
     reinit_weights(model, seed=seed, zero_rows=_never_generated_ids(tokenizer, config.text_config.vocab_size))
     model.to(torch_dtype)
     model.generation_config = build_generation_config(tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
-    _log(f"model: {n_params:,} parameters, {num_layers} layers, hidden {hidden_size}, {dtype}, "
+    _log(f"model: {family}, {n_params:,} parameters, {num_layers} layers, hidden {hidden_size}, {dtype}, "
          f"{'tied' if tie_word_embeddings else 'untied'}")
 
     save_kwargs = dict(safe_serialization=True, save_original_format=False)
@@ -848,7 +1115,7 @@ def make_tiny(
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    files = _rewrite_safetensors(out, key_layout)
+    files = _rewrite_safetensors(out, key_layout, family)
     _log(f"weights: {len(files)} safetensors file(s), {key_layout} key layout")
     _log(f"wrote {out}")
     return out
@@ -874,15 +1141,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-shard-size", default=None, help='e.g. "200KB": sharded files + index json')
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--min-pixels", type=int, default=28 * 28 * 4)
-    parser.add_argument("--max-pixels", type=int, default=28 * 28 * 64)
+    parser.add_argument("--min-pixels", type=int, default=None, help="default: 4 merged patches (28x28, Qwen3: 32x32)")
+    parser.add_argument("--max-pixels", type=int, default=None, help="default: 64 merged patches")
+    parser.add_argument("--deepstack-layers", type=int, default=2, help="Qwen3 families: decoder layers fed by DeepStack")
+    parser.add_argument("--experts", dest="num_experts", type=int, default=4, help="qwen3-vl-moe: experts per MoE layer")
+    parser.add_argument("--experts-per-token", type=int, default=2, help="qwen3-vl-moe: experts routed per token")
+    parser.add_argument("--moe-intermediate", dest="moe_intermediate_size", type=int, default=48)
     return parser
 
 
 _ARG_NAMES = (
     "num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size", "vision_depth",
     "vision_embed_dim", "vision_heads", "tie_word_embeddings", "key_layout", "max_shard_size", "seed",
-    "dtype", "min_pixels", "max_pixels",
+    "dtype", "min_pixels", "max_pixels", "deepstack_layers", "num_experts", "experts_per_token", "moe_intermediate_size",
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -18,6 +19,7 @@ from services.vision.server import VisionConfig
 from services.vision.server import start as start_vision
 from vlmesh.v1 import coordinator_pb2 as cpb
 from vlmesh.v1 import coordinator_pb2_grpc as cgrpc
+from vlmesh.v1 import tensor_pb2
 
 
 @dataclass
@@ -75,6 +77,20 @@ def start_mesh(model, ranges, vision_kw: dict | None = None, stage_kw: dict | No
 
 _ROLE = {"system": cpb.ROLE_SYSTEM, "user": cpb.ROLE_USER, "assistant": cpb.ROLE_ASSISTANT}
 
+# Frames per second the tests sample video files at: the vision service's default (the tiny
+# checkpoints' video processors say 2.0 as well).
+VIDEO_FPS = 2.0
+
+
+def _content(c: dict) -> cpb.Content:
+    if c["type"] == "image":
+        return cpb.Content(image=c["image"])
+    if c["type"] == "video":
+        if isinstance(c["video"], (list, tuple)):
+            return cpb.Content(video_frames=tensor_pb2.VideoFrames(frames=c["video"], fps=c.get("fps", 0.0)))
+        return cpb.Content(video=c["video"])
+    return cpb.Content(text=c["text"])
+
 
 def to_proto(messages: list[dict]) -> list[cpb.Message]:
     out = []
@@ -82,8 +98,7 @@ def to_proto(messages: list[dict]) -> list[cpb.Message]:
         content = m["content"]
         if isinstance(content, str):
             content = [{"type": "text", "text": content}]
-        items = [cpb.Content(image=c["image"]) if c["type"] == "image" else cpb.Content(text=c["text"]) for c in content]
-        out.append(cpb.Message(role=_ROLE[m["role"]], content=items))
+        out.append(cpb.Message(role=_ROLE[m["role"]], content=[_content(c) for c in content]))
     return out
 
 
@@ -110,22 +125,70 @@ def images_of(messages: list[dict]) -> list[Image.Image]:
     ]
 
 
+def videos_of(messages: list[dict]) -> list[dict]:
+    """The video parts, in order ({"type": "video", "video": bytes | [frame bytes], "fps"?: float})."""
+    return [c for m in messages if isinstance(m["content"], list) for c in m["content"] if c["type"] == "video"]
+
+
 class Reference:
-    """`generate()` of the same checkpoint: the truth."""
+    """`generate()` of the same checkpoint: the truth.
+
+    Videos go the way a transformers user sends them here: a file decoded whole by
+    `load_video(path, backend="pyav")` (the backend that works without torchcodec) and sampled by
+    the processor (do_sample_frames, fps); frames as PIL images with their `video_metadata`."""
 
     def __init__(self, model_dir):
-        from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+        import transformers
+        from transformers import AutoConfig, AutoProcessor
 
         self.processor = AutoProcessor.from_pretrained(model_dir)
-        self.model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+        cls = getattr(transformers, AutoConfig.from_pretrained(model_dir).architectures[0])
+        self.model = cls.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.eos = self.model.generation_config.eos_token_id
 
-    def generate_ids(self, input_ids: list[int], images: list[Image.Image], max_new_tokens: int, **kw):
-        inputs = {"input_ids": torch.tensor([input_ids])}
-        inputs["mm_token_type_ids"] = torch.tensor(self.processor.create_mm_token_type_ids([input_ids]))
+    def video_kwargs(self, videos: list[dict]) -> dict:
+        """Processor kwargs for the video parts (all files or all frame lists)."""
+        from transformers.video_utils import load_video
+
+        if not videos:
+            return {}
+        frame_lists = [isinstance(v["video"], (list, tuple)) for v in videos]
+        if all(frame_lists):
+            clips = [[Image.open(io.BytesIO(f)).convert("RGB") for f in v["video"]] for v in videos]
+            meta = [
+                {"total_num_frames": len(c), "fps": v.get("fps") or None, "frames_indices": list(range(len(c)))}
+                for c, v in zip(clips, videos)
+            ]
+            return dict(videos=clips, video_metadata=meta, do_sample_frames=False)
+        if any(frame_lists):
+            raise ValueError("the reference takes video files or frame lists in one prompt, not both")
+        clips, meta = [], []
+        for v in videos:
+            with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
+                f.write(v["video"])
+                f.flush()
+                frames, m = load_video(f.name, backend="pyav")
+            clips.append(frames)
+            meta.append(m)
+        return dict(videos=clips, video_metadata=meta, do_sample_frames=True, fps=VIDEO_FPS)
+
+    def visual_inputs(self, images: list[Image.Image], videos: list[dict]) -> dict:
+        inputs = {}
         if images:
             pix = self.processor.image_processor(images=images, return_tensors="pt")
             inputs.update(pixel_values=pix["pixel_values"], image_grid_thw=pix["image_grid_thw"])
+        if videos:
+            vid = self.processor(**self.video_kwargs(videos), return_tensors="pt")
+            wanted = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+            inputs.update({k: v for k, v in vid.items() if k in wanted})
+        return inputs
+
+    def generate_ids(
+        self, input_ids: list[int], images: list[Image.Image], max_new_tokens: int, videos: list[dict] = (), **kw
+    ):
+        inputs = {"input_ids": torch.tensor([input_ids])}
+        inputs["mm_token_type_ids"] = torch.tensor(self.processor.create_mm_token_type_ids([input_ids]))
+        inputs.update(self.visual_inputs(images, list(videos)))
         with torch.inference_mode():
             out = self.model.generate(
                 **inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True, **kw
@@ -133,32 +196,40 @@ class Reference:
         return out.sequences[0, len(input_ids) :].tolist(), out
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        inputs = self.processor.apply_chat_template(
-            with_pil(messages), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-        )
-        return inputs["input_ids"][0].tolist()
+        if not videos_of(messages):
+            inputs = self.processor.apply_chat_template(
+                with_pil(messages), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+            )
+            return inputs["input_ids"][0].tolist()
+        text = self.processor.apply_chat_template(strip_images(messages), tokenize=False, add_generation_prompt=True)
+        return self._expand(text, messages)
+
+    def _expand(self, text: str, messages: list[dict]) -> list[int]:
+        """The processor's own placeholder expansion and tokenisation of `text`."""
+        imgs, vids = images_of(messages), videos_of(messages)
+        enc = self.processor(text=[text], images=imgs or None, **self.video_kwargs(vids), return_tensors="pt")
+        return enc["input_ids"][0].tolist()
 
     def continuation_ids(self, history: list[dict], new: list[dict], last_token: int) -> list[int]:
         """Token ids the Qwen chat template adds for `new` after `history` (which ends with an
-        assistant reply whose last generated token is `last_token`), images expanded by the
-        processor itself."""
+        assistant reply whose last generated token is `last_token`), images and videos expanded by
+        the processor itself."""
         p = self.processor
         before = p.apply_chat_template(strip_images(history), tokenize=False)
         full = p.apply_chat_template(strip_images(history + new), tokenize=False, add_generation_prompt=True)
         assert full.startswith(before)
         im_end = p.tokenizer.convert_tokens_to_ids("<|im_end|>")
         text = ("\n" if last_token == im_end else "<|im_end|>\n") + full[len(before) :]
-        imgs = images_of(new)
-        enc = p(text=[text], images=imgs or None, return_tensors="pt")
-        return enc["input_ids"][0].tolist()
+        return self._expand(text, new)
 
 
 def strip_images(messages: list[dict]) -> list[dict]:
+    """What the chat template sees: images and videos as bare parts."""
     out = []
     for m in messages:
         c = m["content"]
         if isinstance(c, list):
-            c = [{"type": "image"} if x["type"] == "image" else x for x in c]
+            c = [{"type": x["type"]} if x["type"] in ("image", "video") else x for x in c]
         out.append({"role": m["role"], "content": c})
     return out
 

@@ -256,8 +256,8 @@ def test_openai_and_transformers_image_parts(http_base: str, tmp_path: Path) -> 
         ([{"role": "tool", "content": "x"}], "unsupported role 'tool'"),
         ([{"content": "x"}], "unsupported role None"),
         (
-            [{"role": "user", "content": [{"type": "video", "video": "a.mp4"}]}],
-            "unsupported content type 'video'",
+            [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]}],
+            "unsupported content type 'audio'",
         ),
         ([{"role": "user", "content": [{"type": "text"}]}], "'text' part needs a string"),
         ([{"role": "user", "content": [{"type": "image"}]}], "needs an 'image'"),

@@ -336,7 +336,7 @@ def test_other_seed_differs(ckpt, tmp_path):
 
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="qwen2-vl"):
-        tiny.make_tiny(tmp_path / "x", "qwen2.5-vl")
+        tiny.make_tiny(tmp_path / "x", "llava")
     with pytest.raises(ValueError, match="key_layout"):
         tiny.make_tiny(tmp_path / "x", key_layout="flat")
     with pytest.raises(ValueError, match="num_kv_heads"):

@@ -28,8 +28,16 @@ class Family:
     model_type: str
     for_generation: type  # e.g. Qwen2VLForConditionalGeneration: the reference for parity
     base_model: type  # owns get_rope_index
-    text_model: type  # embed_tokens / layers / norm / rotary_emb
-    vision_model: type
+    text_model: type  # embed_tokens / layers / norm / rotary_emb (/ _deepstack_process)
+    vision_model: type  # forward(pixels, grid_thw) -> pooler_output (+ deepstack_features)
+    # Parameter names (suffixes) that the hub stores transposed in dims 1 and 2 and transformers
+    # transposes on load when the shape disagrees (conversion_mapping's Transpose(1, 2,
+    # check_dims=True) for qwen3_vl_moe's fused experts).
+    transposed_on_load: tuple[str, ...] = ()
+
+    def deepstack_layers(self, config) -> int:
+        """How many decoder layers (0..k-1) get a DeepStack feature added after them."""
+        return len(getattr(config.vision_config, "deepstack_visual_indexes", None) or ())
 
 
 def _qwen2_vl() -> Family:
@@ -44,7 +52,49 @@ def _qwen2_vl() -> Family:
     )
 
 
-FAMILIES: dict[str, Callable[[], Family]] = {"qwen2_vl": _qwen2_vl}
+def _qwen2_5_vl() -> Family:
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as m
+
+    return Family(
+        "qwen2_5_vl",
+        m.Qwen2_5_VLForConditionalGeneration,
+        m.Qwen2_5_VLModel,
+        m.Qwen2_5_VLTextModel,
+        m.Qwen2_5_VisionTransformerPretrainedModel,  # window attention + full-attention blocks
+    )
+
+
+def _qwen3_vl() -> Family:
+    from transformers.models.qwen3_vl import modeling_qwen3_vl as m
+
+    return Family(
+        "qwen3_vl",
+        m.Qwen3VLForConditionalGeneration,
+        m.Qwen3VLModel,
+        m.Qwen3VLTextModel,
+        m.Qwen3VLVisionModel,
+    )
+
+
+def _qwen3_vl_moe() -> Family:
+    from transformers.models.qwen3_vl_moe import modeling_qwen3_vl_moe as m
+
+    return Family(
+        "qwen3_vl_moe",
+        m.Qwen3VLMoeForConditionalGeneration,
+        m.Qwen3VLMoeModel,
+        m.Qwen3VLMoeTextModel,
+        m.Qwen3VLMoeVisionModel,
+        transposed_on_load=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+    )
+
+
+FAMILIES: dict[str, Callable[[], Family]] = {
+    "qwen2_vl": _qwen2_vl,
+    "qwen2_5_vl": _qwen2_5_vl,
+    "qwen3_vl": _qwen3_vl,
+    "qwen3_vl_moe": _qwen3_vl_moe,
+}
 
 
 @dataclass
@@ -63,10 +113,10 @@ class Checkpoint:
 
     @property
     def tied(self) -> bool:
-        # Qwen2-VL-2B ties lm_head to embed_tokens; transformers 5 reads the flag from either level.
-        return bool(
-            getattr(self.config, "tie_word_embeddings", False) or getattr(self.text_config, "tie_word_embeddings", False)
-        )
+        # Qwen2-VL-2B ties lm_head to embed_tokens. transformers 5 ties on the outer config's flag
+        # only (PreTrainedModel.tie_weights); the Qwen2(.5)-VL configs copy a True text-level flag
+        # up to it, while Qwen3-VL-MoE's text config defaults to True without tying anything.
+        return bool(getattr(self.config, "tie_word_embeddings", False))
 
     def dtype(self, requested: str = "auto") -> torch.dtype:
         if requested != "auto":
@@ -152,12 +202,21 @@ def build_on_meta(cls: type, config, dtype: torch.dtype) -> torch.nn.Module:
         return cls._from_config(config, dtype=dtype)
 
 
-def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+def load_weights(
+    module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, transposed: tuple[str, ...] = ()
+) -> None:
     """Move `state` into a meta-built module; recompute the buffers that checkpoints never hold
-    (rotary inv_freq) by rebuilding their owner from its config on the CPU."""
-    missing = sorted(set(module.state_dict()) - set(state))
+    (rotary inv_freq) by rebuilding their owner from its config on the CPU. Tensors named in
+    `transposed` (Family.transposed_on_load) are transposed in dims 1, 2 when their shape is the
+    module's transposed, exactly as transformers' loader decides."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors of {what}, e.g. {missing[:3]}")
+    for name, t in state.items():
+        want = expected.get(name)
+        if want is not None and t.shape != want.shape and name.endswith(transposed) and t.dim() == 3:
+            state[name] = t.transpose(1, 2).contiguous()
     module.load_state_dict(state, strict=False, assign=True)
     for sub in module.modules():
         meta = [name for name, buf in sub.named_buffers(recurse=False) if buf.is_meta]

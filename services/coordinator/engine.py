@@ -38,6 +38,7 @@ class Request:
     prompt_ids: list[int]  # [T] new tokens to feed (history[cached:])
     positions: torch.Tensor  # [3, T]
     visual: torch.Tensor | None  # [N, H]
+    deepstack: list[torch.Tensor] | None  # Qwen3-VL: [N, H] per DeepStack layer 0..k-1
     sampling: tensor_pb2.SamplingParams
     max_tokens: int
     logprobs: int
@@ -109,6 +110,7 @@ class Engine:
                 req.visual,
                 req.sampling,
                 req.logprobs,
+                deepstack=req.deepstack,
                 turn_start=True,
                 trace_context=req.trace_context,
             )

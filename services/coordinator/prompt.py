@@ -6,29 +6,20 @@ its rendering of the conversation so far), so the stages' KV is reused as it is.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from services.common.errors import InvalidInput
+
+from .visual import Visual, images, videos
 
 _SENTINEL = "\ue000"  # a private-use character no template emits, marks where content goes
 
 
-@dataclass
-class Turn:
-    """The new part of a conversation: text segment and the images it references, in order."""
-
-    token_ids: list[int]  # [T]
-    images: list[bytes]
-    num_image_tokens: list[int] = field(default_factory=list)
-
-
 def to_template_messages(messages: list[dict]) -> list[dict]:
-    """Our messages hold image bytes; the template only needs to see that an image is there."""
+    """The template only needs to see that an image or a video is there, not its bytes."""
     out = []
     for m in messages:
         content = m["content"]
         if isinstance(content, list):
-            content = [{"type": "image"} if c["type"] == "image" else {"type": "text", "text": c["text"]} for c in content]
+            content = [{"type": c["type"]} if c["type"] in ("image", "video") else {"type": "text", "text": c["text"]} for c in content]
         out.append({"role": m["role"], "content": content})
     return out
 
@@ -71,19 +62,22 @@ class PromptBuilder:
                 return close[len(eos_text) :]
         return close
 
-    def tokenize(self, text: str, grids: list[tuple[int, int, int]], first_turn: bool) -> list[int]:
-        """Expand each image placeholder to t*h*w/merge² tokens with the processor's own
-        replacement, then tokenise."""
-        p = self.processor
-        n_placeholders = text.count(p.image_token)
-        if n_placeholders != len(grids):
-            raise InvalidInput(f"{n_placeholders} image placeholders in the prompt but {len(grids)} images")
-        if grids:
-            import torch
+    def tokenize(self, text: str, visuals: list[Visual], first_turn: bool) -> list[int]:
+        """Expand each image and video placeholder with the processor's own replacement (images:
+        t*h*w/merge² tokens; Qwen3-VL videos: per frame a timestamp and its tokens), then tokenise."""
+        import torch
 
-            inputs = {"image_grid_thw": torch.tensor(grids)}
-            replacements = [p.replace_image_token(inputs, i) for i in range(len(grids))]
-            text = p.get_text_with_replacements([text], replacements)[0][0]
+        p = self.processor
+        imgs, vids = images(visuals), videos(visuals)
+        for what, token, items in (("image", p.image_token, imgs), ("video", p.video_token, vids)):
+            if text.count(token) != len(items):
+                raise InvalidInput(f"{text.count(token)} {what} placeholders in the prompt but {len(items)} {what}s")
+        if visuals:
+            image_inputs = {"image_grid_thw": torch.tensor([v.grid_thw for v in imgs])}
+            video_inputs = {"video_grid_thw": torch.tensor([v.grid_thw for v in vids]), "video_metadata": [v.metadata() for v in vids]}
+            image_repl = [p.replace_image_token(image_inputs, i) for i in range(len(imgs))]
+            video_repl = [p.replace_video_token(video_inputs, i) for i in range(len(vids))]
+            text = p.get_text_with_replacements([text], image_repl, video_repl)[0][0]
         # The first turn is tokenised exactly as the processor would; a continuation must not get
         # a second set of special tokens (Qwen adds none, other templates might).
         return self.tokenizer(text, add_special_tokens=first_turn)["input_ids"]

@@ -28,6 +28,7 @@ class StepPlan:
     visual: torch.Tensor | None  # [N, H]: rows for the placeholder tokens of token_ids, in order
     sampling: tensor_pb2.SamplingParams
     top_logprobs: int = 0
+    deepstack: list[torch.Tensor] | None = None  # Qwen3-VL: [N, H] for decoder layer i, i < k
     turn_start: bool = False
     trace_context: otel_context.Context | None = None
 
@@ -73,6 +74,7 @@ class Runner:
         outcomes = [StepOutcome(None) for _ in plans]
         hidden: list[tensor_pb2.Tensor | None] = [None] * len(plans)
         positions = [tensors.to_proto(p.positions) for p in plans]
+        deepstack = [[tensors.to_proto(t) for t in p.deepstack or []] for p in plans]
         for i, stage in enumerate(self.mesh.stages):
             info = stage.info
             request = stage_pb2.ForwardRequest()
@@ -91,7 +93,12 @@ class Runner:
                     turn_start=p.turn_start,
                 )
                 step.position_ids.CopyFrom(positions[j])
-                if info.is_first or info.is_last:
+                # DeepStack features go to whichever stages own their layers, with the token ids
+                # the stage finds the visual positions in.
+                features = [(layer, deepstack[j][layer]) for layer in info.deepstack_layers if layer < len(deepstack[j])]
+                for layer, feature in features:
+                    step.deepstack.add(layer=layer, embeds=feature)
+                if info.is_first or info.is_last or features:
                     step.token_ids.extend(p.token_ids)
                 if info.is_first:
                     if p.visual is not None:

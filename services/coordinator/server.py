@@ -25,6 +25,7 @@ from .rope import RopeIndex
 from .runner import Runner
 from .session import Session, SessionStore
 from .stage_client import Mesh
+from .visual import Visual
 
 log = logging.getLogger(__name__)
 _tracer = tracer("coordinator")
@@ -47,10 +48,12 @@ class CoordinatorConfig(ServiceConfig):
     session_ttl: float = field(1800.0, "close sessions idle for this many seconds")
 
 
-def parse_messages(messages) -> tuple[list[dict], list[bytes]]:
+def parse_messages(messages) -> tuple[list[dict], list[vision_pb2.VisualInput]]:
+    """Template messages (images and videos as bare {"type": ...} parts) and the vision inputs,
+    in prompt order."""
     if not messages:
         raise InvalidInput("a request needs at least one message")
-    out, images = [], []
+    out, inputs = [], []
     for i, m in enumerate(messages):
         role = _ROLES.get(m.role)
         if role is None:
@@ -66,11 +69,21 @@ def parse_messages(messages) -> tuple[list[dict], list[bytes]]:
                 if not c.image:
                     raise InvalidInput(f"message {i}: empty image")
                 content.append({"type": "image"})
-                images.append(c.image)
+                inputs.append(vision_pb2.VisualInput(image_bytes=c.image))
+            elif kind == "video":
+                if not c.video:
+                    raise InvalidInput(f"message {i}: empty video")
+                content.append({"type": "video"})
+                inputs.append(vision_pb2.VisualInput(video_bytes=c.video))
+            elif kind == "video_frames":
+                if not c.video_frames.frames:
+                    raise InvalidInput(f"message {i}: video without frames")
+                content.append({"type": "video"})
+                inputs.append(vision_pb2.VisualInput(video_frames=c.video_frames))
             else:
-                raise InvalidInput(f"message {i}: content item with neither text nor image")
+                raise InvalidInput(f"message {i}: content item with no text, image or video")
         out.append({"role": role, "content": content})
-    return out, images
+    return out, inputs
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
@@ -108,21 +121,29 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 log.info("session %s expired after %.0fs idle", s.id, ttl)
                 self.mesh.release(s.id)
 
-    def _encode(self, images: list[bytes]) -> tuple[list[torch.Tensor], list[tuple[int, int, int]]]:
-        if not images:
-            return [], []
-        with _tracer.start_as_current_span("vision", attributes={"vlmesh.images": len(images)}) as span:
+    def _encode(self, inputs: list[vision_pb2.VisualInput]) -> tuple[list[Visual], torch.Tensor | None, list[torch.Tensor] | None]:
+        """The visuals, their embeddings [N, H] in prompt order, and (Qwen3-VL) one [N, H]
+        DeepStack feature per DeepStack layer."""
+        if not inputs:
+            return [], None, None
+        with _tracer.start_as_current_span("vision", attributes={"vlmesh.images": len(inputs)}) as span:
             try:
-                resp = self.vision.Encode(
-                    vision_pb2.EncodeRequest(inputs=[vision_pb2.VisualInput(image_bytes=b) for b in images]),
-                    metadata=metadata(),
-                    timeout=600,
-                )
+                resp = self.vision.Encode(vision_pb2.EncodeRequest(inputs=inputs), metadata=metadata(), timeout=600)
             except grpc.RpcError as err:
                 raise from_rpc_error(err, "vision") from None
             span.set_attribute("vlmesh.cache_hits", sum(e.cache_hit for e in resp.embeddings))
-        embeds = [tensors.from_proto(e.embeddings, "visual embeddings") for e in resp.embeddings]
-        return embeds, [tuple(e.grid_thw) for e in resp.embeddings]
+        if len(resp.embeddings) != len(inputs):
+            raise VlmeshError(f"vision answered {len(resp.embeddings)} of {len(inputs)} inputs")
+        visuals = [Visual.from_encoding(i, e) for i, e in zip(inputs, resp.embeddings)]
+        embeds = torch.cat([tensors.from_proto(e.embeddings, "visual embeddings") for e in resp.embeddings])
+        layers = {len(e.deepstack) for e in resp.embeddings}
+        if len(layers) != 1:
+            raise VlmeshError(f"vision returned DeepStack features for {sorted(layers)} layers across inputs")
+        deepstack = [
+            torch.cat([tensors.from_proto(e.deepstack[k], "deepstack features") for e in resp.embeddings])
+            for k in range(layers.pop())
+        ]
+        return visuals, embeds, deepstack or None
 
     def Generate(self, request, context):
         with _tracer.start_as_current_span(
@@ -158,17 +179,18 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                     self.mesh.release(session.id)
 
     def _generate(self, request, context, session: Session, trace_id: str, inflight: list[Request]):
-        messages, images = parse_messages(request.messages)
+        messages, inputs = parse_messages(request.messages)
         last = session.token_ids[-1] if session.token_ids else None
         text = self.prompts.closing(last) + self.prompts.new_text(session.messages, messages)
         rebuild = session.cached == 0 and bool(session.token_ids)
-        embeds, grids = self._encode(session.images + images if rebuild else images)
-        new_grids = grids[len(session.images) :] if rebuild else grids
-        new_ids = self.prompts.tokenize(text, new_grids, first_turn=not session.token_ids)
+        old = [v.source for v in session.visuals] if rebuild else []
+        encoded, embeds, deepstack = self._encode(old + inputs)
+        new_visuals = encoded[len(old) :]
+        new_ids = self.prompts.tokenize(text, new_visuals, first_turn=not session.token_ids)
         history = session.token_ids + new_ids
         if len(history) >= self.max_positions:
             raise InvalidInput(f"prompt of {len(history)} tokens leaves no room within the model's limit of {self.max_positions}")
-        positions, delta = self.rope.positions(history, session.image_grids + new_grids)
+        positions, delta = self.rope.positions(history, session.visuals + new_visuals)
         max_tokens = request.max_tokens or self.cfg.default_max_tokens
         if max_tokens < 0:
             raise InvalidInput("max_tokens must be >= 0")
@@ -182,7 +204,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             session=session,
             prompt_ids=history[cached:],
             positions=positions[:, cached:],
-            visual=torch.cat(embeds) if embeds else None,
+            visual=embeds,
+            deepstack=deepstack,
             sampling=sampling,
             max_tokens=max_tokens,
             logprobs=request.logprobs,
@@ -208,8 +231,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             text_out.append(item.text)
             yield item
         session.messages += messages + [{"role": "assistant", "content": "".join(text_out)}]
-        session.images += images
-        session.image_grids += new_grids
+        session.visuals += new_visuals
 
     def CreateSession(self, request, context):
         return coordinator_pb2.CreateSessionResponse(session_id=self.sessions.create().id)

@@ -1,4 +1,4 @@
-"""Session state owned by the coordinator: token history, rope delta, images seen, the
+"""Session state owned by the coordinator: token history, rope delta, images and videos seen, the
 messages for the chat template, and the KV-delta log (the basis of restore and failover)."""
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import torch
 
 from services.common.errors import Conflict, UnknownSession
+
+from .visual import Visual
 
 
 class KVLog:
@@ -46,8 +48,9 @@ class Session:
     persistent: bool  # False: a one-shot request's session, dropped when it ends
     token_ids: list[int] = field(default_factory=list)  # the whole conversation so far
     cached: int = 0  # leading tokens whose KV the stages hold
-    images: list[bytes] = field(default_factory=list)  # to re-encode if the KV must be rebuilt
-    image_grids: list[tuple[int, int, int]] = field(default_factory=list)
+    # Every image and video so far, in prompt order: grids and video sampling for M-RoPE, the
+    # inputs to re-encode if the KV must be rebuilt.
+    visuals: list[Visual] = field(default_factory=list)
     messages: list[dict] = field(default_factory=list)  # for the chat template (no image bytes)
     rope_delta: int = 0
     kv_log: KVLog = field(default_factory=KVLog)

@@ -30,6 +30,7 @@ class Step:
     hidden: torch.Tensor | None  # [T, H] (None on the first stage)
     position_ids: torch.Tensor  # [3, T] int64
     visual: torch.Tensor | None  # [N, H] first stage only
+    deepstack: dict[int, torch.Tensor] = field(default_factory=dict)  # global layer -> [N, H] (Qwen3-VL)
     return_kv_delta: bool = False
     sampling: SamplingParams = field(default_factory=SamplingParams)
     top_logprobs: int = 0
@@ -68,6 +69,7 @@ class StageBackend:
         self.visual_ids = tuple(
             i for i in (getattr(ckpt.config, "image_token_id", None), getattr(ckpt.config, "video_token_id", None)) if i is not None
         )
+        self._visual_ids = torch.tensor(self.visual_ids, dtype=torch.long)
         self.max_batch = max_batch
         self._samplers: dict[str, _SamplerState] = {}
         self._lock = threading.Lock()  # one forward at a time: torch already uses every core
@@ -79,6 +81,10 @@ class StageBackend:
     @property
     def is_last(self) -> bool:
         return self.model.is_last
+
+    def visual_mask(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Where the image and video placeholders are (the positions visual features go to)."""
+        return torch.isin(token_ids, self._visual_ids)
 
     def validate(self, step: Step) -> None:
         t = step.num_tokens
@@ -92,7 +98,7 @@ class StageBackend:
             vocab = self.ckpt.text_config.vocab_size
             if int(step.token_ids.min()) < 0 or int(step.token_ids.max()) >= vocab:
                 raise InvalidInput(f"session {step.session_id!r}: token id outside [0, {vocab})")
-            placeholders = int(torch.isin(step.token_ids, torch.tensor(self.visual_ids)).sum())
+            placeholders = int(self.visual_mask(step.token_ids).sum())
             rows = 0 if step.visual is None else step.visual.shape[0]
             if placeholders != rows:
                 raise InvalidInput(
@@ -109,8 +115,9 @@ class StageBackend:
                 )
             if step.visual is not None:
                 raise WrongStage("visual_embeds go to the first stage only")
-            if self.is_last and step.token_ids.numel() not in (0, t):
+            if step.token_ids.numel() not in (0, t):
                 raise InvalidInput(f"session {step.session_id!r}: {step.token_ids.numel()} token_ids for {t} positions")
+        self._validate_deepstack(step)
         if step.start_position < 0:
             raise InvalidInput(f"session {step.session_id!r}: negative start_position")
         limit = self.ckpt.text_config.max_position_embeddings
@@ -118,6 +125,31 @@ class StageBackend:
             raise InvalidInput(f"session {step.session_id!r}: {step.start_position + t} positions exceed the model's limit of {limit}")
         step.sampling.validate()
         self.kv.check(step.session_id, step.start_position)
+
+    def _validate_deepstack(self, step: Step) -> None:
+        """DeepStack features only for owned layers below k, one row per placeholder token; and a
+        step whose token_ids hold placeholders must bring one for every owned layer below k (a
+        coordinator that forgot them would otherwise go unnoticed: the output just drifts)."""
+        name = f"session {step.session_id!r}"
+        owned = set(self.model.deepstack_layers)
+        extra = sorted(set(step.deepstack) - owned)
+        if extra:
+            raise WrongStage(
+                f"{name}: deepstack features for layers {extra}, but this stage {self.model.start}:{self.model.end} "
+                f"adds them only after layers {sorted(owned)}"
+            )
+        placeholders = int(self.visual_mask(step.token_ids).sum()) if step.token_ids.numel() else 0
+        if step.deepstack and step.token_ids.numel() == 0:
+            raise InvalidInput(f"{name}: deepstack features need the step's token_ids (to find the visual positions)")
+        if placeholders and owned and set(step.deepstack) != owned:
+            missing = sorted(owned - set(step.deepstack))
+            raise InvalidInput(f"{name}: {placeholders} visual placeholder tokens but no deepstack features for layers {missing}")
+        for layer, feature in step.deepstack.items():
+            if feature.shape != (placeholders, self.hidden_size):
+                raise InvalidInput(
+                    f"{name}: deepstack features of layer {layer} have shape {list(feature.shape)}, "
+                    f"want [{placeholders}, {self.hidden_size}] (one row per visual placeholder token)"
+                )
 
     def run(self, steps: list[Step]) -> list[StepResult]:
         if len(steps) > self.max_batch:
@@ -147,8 +179,9 @@ class StageBackend:
             )  # [B, T, H]
         else:
             hidden = torch.stack([s.hidden.to(self.dtype) for s in group])
+        visual_mask, deepstack = self._deepstack_inputs(group)
         try:
-            hidden = self.model(hidden, positions, kv)
+            hidden = self.model(hidden, positions, kv, visual_mask, deepstack)
         except Exception:
             # Keep the cache consistent with what the coordinator believes: roll back the step.
             for s, past in zip(sessions, kv.past):
@@ -169,6 +202,19 @@ class StageBackend:
             )
             for i, s in enumerate(group)
         ]
+
+    def _deepstack_inputs(self, group: list[Step]) -> tuple[torch.Tensor | None, dict[int, torch.Tensor] | None]:
+        """The [B, T] visual mask and, per layer, the rows of every step in batch order (a step
+        without features contributes no row and no True position)."""
+        if not any(s.deepstack for s in group):
+            return None, None
+        deepstack = {}
+        masks = [self.visual_mask(s.token_ids) if s.deepstack else torch.zeros(s.num_tokens, dtype=torch.bool) for s in group]
+        for layer in self.model.deepstack_layers:
+            rows = [s.deepstack[layer].to(self.dtype) for s in group if layer in s.deepstack]
+            if rows:
+                deepstack[layer] = torch.cat(rows)
+        return torch.stack(masks), deepstack
 
     def _sample(self, step: Step, logits: torch.Tensor) -> Sample:
         state = self._samplers.get(step.session_id)

@@ -1,7 +1,8 @@
 """A contiguous slice of the language model, built from the family's own transformers classes.
 
-Nothing here re-implements model math: the decoder layers, rotary embedding and norm are
-transformers' modules; this file only slices them and loads their weights."""
+Nothing here re-implements model math: the decoder layers, rotary embedding, norm and (Qwen3-VL)
+DeepStack injection are transformers' own; this file only slices them, loads their weights and
+calls them in the order the family's text model does."""
 
 from __future__ import annotations
 
@@ -35,11 +36,18 @@ class StageModel(nn.Module):
         self.norm = full.norm if self.is_last else None
         self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False, device="meta", dtype=dtype) if self.is_last else None
         self.rotary_emb = full.rotary_emb
+        # Qwen3-VL: after decoder layer i < k the text model adds the i-th DeepStack feature at the
+        # visual positions with its own _deepstack_process (it touches no weights: the meta-built
+        # module's bound method serves).
+        k = ckpt.family.deepstack_layers(ckpt.config)
+        self.deepstack_layers = tuple(i for i in range(start, end) if i < k)
+        self._deepstack_process = full._deepstack_process if k else None
 
+        # Only the owned layers' tensors are read: a MoE stage loads the experts of its layers only.
         state = ckpt.read(self._select(ckpt.tied), dtype, desc=f"stage {start}:{end} weights")
         if self.is_first and self.is_last and ckpt.tied:
             state["lm_head.weight"] = state["embed_tokens.weight"]  # one stage: share, as HF ties
-        load_weights(self, state, f"{ckpt.path} stage {start}:{end}")
+        load_weights(self, state, f"{ckpt.path} stage {start}:{end}", ckpt.family.transposed_on_load)
         self.eval()
 
     def _select(self, tied: bool):
@@ -63,7 +71,9 @@ class StageModel(nn.Module):
         return select
 
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.parameters())
+        # A single tied stage's lm_head is a second Parameter over the embedding's storage:
+        # count memory, not parameters.
+        return sum({p.data_ptr(): p.numel() * p.element_size() for p in self.parameters()}.values())
 
     def embed(self, token_ids: torch.Tensor, visual: torch.Tensor | None, visual_ids: tuple[int, ...]) -> torch.Tensor:
         """[B, T] ids -> [B, T, H], visual embeddings scattered into the placeholder positions."""
@@ -73,12 +83,24 @@ class StageModel(nn.Module):
             h = h.masked_scatter(mask[..., None], visual.to(h.dtype))
         return h
 
-    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor, kv: BatchKV) -> torch.Tensor:
-        """hidden [B, T, H], position_ids [3, B, T] -> [B, T, H] after this stage's layers."""
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        kv: BatchKV,
+        visual_mask: torch.Tensor | None = None,
+        deepstack: dict[int, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """hidden [B, T, H], position_ids [3, B, T] -> [B, T, H] after this stage's layers.
+        deepstack: global layer -> [N, H] rows added after that layer at the N True positions of
+        visual_mask [B, T] (row-major, as the text model's _deepstack_process indexes them)."""
         position_embeddings = self.rotary_emb(hidden, position_ids)
         mask = kv.attention_mask()
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, past_key_values=kv, use_cache=True)
+            feature = deepstack.get(self.start + i) if deepstack else None
+            if feature is not None:
+                hidden = self._deepstack_process(hidden, visual_mask, feature)
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,13 @@ def decode_step(m: stage_pb2.StepInput) -> Step:
         visual = tensors.from_proto(
             m.visual_embeds, f"{name}: visual_embeds", dtypes=(torch.float32, torch.bfloat16, torch.float16), shape=(None, None)
         )
+    deepstack = {}
+    for d in m.deepstack:
+        if d.layer in deepstack:
+            raise InvalidInput(f"{name}: two deepstack features for layer {d.layer}")
+        deepstack[d.layer] = tensors.from_proto(
+            d.embeds, f"{name}: deepstack[{d.layer}]", dtypes=(torch.float32, torch.bfloat16, torch.float16), shape=(None, None)
+        )
     return Step(
         session_id=m.session_id,
         start_position=m.start_position,
@@ -75,6 +82,7 @@ def decode_step(m: stage_pb2.StepInput) -> Step:
         hidden=hidden,
         position_ids=positions,
         visual=visual,
+        deepstack=deepstack,
         return_kv_delta=m.return_kv_delta,
         sampling=_sampling(m.sampling),
         top_logprobs=m.top_logprobs,
@@ -148,6 +156,7 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
             kv_used_bytes=b.kv.used,
             num_sessions=len(b.kv),
             weight_bytes=b.model.weight_bytes(),
+            deepstack_layers=list(b.model.deepstack_layers),
         )
 
     def ReleaseSession(self, request, context):

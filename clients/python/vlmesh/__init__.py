@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 # the client lazily keeps `import vlmesh.v1...` cheap there and isolates them from client code.
 _EXPORTS = {
     "load_image": "._messages",
+    "load_video": "._messages",
     "ChatEvent": "._results",
     "ChatResult": "._results",
     "ModelInfo": "._results",
@@ -40,7 +41,7 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from ._messages import load_image
+    from ._messages import load_image, load_video
     from ._results import ChatEvent, ChatResult, ModelInfo, TokenLogprob, TokenLogprobs, Usage
     from .client import DEFAULT_ADDRESS, AsyncClient, AsyncSession, Client, GenerateOptions, Session
     from .errors import (
@@ -82,6 +83,7 @@ __all__ = [
     "TokenLogprobs",
     "ModelInfo",
     "load_image",
+    "load_video",
     "VlmeshError",
     "InvalidArgument",
     "NotFound",

@@ -8,13 +8,18 @@ Accepted message shapes (a list of them, or a plain string meaning one user text
         {"type": "image", "url": X} or {"type": "image", "path": X},   # transformers
         {"type": "image_url", "image_url": {"url": X}},                 # OpenAI
         {"type": "image_url", "image_url": X},
+        {"type": "video", "video": V},                  # Qwen / transformers (also "url" / "path")
+        {"type": "video", "video": [X, X, ...], "fps": 2.0},             # a video as its frames
+        {"type": "video_url", "video_url": {"url": V}},                 # OpenAI-style (vLLM)
         {"type": "text", "text": "What is this?"},
     ]}
 
 Roles: system, user, assistant. An image X is a filesystem path (str or os.PathLike), a
 ``file://`` URL, an ``http(s)://`` URL, a ``data:`` URL, raw bytes of an encoded image, or a
-``PIL.Image.Image``. Everything is turned into encoded image bytes here, on the client: the
-coordinator never fetches anything.
+``PIL.Image.Image``. A video V is a path, a ``file://``, ``http(s)://`` or ``data:`` URL or raw
+bytes of a video file (the vision service reads MP4, MOV, M4V and AVI), or a list of frames, each an image
+X, with the ``fps`` they were taken at (optional). Everything is turned into encoded bytes here,
+on the client: the coordinator never fetches anything.
 """
 
 from __future__ import annotations
@@ -34,23 +39,31 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from vlmesh.v1 import coordinator_pb2 as pb
+from vlmesh.v1 import tensor_pb2
 
 __all__ = [
     "ImageSource",
+    "VideoSource",
     "MessagesLike",
     "MAX_IMAGE_BYTES",
+    "MAX_VIDEO_BYTES",
     "HTTP_TIMEOUT_S",
     "load_image",
+    "load_video",
     "to_proto_messages",
 ]
 
 #: Anything `load_image` accepts.
 ImageSource = str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image
+#: Anything `load_video` accepts: a video file (path, URL, bytes); a list of frames is a part of its own.
+VideoSource = str | os.PathLike[str] | bytes | bytearray | memoryview
 #: What `Client.chat` and friends accept as `messages`.
 MessagesLike = str | Mapping[str, Any] | pb.Message | Sequence[Mapping[str, Any] | pb.Message]
 
 #: Largest image accepted from an http(s) URL.
 MAX_IMAGE_BYTES = 50 * 1024 * 1024
+#: Largest video accepted from an http(s) URL.
+MAX_VIDEO_BYTES = 512 * 1024 * 1024
 #: Connect/read timeout of an image download, in seconds.
 HTTP_TIMEOUT_S = 30.0
 
@@ -71,7 +84,7 @@ def _user_agent() -> str:
 
 
 def _describe(source: object) -> str:
-    """A short, log-safe description of an image source for error messages."""
+    """A short, log-safe description of an image or video source for error messages."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         return f"<{len(source)} bytes>"
     text = str(source)
@@ -111,14 +124,14 @@ def _encode_pil(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _decode_data_url(url: str) -> bytes:
+def _decode_data_url(url: str, kind: str = "image") -> bytes:
     header, sep, payload = url.partition(",")
     if not sep:
         raise ValueError(f"malformed data URL {_describe(url)}: no ',' separator")
     params = header[len("data:") :].split(";")
     mediatype = params[0].strip().lower()
-    if mediatype and not mediatype.startswith("image") and mediatype != "application/octet-stream":
-        raise ValueError(f"data URL {_describe(url)} has media type {mediatype!r}, not an image")
+    if mediatype and not mediatype.startswith(kind) and mediatype != "application/octet-stream":
+        raise ValueError(f"data URL {_describe(url)} has media type {mediatype!r}, not {'an' if kind == 'image' else 'a'} {kind}")
     if "base64" in (p.strip().lower() for p in params[1:]):
         try:
             # Tolerate line breaks and missing padding, both common in hand-built data URLs.
@@ -136,42 +149,42 @@ def _file_url_path(url: str) -> str:
     return urllib.request.url2pathname(parsed.path)
 
 
-def _read_file(path: str | os.PathLike[str], source: object) -> bytes:
+def _read_file(path: str | os.PathLike[str], source: object, kind: str = "image") -> bytes:
     path = os.path.expanduser(os.fspath(path))
     try:
         with open(path, "rb") as f:
             return f.read()
     except FileNotFoundError as e:
-        raise ValueError(f"image file not found: {_describe(source)}") from e
+        raise ValueError(f"{kind} file not found: {_describe(source)}") from e
     except IsADirectoryError as e:
-        raise ValueError(f"image path is a directory: {_describe(source)}") from e
+        raise ValueError(f"{kind} path is a directory: {_describe(source)}") from e
     except OSError as e:
-        raise ValueError(f"cannot read image file {_describe(source)}: {e}") from e
+        raise ValueError(f"cannot read {kind} file {_describe(source)}: {e}") from e
 
 
-def _download(url: str, timeout: float, max_bytes: int) -> bytes:
+def _download(url: str, timeout: float, max_bytes: int, kind: str = "image") -> bytes:
     request = urllib.request.Request(
-        url, headers={"User-Agent": _user_agent(), "Accept": "image/*,*/*;q=0.5"}
+        url, headers={"User-Agent": _user_agent(), "Accept": f"{kind}/*,*/*;q=0.5"}
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
             length = resp.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > max_bytes:
                 raise ValueError(
-                    f"image at {_describe(url)} is {int(length)} bytes, more than the {max_bytes}-byte limit"
+                    f"{kind} at {_describe(url)} is {int(length)} bytes, more than the {max_bytes}-byte limit"
                 )
             # Read one byte past the cap so an over-long body without Content-Length is caught.
             data: bytes = resp.read(max_bytes + 1)
     except urllib.error.HTTPError as e:
-        raise ValueError(f"could not download image {_describe(url)}: HTTP {e.code} {e.reason}") from e
+        raise ValueError(f"could not download {kind} {_describe(url)}: HTTP {e.code} {e.reason}") from e
     except urllib.error.URLError as e:
-        raise ValueError(f"could not download image {_describe(url)}: {e.reason}") from e
+        raise ValueError(f"could not download {kind} {_describe(url)}: {e.reason}") from e
     except TimeoutError as e:  # socket.timeout is TimeoutError since 3.10
-        raise ValueError(f"could not download image {_describe(url)}: timed out after {timeout} s") from e
+        raise ValueError(f"could not download {kind} {_describe(url)}: timed out after {timeout} s") from e
     except OSError as e:  # connection reset mid-body, ...
-        raise ValueError(f"could not download image {_describe(url)}: {e}") from e
+        raise ValueError(f"could not download {kind} {_describe(url)}: {e}") from e
     if len(data) > max_bytes:
-        raise ValueError(f"image at {_describe(url)} is larger than the {max_bytes}-byte limit")
+        raise ValueError(f"{kind} at {_describe(url)} is larger than the {max_bytes}-byte limit")
     return data
 
 
@@ -215,6 +228,72 @@ def load_image(source: ImageSource, *, timeout: float | None = None) -> bytes:
     )
 
 
+def load_video(source: VideoSource, *, timeout: float | None = None) -> bytes:
+    """Bytes of a video file for any supported video source (the vision service decodes them).
+
+    Args:
+        source: a path (str or os.PathLike), a ``file://``, ``http(s)://`` or ``data:`` URL, or
+            raw bytes of a video file. The vision service reads containers that record their
+            frame count: MP4, MOV, M4V, AVI (not WebM or MKV: send those as frames).
+        timeout: download timeout for http(s) URLs in seconds (default `HTTP_TIMEOUT_S`).
+
+    Raises:
+        ValueError: the source is of an unsupported kind, cannot be read or downloaded, is
+            empty, or is larger than `MAX_VIDEO_BYTES` (downloads).
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    elif isinstance(source, os.PathLike):
+        data = _read_file(source, source, "video")
+    elif isinstance(source, str):
+        text = source.strip()
+        match = _URL_SCHEME.match(text)
+        if text[:5].lower() == "data:":
+            data = _decode_data_url(text, "video")
+        elif match is None or len(match.group(1)) == 1:
+            data = _read_file(text, source, "video")
+        elif match.group(1).lower() == "file":
+            data = _read_file(_file_url_path(text), source, "video")
+        elif match.group(1).lower() in ("http", "https"):
+            data = _download(text, HTTP_TIMEOUT_S if timeout is None else timeout, MAX_VIDEO_BYTES, "video")
+        else:
+            raise ValueError(
+                f"unsupported video URL scheme {match.group(1).lower()!r} in {_describe(source)}; "
+                "use file, http, https or data"
+            )
+    else:
+        raise ValueError(
+            f"unsupported video source of type {type(source).__name__}; expected a path, "
+            "a file/http(s)/data URL, bytes, or a list of frames"
+        )
+    if not data:
+        raise ValueError(f"video {_describe(source)} is empty")
+    return data
+
+
+def _video_part(item: Mapping[str, Any], index: str) -> pb.Content:
+    kind = item.get("type")
+    if kind == "video_url" or (kind is None and "video_url" in item):
+        ref = item.get("video_url")
+        if isinstance(ref, Mapping):
+            ref = ref.get("url")
+        if ref is None:
+            raise ValueError(f"{index}: 'video_url' part needs video_url.url (or video_url as a string)")
+        return pb.Content(video=load_video(ref))
+    source = next((item[k] for k in ("video", "url", "path") if item.get(k) is not None), None)
+    if source is None:
+        raise ValueError(f"{index}: 'video' part needs a 'video' (or 'url' / 'path') value")
+    if isinstance(source, (list, tuple)):
+        fps = item.get("fps", 0.0)
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps >= 0:
+            raise ValueError(f"{index}: 'fps' must be a number >= 0, got {fps!r}")
+        if not source:
+            raise ValueError(f"{index}: a video given as frames needs at least one frame")
+        frames = [load_image(f) for f in source]
+        return pb.Content(video_frames=tensor_pb2.VideoFrames(frames=frames, fps=float(fps)))
+    return pb.Content(video=load_video(source))
+
+
 def _image_part(item: Mapping[str, Any], index: str) -> pb.Content:
     kind = item.get("type")
     if kind == "image_url" or (kind is None and "image_url" in item):
@@ -240,7 +319,7 @@ def _content_part(item: Any, index: str) -> pb.Content:
     kind = item.get("type")
     if kind is None:
         # qwen-vl-utils style parts may leave out "type": infer it from the key present.
-        kind = next((k for k in ("text", "image", "image_url") if k in item), None)
+        kind = next((k for k in ("text", "image", "image_url", "video", "video_url") if k in item), None)
     if kind == "text":
         text = item.get("text")
         if not isinstance(text, str):
@@ -248,7 +327,11 @@ def _content_part(item: Any, index: str) -> pb.Content:
         return pb.Content(text=text)
     if kind in ("image", "image_url"):
         return _image_part(item, index)
-    raise ValueError(f"{index}: unsupported content type {kind!r}; supported: 'text', 'image', 'image_url'")
+    if kind in ("video", "video_url"):
+        return _video_part(item, index)
+    raise ValueError(
+        f"{index}: unsupported content type {kind!r}; supported: 'text', 'image', 'image_url', 'video', 'video_url'"
+    )
 
 
 def _message(msg: Any, index: str) -> pb.Message:
@@ -277,10 +360,10 @@ def to_proto_messages(messages: MessagesLike) -> list[pb.Message]:
     """Wire messages for a conversation (or a session turn).
 
     `messages` is a list of message dicts (or `vlmesh.v1` Message protos), a single message
-    dict, or a plain string meaning one user text message. Images are loaded here.
+    dict, or a plain string meaning one user text message. Images and videos are loaded here.
 
     Raises:
-        ValueError: unknown role or content type, malformed message, or an unloadable image.
+        ValueError: unknown role or content type, malformed message, or an unloadable image or video.
     """
     if isinstance(messages, str):
         return [pb.Message(role=pb.ROLE_USER, content=[pb.Content(text=messages)])]

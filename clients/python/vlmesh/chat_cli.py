@@ -14,13 +14,13 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
-from ._messages import load_image
+from ._messages import load_image, load_video
 from .client import DEFAULT_ADDRESS, Client, GenerateOptions, Session
 from .errors import NotFound, VlmeshError
 
 __all__ = ["add_arguments", "run", "main"]
 
-_HELP = "commands: /image PATH (attach to next message), /reset (new session), /quit"
+_HELP = "commands: /image PATH, /video PATH (attach to next message), /reset (new session), /quit"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="PATH",
         help="attach an image (path or URL) to the (first) message; repeatable",
+    )
+    parser.add_argument(
+        "--video",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="attach a video file (MP4, MOV, M4V, AVI; path or URL) to the (first) message, after the images; repeatable",
     )
     parser.add_argument("--system", metavar="TEXT", help="system prompt")
     parser.add_argument("--max-tokens", type=int, default=None, help="most tokens per reply")
@@ -77,11 +84,11 @@ def _report(exc: Exception) -> None:
         _error(f"INVALID_ARGUMENT: {exc}")
 
 
-def _turn(system: str | None, images: list[bytes], text: str) -> list[dict[str, Any]]:
+def _turn(system: str | None, parts: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
     if system:
         messages.append({"role": "system", "content": system})
-    content: list[dict[str, Any]] = [{"type": "image", "image": img} for img in images]
+    content: list[dict[str, Any]] = list(parts)
     content.append({"type": "text", "text": text})
     messages.append({"role": "user", "content": content})
     return messages
@@ -107,7 +114,7 @@ class _Printer:
         self.open_line = False
 
 
-def _one_shot(client: Client, args: argparse.Namespace, images: list[bytes]) -> int:
+def _one_shot(client: Client, args: argparse.Namespace, images: list[dict[str, Any]]) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     printer = _Printer(sys.stdout)
     try:
@@ -143,14 +150,14 @@ def _close_quietly(session: Session | None) -> None:
             session.close()
 
 
-def _interactive(client: Client, args: argparse.Namespace, images: list[bytes]) -> int:
+def _interactive(client: Client, args: argparse.Namespace, images: list[dict[str, Any]]) -> int:
     tty = sys.stdin.isatty()
     if tty:
         print(_HELP, file=sys.stderr)
     session: Session | None = None
     # The system prompt goes with the first turn of each session; --image with the first message.
     send_system = True
-    pending: list[bytes] = list(images)
+    pending: list[dict[str, Any]] = list(images)
     try:
         while True:
             try:
@@ -171,10 +178,12 @@ def _interactive(client: Client, args: argparse.Namespace, images: list[bytes]) 
                     _close_quietly(session)
                     session, send_system, pending = None, True, []
                     print("(new session)", file=sys.stderr)
-                elif command == "/image":
+                elif command in ("/image", "/video"):
+                    kind = command[1:]
                     try:
-                        pending.append(load_image(rest.strip()))
-                        print(f"(image attached: {rest.strip()})", file=sys.stderr)
+                        data = load_image(rest.strip()) if kind == "image" else load_video(rest.strip())
+                        pending.append({"type": kind, kind: data})
+                        print(f"({kind} attached: {rest.strip()})", file=sys.stderr)
                     except ValueError as e:
                         _report(e)
                 else:
@@ -212,7 +221,8 @@ def run(args: argparse.Namespace) -> int:
     """Run `vlmesh chat` with parsed `args`; returns the exit status."""
     address = args.address or os.environ.get("VLMESH_ADDRESS") or DEFAULT_ADDRESS
     try:
-        images = [load_image(path) for path in args.image or []]
+        images = [{"type": "image", "image": load_image(path)} for path in args.image or []]
+        images += [{"type": "video", "video": load_video(path)} for path in getattr(args, "video", None) or []]
     except ValueError as e:
         _report(e)
         return 1

@@ -25,43 +25,43 @@ _sym_db = _symbol_database.Default()
 from vlmesh.v1 import tensor_pb2 as vlmesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bvlmesh/v1/coordinator.proto\x12\tvlmesh.v1\x1a\x16vlmesh/v1/tensor.proto\"2\n\x07\x43ontent\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"M\n\x07Message\x12\x1d\n\x04role\x18\x01 \x01(\x0e\x32\x0f.vlmesh.v1.Role\x12#\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x12.vlmesh.v1.Content\"\xcd\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12$\n\x08messages\x18\x02 \x03(\x0b\x32\x12.vlmesh.v1.Message\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.vlmesh.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x10\n\x08logprobs\x18\x06 \x01(\x05\x12\x1f\n\x17include_stop_token_text\x18\x07 \x01(\x08\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"[\n\x0bTokenDetail\x12&\n\x05token\x18\x01 \x01(\x0b\x32\x17.vlmesh.v1.TokenLogprob\x12$\n\x03top\x18\x02 \x03(\x0b\x32\x17.vlmesh.v1.TokenLogprob\"\xd4\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.vlmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.vlmesh.v1.Usage\x12(\n\x08logprobs\x18\x05 \x03(\x0b\x32\x16.vlmesh.v1.TokenDetail\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x10\n\x08trace_id\x18\x07 \x01(\t\"\x16\n\x14\x43reateSessionRequest\"+\n\x15\x43reateSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\'\n\x14\x43loseSessionResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"%\n\x0fGetKVLogRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x15\n\x13GetModelInfoRequest\"q\n\x14GetModelInfoResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x14\n\x0cstage_layers\x18\x03 \x03(\t\x12\x1b\n\x13max_sequence_length\x18\x04 \x01(\x03*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*~\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1d\n\x19\x46INISH_REASON_STOP_STRING\x10\x03\x32\x8f\x03\n\x12\x43oordinatorService\x12\x45\n\x08Generate\x12\x1a.vlmesh.v1.GenerateRequest\x1a\x1b.vlmesh.v1.GenerateResponse0\x01\x12R\n\rCreateSession\x12\x1f.vlmesh.v1.CreateSessionRequest\x1a .vlmesh.v1.CreateSessionResponse\x12O\n\x0c\x43loseSession\x12\x1e.vlmesh.v1.CloseSessionRequest\x1a\x1f.vlmesh.v1.CloseSessionResponse\x12<\n\x08GetKVLog\x12\x1a.vlmesh.v1.GetKVLogRequest\x1a\x12.vlmesh.v1.KVDelta0\x01\x12O\n\x0cGetModelInfo\x12\x1e.vlmesh.v1.GetModelInfoRequest\x1a\x1f.vlmesh.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bvlmesh/v1/coordinator.proto\x12\tvlmesh.v1\x1a\x16vlmesh/v1/tensor.proto\"s\n\x07\x43ontent\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12\x0f\n\x05video\x18\x03 \x01(\x0cH\x00\x12.\n\x0cvideo_frames\x18\x04 \x01(\x0b\x32\x16.vlmesh.v1.VideoFramesH\x00\x42\x06\n\x04kind\"M\n\x07Message\x12\x1d\n\x04role\x18\x01 \x01(\x0e\x32\x0f.vlmesh.v1.Role\x12#\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x12.vlmesh.v1.Content\"\xcd\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12$\n\x08messages\x18\x02 \x03(\x0b\x32\x12.vlmesh.v1.Message\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.vlmesh.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x10\n\x08logprobs\x18\x06 \x01(\x05\x12\x1f\n\x17include_stop_token_text\x18\x07 \x01(\x08\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"[\n\x0bTokenDetail\x12&\n\x05token\x18\x01 \x01(\x0b\x32\x17.vlmesh.v1.TokenLogprob\x12$\n\x03top\x18\x02 \x03(\x0b\x32\x17.vlmesh.v1.TokenLogprob\"\xd4\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.vlmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.vlmesh.v1.Usage\x12(\n\x08logprobs\x18\x05 \x03(\x0b\x32\x16.vlmesh.v1.TokenDetail\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x10\n\x08trace_id\x18\x07 \x01(\t\"\x16\n\x14\x43reateSessionRequest\"+\n\x15\x43reateSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\'\n\x14\x43loseSessionResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"%\n\x0fGetKVLogRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x15\n\x13GetModelInfoRequest\"q\n\x14GetModelInfoResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x14\n\x0cstage_layers\x18\x03 \x03(\t\x12\x1b\n\x13max_sequence_length\x18\x04 \x01(\x03*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*~\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1d\n\x19\x46INISH_REASON_STOP_STRING\x10\x03\x32\x8f\x03\n\x12\x43oordinatorService\x12\x45\n\x08Generate\x12\x1a.vlmesh.v1.GenerateRequest\x1a\x1b.vlmesh.v1.GenerateResponse0\x01\x12R\n\rCreateSession\x12\x1f.vlmesh.v1.CreateSessionRequest\x1a .vlmesh.v1.CreateSessionResponse\x12O\n\x0c\x43loseSession\x12\x1e.vlmesh.v1.CloseSessionRequest\x1a\x1f.vlmesh.v1.CloseSessionResponse\x12<\n\x08GetKVLog\x12\x1a.vlmesh.v1.GetKVLogRequest\x1a\x12.vlmesh.v1.KVDelta0\x01\x12O\n\x0cGetModelInfo\x12\x1e.vlmesh.v1.GetModelInfoRequest\x1a\x1f.vlmesh.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vlmesh.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1125
-  _globals['_ROLE']._serialized_end=1205
-  _globals['_FINISHREASON']._serialized_start=1207
-  _globals['_FINISHREASON']._serialized_end=1333
+  _globals['_ROLE']._serialized_start=1190
+  _globals['_ROLE']._serialized_end=1270
+  _globals['_FINISHREASON']._serialized_start=1272
+  _globals['_FINISHREASON']._serialized_end=1398
   _globals['_CONTENT']._serialized_start=66
-  _globals['_CONTENT']._serialized_end=116
-  _globals['_MESSAGE']._serialized_start=118
-  _globals['_MESSAGE']._serialized_end=195
-  _globals['_GENERATEREQUEST']._serialized_start=198
-  _globals['_GENERATEREQUEST']._serialized_end=403
-  _globals['_USAGE']._serialized_start=405
-  _globals['_USAGE']._serialized_end=485
-  _globals['_TOKENDETAIL']._serialized_start=487
-  _globals['_TOKENDETAIL']._serialized_end=578
-  _globals['_GENERATERESPONSE']._serialized_start=581
-  _globals['_GENERATERESPONSE']._serialized_end=793
-  _globals['_CREATESESSIONREQUEST']._serialized_start=795
-  _globals['_CREATESESSIONREQUEST']._serialized_end=817
-  _globals['_CREATESESSIONRESPONSE']._serialized_start=819
-  _globals['_CREATESESSIONRESPONSE']._serialized_end=862
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=864
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=905
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=907
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=946
-  _globals['_GETKVLOGREQUEST']._serialized_start=948
-  _globals['_GETKVLOGREQUEST']._serialized_end=985
-  _globals['_GETMODELINFOREQUEST']._serialized_start=987
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1008
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1010
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1123
-  _globals['_COORDINATORSERVICE']._serialized_start=1336
-  _globals['_COORDINATORSERVICE']._serialized_end=1735
+  _globals['_CONTENT']._serialized_end=181
+  _globals['_MESSAGE']._serialized_start=183
+  _globals['_MESSAGE']._serialized_end=260
+  _globals['_GENERATEREQUEST']._serialized_start=263
+  _globals['_GENERATEREQUEST']._serialized_end=468
+  _globals['_USAGE']._serialized_start=470
+  _globals['_USAGE']._serialized_end=550
+  _globals['_TOKENDETAIL']._serialized_start=552
+  _globals['_TOKENDETAIL']._serialized_end=643
+  _globals['_GENERATERESPONSE']._serialized_start=646
+  _globals['_GENERATERESPONSE']._serialized_end=858
+  _globals['_CREATESESSIONREQUEST']._serialized_start=860
+  _globals['_CREATESESSIONREQUEST']._serialized_end=882
+  _globals['_CREATESESSIONRESPONSE']._serialized_start=884
+  _globals['_CREATESESSIONRESPONSE']._serialized_end=927
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=929
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=970
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=972
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1011
+  _globals['_GETKVLOGREQUEST']._serialized_start=1013
+  _globals['_GETKVLOGREQUEST']._serialized_end=1050
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1052
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1073
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1075
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1188
+  _globals['_COORDINATORSERVICE']._serialized_start=1401
+  _globals['_COORDINATORSERVICE']._serialized_end=1800
 # @@protoc_insertion_point(module_scope)

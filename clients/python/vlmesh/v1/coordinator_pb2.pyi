@@ -72,21 +72,34 @@ class Content(_message.Message):
 
     TEXT_FIELD_NUMBER: _builtins.int
     IMAGE_FIELD_NUMBER: _builtins.int
+    VIDEO_FIELD_NUMBER: _builtins.int
+    VIDEO_FRAMES_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """Plain text."""
     image: _builtins.bytes
     """An encoded image file (PNG, JPEG, WebP, ...). Clients fetch paths and URLs themselves."""
+    video: _builtins.bytes
+    """An encoded video file in a container that records its frame count (MP4, MOV, M4V, AVI; not
+    WebM/MKV), decoded by the vision service with PyAV. Frames are sampled at the vision
+    service's fps (by default the checkpoint's, else 2 per second) up to its max_frames.
+    """
+    @_builtins.property
+    def video_frames(self) -> _tensor_pb2.VideoFrames:
+        """A video given as its frames (already sampled)."""
+
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
         image: _builtins.bytes = ...,
+        video: _builtins.bytes = ...,
+        video_frames: _tensor_pb2.VideoFrames | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "kind", b"kind", "text", b"text"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "kind", b"kind", "text", b"text", "video", b"video", "video_frames", b"video_frames"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "kind", b"kind", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "kind", b"kind", "text", b"text", "video", b"video", "video_frames", b"video_frames"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["text", "image"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["text", "image", "video", "video_frames"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -102,7 +115,7 @@ class Message(_message.Message):
     """Who speaks."""
     @_builtins.property
     def content(self) -> _containers.RepeatedCompositeFieldContainer[Global___Content]:
-        """Text and images, in order."""
+        """Text, images and videos, in order."""
 
     def __init__(
         self,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from vlmesh.v1 import tensor_pb2 as vlmesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15vlmesh/v1/stage.proto\x12\tvlmesh.v1\x1a\x16vlmesh/v1/tensor.proto\"\xab\x03\n\tStepInput\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0estart_position\x18\x02 \x01(\x03\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12(\n\rhidden_states\x18\x04 \x01(\x0b\x32\x11.vlmesh.v1.Tensor\x12\'\n\x0cposition_ids\x18\x05 \x01(\x0b\x32\x11.vlmesh.v1.Tensor\x12(\n\rvisual_embeds\x18\x06 \x01(\x0b\x32\x11.vlmesh.v1.Tensor\x12\x17\n\x0freturn_kv_delta\x18\x07 \x01(\x08\x12+\n\x08sampling\x18\x08 \x01(\x0b\x32\x19.vlmesh.v1.SamplingParams\x12\x14\n\x0ctop_logprobs\x18\t \x01(\x05\x12=\n\rtrace_context\x18\n \x03(\x0b\x32&.vlmesh.v1.StepInput.TraceContextEntry\x12\x12\n\nturn_start\x18\x0b \x01(\x08\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd9\x01\n\nStepOutput\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12(\n\rhidden_states\x18\x02 \x01(\x0b\x32\x11.vlmesh.v1.Tensor\x12\x10\n\x08token_id\x18\x03 \x01(\x03\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\x12-\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x17.vlmesh.v1.TokenLogprob\x12%\n\tkv_deltas\x18\x06 \x03(\x0b\x32\x12.vlmesh.v1.KVDelta\x12\x14\n\x0c\x63\x61\x63he_length\x18\x07 \x01(\x03\"5\n\x0e\x46orwardRequest\x12#\n\x05steps\x18\x01 \x03(\x0b\x32\x14.vlmesh.v1.StepInput\"M\n\x0f\x46orwardResponse\x12&\n\x07outputs\x18\x01 \x03(\x0b\x32\x15.vlmesh.v1.StepOutput\x12\x12\n\ncompute_us\x18\x02 \x01(\x03\"\x10\n\x0eGetInfoRequest\"\x84\x02\n\x0fGetInfoResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\x05\x12\x11\n\tlayer_end\x18\x03 \x01(\x05\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x10\n\x08is_first\x18\x05 \x01(\x08\x12\x0f\n\x07is_last\x18\x06 \x01(\x08\x12\x13\n\x0bhidden_size\x18\x07 \x01(\x05\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x17\n\x0fkv_budget_bytes\x18\t \x01(\x03\x12\x15\n\rkv_used_bytes\x18\n \x01(\x03\x12\x14\n\x0cnum_sessions\x18\x0b \x01(\x05\x12\x14\n\x0cweight_bytes\x18\x0c \x01(\x03\"+\n\x15ReleaseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"-\n\x16ReleaseSessionResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x03\x32\xed\x01\n\x0cStageService\x12\x44\n\x07\x46orward\x12\x19.vlmesh.v1.ForwardRequest\x1a\x1a.vlmesh.v1.ForwardResponse(\x01\x30\x01\x12@\n\x07GetInfo\x12\x19.vlmesh.v1.GetInfoRequest\x1a\x1a.vlmesh.v1.GetInfoResponse\x12U\n\x0eReleaseSession\x12 .vlmesh.v1.ReleaseSessionRequest\x1a!.vlmesh.v1.ReleaseSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15vlmesh/v1/stage.proto\x12\tvlmesh.v1\x1a\x16vlmesh/v1/tensor.proto\"\xdb\x03\n\tStepInput\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0estart_position\x18\x02 \x01(\x03\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12(\n\rhidden_states\x18\x04 \x01(\x0b\x32\x11.vlmesh.v1.Tensor\x12\'\n\x0cposition_ids\x18\x05 \x01(\x0b\x32\x11.vlmesh.v1.Tensor\x12(\n\rvisual_embeds\x18\x06 \x01(\x0b\x32\x11.vlmesh.v1.Tensor\x12\x17\n\x0freturn_kv_delta\x18\x07 \x01(\x08\x12+\n\x08sampling\x18\x08 \x01(\x0b\x32\x19.vlmesh.v1.SamplingParams\x12\x14\n\x0ctop_logprobs\x18\t \x01(\x05\x12=\n\rtrace_context\x18\n \x03(\x0b\x32&.vlmesh.v1.StepInput.TraceContextEntry\x12\x12\n\nturn_start\x18\x0b \x01(\x08\x12.\n\tdeepstack\x18\x0c \x03(\x0b\x32\x1b.vlmesh.v1.DeepstackFeature\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\x10\x44\x65\x65pstackFeature\x12\r\n\x05layer\x18\x01 \x01(\x05\x12!\n\x06\x65mbeds\x18\x02 \x01(\x0b\x32\x11.vlmesh.v1.Tensor\"\xd9\x01\n\nStepOutput\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12(\n\rhidden_states\x18\x02 \x01(\x0b\x32\x11.vlmesh.v1.Tensor\x12\x10\n\x08token_id\x18\x03 \x01(\x03\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\x12-\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x17.vlmesh.v1.TokenLogprob\x12%\n\tkv_deltas\x18\x06 \x03(\x0b\x32\x12.vlmesh.v1.KVDelta\x12\x14\n\x0c\x63\x61\x63he_length\x18\x07 \x01(\x03\"5\n\x0e\x46orwardRequest\x12#\n\x05steps\x18\x01 \x03(\x0b\x32\x14.vlmesh.v1.StepInput\"M\n\x0f\x46orwardResponse\x12&\n\x07outputs\x18\x01 \x03(\x0b\x32\x15.vlmesh.v1.StepOutput\x12\x12\n\ncompute_us\x18\x02 \x01(\x03\"\x10\n\x0eGetInfoRequest\"\x9e\x02\n\x0fGetInfoResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\x05\x12\x11\n\tlayer_end\x18\x03 \x01(\x05\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x10\n\x08is_first\x18\x05 \x01(\x08\x12\x0f\n\x07is_last\x18\x06 \x01(\x08\x12\x13\n\x0bhidden_size\x18\x07 \x01(\x05\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x17\n\x0fkv_budget_bytes\x18\t \x01(\x03\x12\x15\n\rkv_used_bytes\x18\n \x01(\x03\x12\x14\n\x0cnum_sessions\x18\x0b \x01(\x05\x12\x14\n\x0cweight_bytes\x18\x0c \x01(\x03\x12\x18\n\x10\x64\x65\x65pstack_layers\x18\r \x03(\x05\"+\n\x15ReleaseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"-\n\x16ReleaseSessionResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x03\x32\xed\x01\n\x0cStageService\x12\x44\n\x07\x46orward\x12\x19.vlmesh.v1.ForwardRequest\x1a\x1a.vlmesh.v1.ForwardResponse(\x01\x30\x01\x12@\n\x07GetInfo\x12\x19.vlmesh.v1.GetInfoRequest\x1a\x1a.vlmesh.v1.GetInfoResponse\x12U\n\x0eReleaseSession\x12 .vlmesh.v1.ReleaseSessionRequest\x1a!.vlmesh.v1.ReleaseSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,23 +35,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STEPINPUT_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_STEPINPUT_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_STEPINPUT']._serialized_start=61
-  _globals['_STEPINPUT']._serialized_end=488
-  _globals['_STEPINPUT_TRACECONTEXTENTRY']._serialized_start=437
-  _globals['_STEPINPUT_TRACECONTEXTENTRY']._serialized_end=488
-  _globals['_STEPOUTPUT']._serialized_start=491
-  _globals['_STEPOUTPUT']._serialized_end=708
-  _globals['_FORWARDREQUEST']._serialized_start=710
-  _globals['_FORWARDREQUEST']._serialized_end=763
-  _globals['_FORWARDRESPONSE']._serialized_start=765
-  _globals['_FORWARDRESPONSE']._serialized_end=842
-  _globals['_GETINFOREQUEST']._serialized_start=844
-  _globals['_GETINFOREQUEST']._serialized_end=860
-  _globals['_GETINFORESPONSE']._serialized_start=863
-  _globals['_GETINFORESPONSE']._serialized_end=1123
-  _globals['_RELEASESESSIONREQUEST']._serialized_start=1125
-  _globals['_RELEASESESSIONREQUEST']._serialized_end=1168
-  _globals['_RELEASESESSIONRESPONSE']._serialized_start=1170
-  _globals['_RELEASESESSIONRESPONSE']._serialized_end=1215
-  _globals['_STAGESERVICE']._serialized_start=1218
-  _globals['_STAGESERVICE']._serialized_end=1455
+  _globals['_STEPINPUT']._serialized_end=536
+  _globals['_STEPINPUT_TRACECONTEXTENTRY']._serialized_start=485
+  _globals['_STEPINPUT_TRACECONTEXTENTRY']._serialized_end=536
+  _globals['_DEEPSTACKFEATURE']._serialized_start=538
+  _globals['_DEEPSTACKFEATURE']._serialized_end=606
+  _globals['_STEPOUTPUT']._serialized_start=609
+  _globals['_STEPOUTPUT']._serialized_end=826
+  _globals['_FORWARDREQUEST']._serialized_start=828
+  _globals['_FORWARDREQUEST']._serialized_end=881
+  _globals['_FORWARDRESPONSE']._serialized_start=883
+  _globals['_FORWARDRESPONSE']._serialized_end=960
+  _globals['_GETINFOREQUEST']._serialized_start=962
+  _globals['_GETINFOREQUEST']._serialized_end=978
+  _globals['_GETINFORESPONSE']._serialized_start=981
+  _globals['_GETINFORESPONSE']._serialized_end=1267
+  _globals['_RELEASESESSIONREQUEST']._serialized_start=1269
+  _globals['_RELEASESESSIONREQUEST']._serialized_end=1312
+  _globals['_RELEASESESSIONRESPONSE']._serialized_start=1314
+  _globals['_RELEASESESSIONRESPONSE']._serialized_end=1359
+  _globals['_STAGESERVICE']._serialized_start=1362
+  _globals['_STAGESERVICE']._serialized_end=1599
 # @@protoc_insertion_point(module_scope)

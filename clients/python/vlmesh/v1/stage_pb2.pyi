@@ -56,6 +56,7 @@ class StepInput(_message.Message):
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     TURN_START_FIELD_NUMBER: _builtins.int
+    DEEPSTACK_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session the KV cache belongs to."""
     start_position: _builtins.int
@@ -73,7 +74,8 @@ class StepInput(_message.Message):
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The step's token ids [T]. The first stage embeds them; the last stage records them for
-        the repetition penalty; other stages ignore them.
+        the repetition penalty; a stage that receives deepstack features finds the visual
+        placeholder positions in them. Other stages get none.
         """
 
     @_builtins.property
@@ -100,6 +102,15 @@ class StepInput(_message.Message):
         stream multiplexes many requests, so the context travels per step, not per call.
         """
 
+    @_builtins.property
+    def deepstack(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeepstackFeature]:
+        """Qwen3-VL DeepStack: features for the decoder layers of this stage among 0..k-1, sent with
+        steps that hold visual placeholders (prefill), to whichever stages own those layers. Each is
+        added, right after its layer, to the hidden states at the visual positions: the image and
+        video placeholder tokens of token_ids, in order (so token_ids come with them). A stage that
+        gets token_ids with placeholders needs one for every owned layer below k.
+        """
+
     def __init__(
         self,
         *,
@@ -114,14 +125,43 @@ class StepInput(_message.Message):
         top_logprobs: _builtins.int = ...,
         trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         turn_start: _builtins.bool = ...,
+        deepstack: _abc.Iterable[Global___DeepstackFeature] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hidden_states", b"hidden_states", "position_ids", b"position_ids", "sampling", b"sampling", "visual_embeds", b"visual_embeds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hidden_states", b"hidden_states", "position_ids", b"position_ids", "return_kv_delta", b"return_kv_delta", "sampling", b"sampling", "session_id", b"session_id", "start_position", b"start_position", "token_ids", b"token_ids", "top_logprobs", b"top_logprobs", "trace_context", b"trace_context", "turn_start", b"turn_start", "visual_embeds", b"visual_embeds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deepstack", b"deepstack", "hidden_states", b"hidden_states", "position_ids", b"position_ids", "return_kv_delta", b"return_kv_delta", "sampling", b"sampling", "session_id", b"session_id", "start_position", b"start_position", "token_ids", b"token_ids", "top_logprobs", b"top_logprobs", "trace_context", b"trace_context", "turn_start", b"turn_start", "visual_embeds", b"visual_embeds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StepInput: _TypeAlias = StepInput  # noqa: Y015
+
+@_typing.final
+class DeepstackFeature(_message.Message):
+    """The DeepStack feature of one decoder layer for one step."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAYER_FIELD_NUMBER: _builtins.int
+    EMBEDS_FIELD_NUMBER: _builtins.int
+    layer: _builtins.int
+    """Global decoder layer (0-based) after which the feature is added."""
+    @_builtins.property
+    def embeds(self) -> _tensor_pb2.Tensor:
+        """[N, hidden_size]: one row per visual placeholder token of the step, in order."""
+
+    def __init__(
+        self,
+        *,
+        layer: _builtins.int = ...,
+        embeds: _tensor_pb2.Tensor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["embeds", b"embeds"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embeds", b"embeds", "layer", b"layer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeepstackFeature: _TypeAlias = DeepstackFeature  # noqa: Y015
 
 @_typing.final
 class StepOutput(_message.Message):
@@ -256,6 +296,7 @@ class GetInfoResponse(_message.Message):
     KV_USED_BYTES_FIELD_NUMBER: _builtins.int
     NUM_SESSIONS_FIELD_NUMBER: _builtins.int
     WEIGHT_BYTES_FIELD_NUMBER: _builtins.int
+    DEEPSTACK_LAYERS_FIELD_NUMBER: _builtins.int
     model_type: _builtins.str
     """Model family, e.g. "qwen2_vl"."""
     layer_start: _builtins.int
@@ -280,6 +321,10 @@ class GetInfoResponse(_message.Message):
     """Sessions holding KV on this stage."""
     weight_bytes: _builtins.int
     """Bytes of parameters loaded by this stage."""
+    @_builtins.property
+    def deepstack_layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Owned decoder layers that take a DeepStack feature (Qwen3-VL: global layers 0..k-1)."""
+
     def __init__(
         self,
         *,
@@ -295,10 +340,11 @@ class GetInfoResponse(_message.Message):
         kv_used_bytes: _builtins.int = ...,
         num_sessions: _builtins.int = ...,
         weight_bytes: _builtins.int = ...,
+        deepstack_layers: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "hidden_size", b"hidden_size", "is_first", b"is_first", "is_last", b"is_last", "kv_budget_bytes", b"kv_budget_bytes", "kv_used_bytes", b"kv_used_bytes", "layer_end", b"layer_end", "layer_start", b"layer_start", "model_type", b"model_type", "num_layers", b"num_layers", "num_sessions", b"num_sessions", "weight_bytes", b"weight_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deepstack_layers", b"deepstack_layers", "dtype", b"dtype", "hidden_size", b"hidden_size", "is_first", b"is_first", "is_last", b"is_last", "kv_budget_bytes", b"kv_budget_bytes", "kv_used_bytes", b"kv_used_bytes", "layer_end", b"layer_end", "layer_start", b"layer_start", "model_type", b"model_type", "num_layers", b"num_layers", "num_sessions", b"num_sessions", "weight_bytes", b"weight_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -158,6 +158,39 @@ class SamplingParams(_message.Message):
 Global___SamplingParams: _TypeAlias = SamplingParams  # noqa: Y015
 
 @_typing.final
+class VideoFrames(_message.Message):
+    """A video given as its frames, already sampled and in order (e.g. decoded by the client itself).
+    Every frame is used; frames are not sampled again.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FRAMES_FIELD_NUMBER: _builtins.int
+    FPS_FIELD_NUMBER: _builtins.int
+    fps: _builtins.float
+    """Frames per second at which the frames were taken: Qwen3-VL writes each frame's timestamp
+    (index / fps) into the prompt, Qwen2.5-VL scales temporal M-RoPE positions by it.
+    0 = unknown, which transformers' processors treat as 24.
+    """
+    @_builtins.property
+    def frames(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Encoded image files (PNG, JPEG, WebP, ...), one per frame, all of the same size."""
+
+    def __init__(
+        self,
+        *,
+        frames: _abc.Iterable[_builtins.bytes] | None = ...,
+        fps: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fps", b"fps", "frames", b"frames"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VideoFrames: _TypeAlias = VideoFrames  # noqa: Y015
+
+@_typing.final
 class TokenLogprob(_message.Message):
     """One candidate token and its log-probability (log_softmax of the raw logits)."""
 

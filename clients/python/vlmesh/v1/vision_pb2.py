@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from vlmesh.v1 import tensor_pb2 as vlmesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16vlmesh/v1/vision.proto\x12\tvlmesh.v1\x1a\x16vlmesh/v1/tensor.proto\".\n\x0bVisualInput\x12\x15\n\x0bimage_bytes\x18\x01 \x01(\x0cH\x00\x42\x08\n\x06source\"7\n\rEncodeRequest\x12&\n\x06inputs\x18\x01 \x03(\x0b\x32\x16.vlmesh.v1.VisualInput\"s\n\x0fVisualEmbedding\x12%\n\nembeddings\x18\x01 \x01(\x0b\x32\x11.vlmesh.v1.Tensor\x12\x10\n\x08grid_thw\x18\x02 \x03(\x03\x12\x14\n\x0c\x63ontent_hash\x18\x03 \x01(\t\x12\x11\n\tcache_hit\x18\x04 \x01(\x08\"@\n\x0e\x45ncodeResponse\x12.\n\nembeddings\x18\x01 \x03(\x0b\x32\x1a.vlmesh.v1.VisualEmbedding\"\x11\n\x0fGetStatsRequest\"|\n\x10GetStatsResponse\x12\x12\n\ncache_hits\x18\x01 \x01(\x03\x12\x14\n\x0c\x63\x61\x63he_misses\x18\x02 \x01(\x03\x12\x15\n\rcache_entries\x18\x03 \x01(\x03\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x04 \x01(\x03\x12\x12\n\nmodel_type\x18\x05 \x01(\t2\x93\x01\n\rVisionService\x12=\n\x06\x45ncode\x12\x18.vlmesh.v1.EncodeRequest\x1a\x19.vlmesh.v1.EncodeResponse\x12\x43\n\x08GetStats\x12\x1a.vlmesh.v1.GetStatsRequest\x1a\x1b.vlmesh.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16vlmesh/v1/vision.proto\x12\tvlmesh.v1\x1a\x16vlmesh/v1/tensor.proto\"u\n\x0bVisualInput\x12\x15\n\x0bimage_bytes\x18\x01 \x01(\x0cH\x00\x12\x15\n\x0bvideo_bytes\x18\x02 \x01(\x0cH\x00\x12.\n\x0cvideo_frames\x18\x03 \x01(\x0b\x32\x16.vlmesh.v1.VideoFramesH\x00\x42\x08\n\x06source\"7\n\rEncodeRequest\x12&\n\x06inputs\x18\x01 \x03(\x0b\x32\x16.vlmesh.v1.VisualInput\"|\n\tVideoInfo\x12\x0b\n\x03\x66ps\x18\x01 \x01(\x01\x12\x18\n\x10total_num_frames\x18\x02 \x01(\x03\x12\x16\n\x0e\x66rames_indices\x18\x03 \x03(\x03\x12\x1c\n\x0fsecond_per_grid\x18\x04 \x01(\x02H\x00\x88\x01\x01\x42\x12\n\x10_second_per_grid\"\xbe\x01\n\x0fVisualEmbedding\x12%\n\nembeddings\x18\x01 \x01(\x0b\x32\x11.vlmesh.v1.Tensor\x12\x10\n\x08grid_thw\x18\x02 \x03(\x03\x12\x14\n\x0c\x63ontent_hash\x18\x03 \x01(\t\x12\x11\n\tcache_hit\x18\x04 \x01(\x08\x12$\n\tdeepstack\x18\x05 \x03(\x0b\x32\x11.vlmesh.v1.Tensor\x12#\n\x05video\x18\x06 \x01(\x0b\x32\x14.vlmesh.v1.VideoInfo\"@\n\x0e\x45ncodeResponse\x12.\n\nembeddings\x18\x01 \x03(\x0b\x32\x1a.vlmesh.v1.VisualEmbedding\"\x11\n\x0fGetStatsRequest\"|\n\x10GetStatsResponse\x12\x12\n\ncache_hits\x18\x01 \x01(\x03\x12\x14\n\x0c\x63\x61\x63he_misses\x18\x02 \x01(\x03\x12\x15\n\rcache_entries\x18\x03 \x01(\x03\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x04 \x01(\x03\x12\x12\n\nmodel_type\x18\x05 \x01(\t2\x93\x01\n\rVisionService\x12=\n\x06\x45ncode\x12\x18.vlmesh.v1.EncodeRequest\x1a\x19.vlmesh.v1.EncodeResponse\x12\x43\n\x08GetStats\x12\x1a.vlmesh.v1.GetStatsRequest\x1a\x1b.vlmesh.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,17 +33,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vlmesh.v1.vision_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_VISUALINPUT']._serialized_start=61
-  _globals['_VISUALINPUT']._serialized_end=107
-  _globals['_ENCODEREQUEST']._serialized_start=109
-  _globals['_ENCODEREQUEST']._serialized_end=164
-  _globals['_VISUALEMBEDDING']._serialized_start=166
-  _globals['_VISUALEMBEDDING']._serialized_end=281
-  _globals['_ENCODERESPONSE']._serialized_start=283
-  _globals['_ENCODERESPONSE']._serialized_end=347
-  _globals['_GETSTATSREQUEST']._serialized_start=349
-  _globals['_GETSTATSREQUEST']._serialized_end=366
-  _globals['_GETSTATSRESPONSE']._serialized_start=368
-  _globals['_GETSTATSRESPONSE']._serialized_end=492
-  _globals['_VISIONSERVICE']._serialized_start=495
-  _globals['_VISIONSERVICE']._serialized_end=642
+  _globals['_VISUALINPUT']._serialized_end=178
+  _globals['_ENCODEREQUEST']._serialized_start=180
+  _globals['_ENCODEREQUEST']._serialized_end=235
+  _globals['_VIDEOINFO']._serialized_start=237
+  _globals['_VIDEOINFO']._serialized_end=361
+  _globals['_VISUALEMBEDDING']._serialized_start=364
+  _globals['_VISUALEMBEDDING']._serialized_end=554
+  _globals['_ENCODERESPONSE']._serialized_start=556
+  _globals['_ENCODERESPONSE']._serialized_end=620
+  _globals['_GETSTATSREQUEST']._serialized_start=622
+  _globals['_GETSTATSREQUEST']._serialized_end=639
+  _globals['_GETSTATSRESPONSE']._serialized_start=641
+  _globals['_GETSTATSRESPONSE']._serialized_end=765
+  _globals['_VISIONSERVICE']._serialized_start=768
+  _globals['_VISIONSERVICE']._serialized_end=915
 # @@protoc_insertion_point(module_scope)

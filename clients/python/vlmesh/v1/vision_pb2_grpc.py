@@ -50,8 +50,9 @@ class VisionServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Encode(self, request, context):
-        """Encode images into the language model's embedding space. Images of one request are
-        encoded together (block-diagonal attention); each result is cached by content hash.
+        """Encode images and videos into the language model's embedding space. The new images of one
+        request are encoded together, and its new videos together (block-diagonal attention, as
+        transformers does); each result is cached by content hash.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
