@@ -115,7 +115,13 @@ def main(argv: list[str] | None = None) -> int:
 
     chat_cli.add_arguments(sub.add_parser("chat", help="chat with a running mesh (one-shot or interactive)"))
 
+    from services import plan as planner
     from services import tiny
+    from services.shapes import eval as shapes_eval
+
+    planner.add_arguments(sub.add_parser("plan", help="split a model's layers over N stages, balancing memory (config only)"))
+
+    shapes_eval.add_arguments(sub.add_parser("eval", help="score a checkpoint on held-out shapes questions (transformers and mesh)"))
 
     tiny.add_arguments(sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint in the HF layout"))
 
@@ -126,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         return _demo(args)
     if args.cmd == "chat":
         return chat_cli.run(args)
+    if args.cmd == "plan":
+        return planner.run(args)
+    if args.cmd == "eval":
+        return shapes_eval.run(args)
     if args.cmd == "make-tiny":
         return tiny.run(args)
     parser.error(f"unknown command {args.cmd}")

@@ -1,0 +1,221 @@
+"""Synthetic pictures of one to three coloured shapes, and questions about them with one right
+answer each. Deterministic: the same seed draws the same pictures and questions, on any machine
+(numpy's PCG64 and Pillow's rasteriser, no floating-point-sensitive geometry)."""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# Bump when anything below changes what a seed draws: the training run records it, and a
+# checkpoint is only comparable with evaluations of the same version.
+GENERATOR_VERSION = "shapes-v2"
+
+COLOURS = {
+    "red": (215, 38, 45),
+    "green": (34, 160, 70),
+    "blue": (40, 85, 215),
+    "yellow": (240, 200, 25),
+    "purple": (135, 60, 175),
+    "orange": (245, 130, 25),
+}
+SHAPES = ("circle", "square", "triangle", "star")
+NUMBERS = {1: "one", 2: "two", 3: "three"}
+# Multiples of 28 (patch 14 x merge 2), so the processor keeps every pixel; square and not.
+CANVASES = ((168, 168), (196, 196), (196, 140), (140, 196), (224, 168), (168, 224), (196, 168), (168, 196))
+# Shape bounding box side in pixels: three to four 14-pixel patches, so a patch sees a corner,
+# a point or a curve (at two patches a small star and a small circle look alike).
+SIZE_RANGE = (40, 58)
+GAP = 6  # pixels between bounding boxes
+MIN_SEPARATION = 14  # an extreme ("leftmost") shape is at least this far ahead of the next one
+
+QUESTION_TYPES = ("colour", "shape", "count", "position", "caption")
+CAPTION_QUESTIONS = ("Describe the image.", "What is in this picture?", "What do you see?")
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str  # one of SHAPES
+    colour: str  # one of COLOURS
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        return (self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.kind}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    size: tuple[int, int]  # width, height
+    background: int  # grey level of the canvas
+    texture_seed: int
+    shapes: tuple[Shape, ...]
+
+    def render(self) -> Image.Image:
+        w, h = self.size
+        rng = np.random.default_rng(self.texture_seed)
+        # A lightly textured canvas: faint noise, so the model cannot key on exact white.
+        noise = rng.integers(-6, 7, size=(h, w, 1), dtype=np.int16)
+        canvas = np.clip(self.background + noise, 0, 255).astype(np.uint8).repeat(3, axis=2)
+        img = Image.fromarray(canvas, "RGB")
+        draw = ImageDraw.Draw(img)
+        for s in self.shapes:
+            _draw(draw, s)
+        return img
+
+    def png(self) -> bytes:
+        buf = io.BytesIO()
+        self.render().save(buf, format="PNG")
+        return buf.getvalue()
+
+    def caption(self) -> str:
+        names = [_article(s.name) for s in sorted(self.shapes, key=lambda s: s.centre[0])]
+        return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _article(name: str) -> str:
+    return ("an " if name[0] in "aeiou" else "a ") + name
+
+
+def _draw(draw: ImageDraw.ImageDraw, s: Shape) -> None:
+    x0, y0, x1, y1 = s.box
+    fill = COLOURS[s.colour]
+    if s.kind == "circle":
+        draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
+    elif s.kind == "square":
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+    elif s.kind == "triangle":
+        draw.polygon([((x0 + x1) // 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)
+    else:  # star: five points, inner radius 0.45 of the outer; integer vertices for determinism
+        cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
+        pts = []
+        for i in range(10):
+            rad = r if i % 2 == 0 else r * 0.45
+            a = -math.pi / 2 + i * math.pi / 5
+            pts.append((round(cx + rad * math.cos(a)), round(cy + rad * math.sin(a))))
+        draw.polygon(pts, fill=fill)
+
+
+def draw_scene(rng: np.random.Generator, num_shapes: int | None = None) -> Scene:
+    """One picture: distinct colours and distinct kinds, so every question has one answer."""
+    w, h = CANVASES[rng.integers(len(CANVASES))]
+    n = int(num_shapes or rng.integers(1, 4))
+    kinds = rng.permutation(len(SHAPES))[:n]
+    colours = rng.permutation(len(COLOURS))[:n]
+    names = list(COLOURS)
+    while True:  # rejection-sample non-overlapping boxes (always succeeds quickly at these sizes)
+        boxes = []
+        for _ in range(n):
+            side = int(rng.integers(SIZE_RANGE[0], SIZE_RANGE[1] + 1))
+            x, y = int(rng.integers(2, w - side - 1)), int(rng.integers(2, h - side - 1))
+            boxes.append((x, y, x + side, y + side))
+        if all(_apart(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1 :]):
+            break
+    shapes = tuple(Shape(SHAPES[k], names[c], b) for k, c, b in zip(kinds, colours, boxes))
+    return Scene((w, h), int(rng.integers(235, 256)), int(rng.integers(2**31)), shapes)
+
+
+def _apart(a, b) -> bool:
+    return a[2] + GAP <= b[0] or b[2] + GAP <= a[0] or a[3] + GAP <= b[1] or b[3] + GAP <= a[1]
+
+
+def _extreme(scene: Scene, side: str) -> Shape | None:
+    """The shape furthest to `side`, if it is clearly so (else the question is ambiguous)."""
+    if len(scene.shapes) < 2:
+        return None
+    axis, sign = {"left": (0, 1), "right": (0, -1), "top": (1, 1), "bottom": (1, -1)}[side]
+    ordered = sorted(scene.shapes, key=lambda s: sign * s.centre[axis])
+    if sign * (ordered[1].centre[axis] - ordered[0].centre[axis]) < MIN_SEPARATION:
+        return None
+    return ordered[0]
+
+
+def ask(scene: Scene, qtype: str, rng: np.random.Generator) -> tuple[str, str] | None:
+    """(question, answer) of the given type about the scene, or None when it has no clear answer."""
+    if qtype == "colour":
+        s = scene.shapes[rng.integers(len(scene.shapes))]
+        return f"What colour is the {s.kind}?", s.colour
+    if qtype == "shape":
+        s = scene.shapes[rng.integers(len(scene.shapes))]
+        return f"What shape is the {s.colour} one?", s.kind
+    if qtype == "count":
+        return "How many shapes are there?", NUMBERS[len(scene.shapes)]
+    if qtype == "position":
+        sides = [side for side in ("left", "right", "top", "bottom") if _extreme(scene, side) is not None]
+        if not sides:
+            return None
+        side = sides[rng.integers(len(sides))]
+        where = f"on the {side}" if side in ("left", "right") else f"at the {side}"
+        return f"Which shape is {where}?", f"the {_extreme(scene, side).name}"
+    if qtype == "caption":
+        return CAPTION_QUESTIONS[rng.integers(len(CAPTION_QUESTIONS))], scene.caption()
+    raise ValueError(f"unknown question type {qtype!r}")
+
+
+@dataclass(frozen=True)
+class Example:
+    scene: Scene
+    question: str
+    answer: str
+    qtype: str
+
+
+# Training and evaluation draw from different streams of numpy's seed sequence, so no held-out
+# picture is ever a training picture, whatever the seeds.
+TRAIN_STREAM, EVAL_STREAM = 1, 7
+
+
+def training_rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng([seed, TRAIN_STREAM])
+
+
+def examples(seed: int, count: int) -> list[Example]:
+    """`count` held-out examples, the question types in turn so each is equally represented."""
+    rng = np.random.default_rng([seed, EVAL_STREAM])
+    out: list[Example] = []
+    while len(out) < count:
+        qtype = QUESTION_TYPES[len(out) % len(QUESTION_TYPES)]
+        scene = draw_scene(rng, 2 if qtype == "position" and rng.random() < 0.5 else None)
+        qa = ask(scene, qtype, rng)
+        if qa is not None:
+            out.append(Example(scene, qa[0], qa[1], qtype))
+    return out
+
+
+def conversation(scene: Scene, rng: np.random.Generator, turns: int) -> list[tuple[str, str, str]]:
+    """Training dialogue about one picture: `turns` (question, answer, type) with distinct types."""
+    order = rng.permutation(len(QUESTION_TYPES))
+    out = []
+    for i in order:
+        qa = ask(scene, QUESTION_TYPES[i], rng)
+        if qa is not None:
+            out.append((qa[0], qa[1], QUESTION_TYPES[i]))
+        if len(out) == turns:
+            break
+    return out
+
+
+def corpus() -> list[str]:
+    """Every word the questions and answers use, for the tokenizer's merges."""
+    lines = list(CAPTION_QUESTIONS) + ["How many shapes are there?"]
+    for k in SHAPES:
+        lines.append(f"What colour is the {k}?")
+    for c in COLOURS:
+        lines.append(f"What shape is the {c} one?")
+        for k in SHAPES:
+            lines += [_article(f"{c} {k}"), f"the {c} {k}", f"{_article(f'{c} {k}')}, {_article(f'{c} {k}')} and"]
+    for side in ("left", "right"):
+        lines.append(f"Which shape is on the {side}?")
+    for side in ("top", "bottom"):
+        lines.append(f"Which shape is at the {side}?")
+    lines += list(NUMBERS.values())
+    return lines * 4  # frequent enough that whole words become single tokens
+

@@ -1,0 +1,94 @@
+"""The shapes task: the picture generator, the training script and the `vlmesh eval` command
+(transformers and a real 2-stage mesh of separate processes must give the same answers)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors import safe_open
+
+from services.shapes import data
+from services.shapes.eval import EVAL_SEED, Result
+
+ROOT = Path(__file__).resolve().parent.parent
+VLMESH = [sys.executable, "-m", "services.cli"]
+
+
+def test_generator_is_deterministic_and_answers_are_consistent():
+    a, b = data.examples(EVAL_SEED, 40), data.examples(EVAL_SEED, 40)
+    assert [e.scene.png() for e in a] == [e.scene.png() for e in b]
+    assert [(e.question, e.answer) for e in a] == [(e.question, e.answer) for e in b]
+    assert [e.scene for e in data.examples(EVAL_SEED + 1, 40)] != [e.scene for e in a]
+    assert [e.qtype for e in a[:5]] == list(data.QUESTION_TYPES)  # the types take turns
+    for e in a:
+        shapes = e.scene.shapes
+        assert len({s.kind for s in shapes}) == len({s.colour for s in shapes}) == len(shapes)  # one answer each
+        w, h = e.scene.size
+        assert all(0 <= s.box[0] < s.box[2] <= w and 0 <= s.box[1] < s.box[3] <= h for s in shapes)
+        if e.qtype == "caption":
+            left_to_right = sorted(shapes, key=lambda s: s.centre[0])
+            assert e.answer.replace(" and ", ", ").split(", ") == [("an " if s.colour[0] in "aeiou" else "a ") + s.name for s in left_to_right]
+        if e.qtype == "count":
+            assert e.answer == data.NUMBERS[len(shapes)]
+        if e.qtype == "position":
+            side = e.question.split()[-1].rstrip("?")
+            axis, sign = {"left": (0, 1), "right": (0, -1), "top": (1, 1), "bottom": (1, -1)}[side]
+            best = min(shapes, key=lambda s: sign * s.centre[axis])
+            assert e.answer == f"the {best.name}"
+
+
+def test_training_never_draws_the_held_out_pictures():
+    train_rng = data.training_rng(0)
+    train = {data.draw_scene(train_rng).png() for _ in range(300)}
+    assert not train & {e.scene.png() for e in data.examples(EVAL_SEED, 300)}
+
+
+def test_scoring_trims_case_space_and_full_stop():
+    ex = data.examples(EVAL_SEED, 5)
+    result = Result(ex, [f" {ex[0].answer.capitalize()}.", ex[1].answer, "wrong", ex[3].answer + "!", ex[4].answer])
+    assert result.type_accuracy() == {"colour": 1.0, "shape": 1.0, "count": 0.0, "position": 0.0, "caption": 1.0}
+    assert result.accuracy == 0.6
+
+
+def test_train_script_writes_a_qwen2_vl_directory_that_loads_and_records_its_run(tmp_path):
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    out = tmp_path / "shapes"
+    small = ["--steps", "3", "--batch-size", "2", "--eval-count", "5", "--num-layers", "2", "--hidden-size", "64",
+             "--intermediate-size", "128", "--vision-depth", "1", "--vision-embed-dim", "32", "--vision-heads", "2"]
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "train_shapes.py"), "--out", str(out), *small],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads((out / "training.json").read_text())
+    assert record["settings"]["generator_version"] == data.GENERATOR_VERSION and record["settings"]["steps"] == 3
+    assert record["held_out"]["count"] == 5 and record["held_out"]["seed"] == EVAL_SEED
+    model = Qwen2VLForConditionalGeneration.from_pretrained(out)
+    assert model.config.text_config.num_hidden_layers == 2
+    assert model.config.text_config.rope_parameters["rope_theta"] == record["settings"]["rope_theta"]
+    processor = AutoProcessor.from_pretrained(out)
+    ids = processor.tokenizer("What colour is the triangle?")["input_ids"]
+    assert len(ids) <= 7  # the task's words are whole tokens
+    with safe_open(out / "model.safetensors", "pt") as f:  # the key layout of Qwen/Qwen2-VL-2B-Instruct
+        assert "model.layers.0.self_attn.q_proj.weight" in f.keys() and "visual.patch_embed.proj.weight" in f.keys()
+
+
+def test_eval_command_mesh_answers_equal_transformers(tiny_models, tmp_path):
+    """`vlmesh eval` starts a real 2-stage mesh, asks the held-out questions through it and through
+    transformers, and reports per-type scores. A random model scores ~0, but its answers must be
+    the same both ways, token for token."""
+    out = tmp_path / "eval.json"
+    run = subprocess.run(
+        [*VLMESH, "eval", "--model", str(tiny_models["a"]), "--count", "10", "--stages", "2", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for via in ("transformers", "mesh"):
+        assert result[via]["count"] == 10 and set(result[via]["by_type"]) == set(data.QUESTION_TYPES)
+    assert result["mesh_equals_transformers"] is True
+    assert "mesh answers equal transformers answers: 10/10" in run.stdout
