@@ -37,7 +37,7 @@ class Settings:
     seed: int = 0
     steps: int = 2000
     batch_size: int = 20
-    lr: float = 1.5e-3
+    lr: float = 8e-4  # 1.5e-3: 49.6% held-out after 2000 steps; 8e-4: 59.6% (shape 32% -> 70%)
     warmup: int = 100
     weight_decay: float = 0.01
     min_turns: int = 2
