@@ -55,7 +55,7 @@ class Settings:
     # The spatial M-RoPE sections get the lowest frequencies: at head_dim 32 and Qwen's theta of
     # 1e6 they turn by ~1e-4 rad across a picture. 20 turns them 0.5-1.2 rad across 8 merged
     # columns, yet trained worse at lr 1.5e-3 (loss 0.36 vs 0.27, step 1650) and at 8e-4 (0.43 vs
-    # 0.28, step 950): it also slows every text-position frequency. Qwen's value stays.
+    # 0.28, step 950): it also changes every text-position frequency. Qwen's value stays.
     rope_theta: float = 1e6
     # processor: every canvas of data.CANVASES keeps its size; larger user images are scaled down
     min_pixels: int = 56 * 56
