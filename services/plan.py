@@ -11,7 +11,8 @@ reads a copy of the embedding as its head (services/stage/model.py), unless it i
 
 From Python (`vlmesh up` can use it to choose `--layers`):
 
-    from services.plan import load_config, plan
+    from services.common.checkpoint import load_config
+    from services.plan import plan
     stages = plan(load_config("/models/Qwen2-VL-2B-Instruct"), 4)   # [StagePlan(start=0, end=5, ...), ...]
 
 Balancing: the cut minimises the largest stage's bytes (weights, plus the KV cache of
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from services.common.checkpoint import canonical_key
+from services.common.checkpoint import canonical_key, config_dtype, load_config
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KV_TOKENS = 1000  # the unit of the KV column: "bytes per 1k tokens"
@@ -79,27 +80,11 @@ class StagePlan:
         return self.weight_bytes + self.kv_bytes_per_1k * context // KV_TOKENS
 
 
-def load_config(model_dir: str | Path):
-    """The PretrainedConfig of a checkpoint directory; only config.json has to be there."""
-    from transformers import AutoConfig
-
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
-    return AutoConfig.from_pretrained(path)
-
-
-def checkpoint_dtype(config) -> torch.dtype:
-    """The dtype the services use by default: as Checkpoint.dtype("auto") reads it."""
-    d = getattr(config.get_text_config(), "dtype", None) or getattr(config, "dtype", None) or "float32"
-    return d if isinstance(d, torch.dtype) else getattr(torch, str(d).removeprefix("torch."))
-
-
 def measure(config, dtype: torch.dtype | None = None) -> ModelBytes:
     """Build the model on the meta device and count its parameter bytes per owner."""
     from transformers import AutoModelForImageTextToText
 
-    dtype = dtype or checkpoint_dtype(config)
+    dtype = dtype or config_dtype(config)
     try:
         with torch.device("meta"):
             # A copy: from_config writes the dtype into the config it is given.

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from services.common.checkpoint import config_dtype
 from services import plan
 from services.launcher import split_layers
 
@@ -252,7 +253,7 @@ def test_dtype_override(models, sizes):
     stages = plan.plan(config, 2, torch.float32)
     assert [st.weight_bytes for st in stages] == [2 * st.weight_bytes for st in plan.partition(sizes["2b"], 2)]
     assert stages[0].kv_bytes_per_1k == 14 * 2 * 256 * 4 * 1000
-    assert plan.checkpoint_dtype(config) == torch.bfloat16  # building did not rewrite the caller's config
+    assert config_dtype(config) == torch.bfloat16  # building did not rewrite the caller's config
 
 
 def test_bad_stage_counts(sizes):

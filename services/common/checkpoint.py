@@ -97,6 +97,12 @@ FAMILIES: dict[str, Callable[[], Family]] = {
 }
 
 
+def config_dtype(config) -> torch.dtype:
+    """The checkpoint's own dtype (what "auto" means): the text config's, else the outer one's."""
+    d = getattr(config.get_text_config(), "dtype", None) or getattr(config, "dtype", None) or "float32"
+    return d if isinstance(d, torch.dtype) else getattr(torch, str(d).removeprefix("torch."))
+
+
 @dataclass
 class Checkpoint:
     path: Path
@@ -119,10 +125,7 @@ class Checkpoint:
         return bool(getattr(self.config, "tie_word_embeddings", False))
 
     def dtype(self, requested: str = "auto") -> torch.dtype:
-        if requested != "auto":
-            return getattr(torch, requested)
-        d = getattr(self.text_config, "dtype", None) or getattr(self.config, "dtype", None) or "float32"
-        return d if isinstance(d, torch.dtype) else getattr(torch, str(d).removeprefix("torch."))
+        return config_dtype(self.config) if requested == "auto" else getattr(torch, requested)
 
     def weight_files(self) -> dict[str, Path]:
         """checkpoint key -> file holding it."""
@@ -180,13 +183,19 @@ def canonical_key(key: str) -> tuple[str, str]:
     return "other", key
 
 
-def open_checkpoint(path: str | Path, attn_implementation: str = "sdpa") -> Checkpoint:
+def load_config(path: str | Path):
+    """The PretrainedConfig of a checkpoint directory; only config.json has to be there."""
     from transformers import AutoConfig
 
     path = Path(path)
-    if not (path / "config.json").exists():
+    if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
-    config = AutoConfig.from_pretrained(path)
+    return AutoConfig.from_pretrained(path)
+
+
+def open_checkpoint(path: str | Path, attn_implementation: str = "sdpa") -> Checkpoint:
+    path = Path(path)
+    config = load_config(path)
     if config.model_type not in FAMILIES:
         raise ValueError(f"{path}: model_type {config.model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
     # The layers are built directly, not through from_pretrained, so the attention kernel has to

@@ -188,6 +188,24 @@ def _download(url: str, timeout: float, max_bytes: int, kind: str = "image") -> 
     return data
 
 
+def _fetch(source: str, kind: str, max_bytes: int, timeout: float | None) -> bytes:
+    """The bytes a path or a file/http(s)/data URL names (an image or a video file)."""
+    text = source.strip()
+    if text[:5].lower() == "data:":
+        return _decode_data_url(text, kind)
+    match = _URL_SCHEME.match(text)
+    if match is None or len(match.group(1)) == 1:  # "C://..." is a Windows drive, not a scheme
+        return _read_file(text, source, kind)
+    scheme = match.group(1).lower()
+    if scheme == "file":
+        return _read_file(_file_url_path(text), source, kind)
+    if scheme in ("http", "https"):
+        return _download(text, HTTP_TIMEOUT_S if timeout is None else timeout, max_bytes, kind)
+    raise ValueError(
+        f"unsupported {kind} URL scheme {scheme!r} in {_describe(source)}; use file, http, https or data"
+    )
+
+
 def load_image(source: ImageSource, *, timeout: float | None = None) -> bytes:
     """Encoded image bytes (PNG, JPEG, ...) for any supported image source.
 
@@ -211,21 +229,7 @@ def load_image(source: ImageSource, *, timeout: float | None = None) -> bytes:
             f"unsupported image source of type {type(source).__name__}; expected a path, "
             "a file/http(s)/data URL, bytes, or a PIL.Image.Image"
         )
-    text = source.strip()
-    if text[:5].lower() == "data:":
-        return _check_image(_decode_data_url(text), source)
-    match = _URL_SCHEME.match(text)
-    if match is None or len(match.group(1)) == 1:  # "C://..." is a Windows drive, not a scheme
-        return _check_image(_read_file(text, source), source)
-    scheme = match.group(1).lower()
-    if scheme == "file":
-        return _check_image(_read_file(_file_url_path(text), source), source)
-    if scheme in ("http", "https"):
-        data = _download(text, HTTP_TIMEOUT_S if timeout is None else timeout, MAX_IMAGE_BYTES)
-        return _check_image(data, source)
-    raise ValueError(
-        f"unsupported image URL scheme {scheme!r} in {_describe(source)}; use file, http, https or data"
-    )
+    return _check_image(_fetch(source, "image", MAX_IMAGE_BYTES, timeout), source)
 
 
 def load_video(source: VideoSource, *, timeout: float | None = None) -> bytes:
@@ -246,21 +250,7 @@ def load_video(source: VideoSource, *, timeout: float | None = None) -> bytes:
     elif isinstance(source, os.PathLike):
         data = _read_file(source, source, "video")
     elif isinstance(source, str):
-        text = source.strip()
-        match = _URL_SCHEME.match(text)
-        if text[:5].lower() == "data:":
-            data = _decode_data_url(text, "video")
-        elif match is None or len(match.group(1)) == 1:
-            data = _read_file(text, source, "video")
-        elif match.group(1).lower() == "file":
-            data = _read_file(_file_url_path(text), source, "video")
-        elif match.group(1).lower() in ("http", "https"):
-            data = _download(text, HTTP_TIMEOUT_S if timeout is None else timeout, MAX_VIDEO_BYTES, "video")
-        else:
-            raise ValueError(
-                f"unsupported video URL scheme {match.group(1).lower()!r} in {_describe(source)}; "
-                "use file, http, https or data"
-            )
+        data = _fetch(source, "video", MAX_VIDEO_BYTES, timeout)
     else:
         raise ValueError(
             f"unsupported video source of type {type(source).__name__}; expected a path, "
