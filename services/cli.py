@@ -11,6 +11,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+DEMO_IMAGE = Path(__file__).parent / "assets" / "demo.png"  # data.demo_scene(), rendered
 DEFAULT_TINY = Path(os.environ.get("VLMESH_HOME", Path.home() / ".cache" / "vlmesh")) / "tiny-qwen2-vl"
 
 
@@ -28,13 +29,19 @@ def _serve(argv: list[str]) -> int:
     return main(rest)
 
 
-def _model_or_tiny(model: str | None) -> str:
+def _default_model(model: str | None) -> str:
+    """--model, else the shipped shapes model (trained offline, answers right about shapes
+    pictures), else a tiny random-weight model written on first use."""
     if model:
         return model
+    from services.shapes import SHIPPED_MODEL
+
+    if (SHIPPED_MODEL / "config.json").exists():
+        return str(SHIPPED_MODEL)
     if not (DEFAULT_TINY / "config.json").exists():
         from services.tiny import make_tiny
 
-        print(f"no --model given: writing a tiny random-weight Qwen2-VL to {DEFAULT_TINY}", file=sys.stderr)
+        print(f"no --model given and no shipped model: writing a tiny random-weight Qwen2-VL to {DEFAULT_TINY}", file=sys.stderr)
         make_tiny(DEFAULT_TINY)
     return str(DEFAULT_TINY)
 
@@ -43,7 +50,7 @@ def _up(args: argparse.Namespace) -> int:
     from services.common.checkpoint import open_checkpoint
     from services.launcher import LocalMesh, split_layers
 
-    model = _model_or_tiny(args.model)
+    model = _default_model(args.model)
     layers = open_checkpoint(model).text_config.num_hidden_layers
     ranges = split_layers(layers, args.stages)
     print(f"starting vision + {args.stages} stage(s) {ranges} + coordinator for {model}", file=sys.stderr)
@@ -68,15 +75,16 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from services.launcher import LocalMesh, split_layers
     from services.common.checkpoint import open_checkpoint
+    from services.launcher import LocalMesh, split_layers
+    from services.shapes import data
     from vlmesh import Client
 
-    model = _model_or_tiny(args.model)
-    image = args.image or str(Path(__file__).parent / "assets" / "demo.png")
+    model = _default_model(args.model)
+    image = args.image or str(DEMO_IMAGE)
     layers = open_checkpoint(model).text_config.num_hidden_layers
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="vlmesh-demo-")
-    print(f"starting vision + {min(args.stages, layers)} stages + coordinator (logs in {log_dir})", file=sys.stderr)
+    print(f"starting vision + {min(args.stages, layers)} stages + coordinator for {model} (logs in {log_dir})", file=sys.stderr)
     with LocalMesh(model, split_layers(layers, min(args.stages, layers)), log_dir=log_dir) as mesh:
         print(f"mesh up at {mesh.address}; asking about {image}", file=sys.stderr)
         messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": args.question}]}]
@@ -85,6 +93,8 @@ def _demo(args: argparse.Namespace) -> int:
             for delta in client.stream(messages, max_tokens=args.max_tokens):
                 print(delta, end="", flush=True)
         print()
+    if not args.image and args.question in data.CAPTION_QUESTIONS:
+        print(f"(the picture shows {data.demo_scene().caption()})", file=sys.stderr)
     return 0
 
 
@@ -97,14 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("serve", help="run one service: vlmesh serve {vision,stage,coordinator} --help")
 
     up = sub.add_parser("up", help="run the whole mesh locally as child processes")
-    up.add_argument("--model", help="checkpoint directory (default: a tiny model, made on first use)")
+    up.add_argument("--model", help="checkpoint directory (default: the shipped shapes model)")
     up.add_argument("--stages", type=int, default=2, help="number of transformer stages")
     up.add_argument("--port", type=int, default=50051, help="coordinator port")
     up.add_argument("--log-dir", help="write each service's log here instead of the terminal")
     up.add_argument("--timeout", type=float, default=600, help="seconds to wait for the services to be healthy")
 
     demo = sub.add_parser("demo", help="start a mesh, ask about an image, print the streamed answer, stop")
-    demo.add_argument("--model", help="checkpoint directory (default: the tiny demo model)")
+    demo.add_argument("--model", help="checkpoint directory (default: the shipped shapes model)")
     demo.add_argument("--stages", type=int, default=2)
     demo.add_argument("--image", help="image to ask about (default: the shipped example)")
     demo.add_argument("--question", default="What is in this picture?")

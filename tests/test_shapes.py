@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
 from safetensors import safe_open
 
 from services.shapes import data
@@ -28,6 +30,9 @@ def test_generator_is_deterministic_and_answers_are_consistent():
         assert len({s.kind for s in shapes}) == len({s.colour for s in shapes}) == len(shapes)  # one answer each
         w, h = e.scene.size
         assert all(0 <= s.box[0] < s.box[2] <= w and 0 <= s.box[1] < s.box[3] <= h for s in shapes)
+        # each shape inside one merged-token cell, each in its own column
+        assert all(s.box[0] // data.CELL == (s.box[2] - 1) // data.CELL and s.box[1] // data.CELL == (s.box[3] - 1) // data.CELL for s in shapes)
+        assert len({s.box[0] // data.CELL for s in shapes}) == len(shapes)
         if e.qtype == "caption":
             left_to_right = sorted(shapes, key=lambda s: s.centre[0])
             assert e.answer.replace(" and ", ", ").split(", ") == [("an " if s.colour[0] in "aeiou" else "a ") + s.name for s in left_to_right]
@@ -92,3 +97,13 @@ def test_eval_command_mesh_answers_equal_transformers(tiny_models, tmp_path):
         assert result[via]["count"] == 10 and set(result[via]["by_type"]) == set(data.QUESTION_TYPES)
     assert result["mesh_equals_transformers"] is True
     assert "mesh answers equal transformers answers: 10/10" in run.stdout
+
+
+def test_demo_picture_is_the_demo_scene():
+    """`vlmesh demo` asks about services/assets/demo.png; its caption is known only if it is the
+    rendering of data.demo_scene() with the current generator."""
+    with Image.open(ROOT / "services" / "assets" / "demo.png") as shipped:
+        assert np.array_equal(np.asarray(shipped.convert("RGB")), np.asarray(data.demo_scene().render()))
+    scene = data.demo_scene()
+    assert len({s.box[0] // data.CELL for s in scene.shapes}) == len(scene.shapes)
+    assert all(data.SIZE_RANGE[0] <= s.box[2] - s.box[0] <= data.SIZE_RANGE[1] for s in scene.shapes)

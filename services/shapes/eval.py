@@ -1,6 +1,7 @@
 """Score a checkpoint on held-out shapes questions, through transformers and through a mesh.
 
-    vlmesh eval --model DIR                      # transformers and a 2-stage mesh it starts
+    vlmesh eval                                  # the shipped model: transformers and a 2-stage mesh
+    vlmesh eval --model DIR                      # any checkpoint
     vlmesh eval --model DIR --through mesh --mesh 127.0.0.1:50051 --count 500
 
 The held-out pictures come from EVAL_SEED on the evaluation stream, which training never draws
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import data
+from . import SHIPPED_MODEL, data
 
 EVAL_SEED = 20261123
 MAX_NEW_TOKENS = 32  # the longest caption is 15 tokens
@@ -108,7 +109,7 @@ def evaluate_mesh(address: str, examples: list[data.Example], concurrency: int =
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--model", type=Path, required=True, help="checkpoint directory (e.g. one tools/train_shapes.py wrote)")
+    parser.add_argument("--model", type=Path, default=SHIPPED_MODEL, help="checkpoint directory (default: the shipped shapes model)")
     parser.add_argument("--count", type=int, default=500, help="held-out questions (the types take turns)")
     parser.add_argument("--seed", type=int, default=EVAL_SEED, help="held-out seed (default: the one training never saw)")
     parser.add_argument("--through", default="transformers,mesh", help="comma list of: transformers, mesh")
@@ -123,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
     through = [t.strip() for t in args.through.split(",") if t.strip()]
     if not through or set(through) - {"transformers", "mesh"}:
         print(f"eval: --through takes transformers and/or mesh, got {args.through!r}", file=sys.stderr)
+        return 2
+    if not (args.model / "config.json").is_file():
+        print(f"eval: no checkpoint at {args.model} (train one with tools/train_shapes.py, or pass --model DIR)", file=sys.stderr)
         return 2
     examples = data.examples(args.seed, args.count)
     results: dict[str, Result] = {}
