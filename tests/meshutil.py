@@ -237,3 +237,25 @@ def strip_images(messages: list[dict]) -> list[dict]:
 @lru_cache(maxsize=8)
 def reference(model_dir) -> Reference:
     return Reference(model_dir)
+
+
+def image_prompts(images) -> dict[str, list[dict]]:
+    """Text-only, one-image and two-image conversations over the `images` fixture's pictures."""
+    return {
+        "text": [{"role": "user", "content": "Tell me about shapes and colours."}],
+        "one image": [
+            {"role": "user", "content": [{"type": "image", "image": images["wide"]}, {"type": "text", "text": "What is this?"}]}
+        ],
+        "two images": [
+            {"role": "system", "content": "You describe pictures."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": images["wide"]},
+                    {"type": "text", "text": "and"},
+                    {"type": "image", "image": images["tall"]},
+                    {"type": "text", "text": "Compare them."},
+                ],
+            },
+        ],
+    }

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import mp4, png
-from meshutil import images_of, reference, start_mesh, videos_of
+from meshutil import image_prompts, images_of, reference, start_mesh, videos_of
 from services.common import tensors
 from services.common.server import channel
 from services.common.tensors import from_proto
@@ -59,22 +59,7 @@ def frames(n: int, seed: int) -> list[bytes]:
 
 def prompts(images, videos) -> dict[str, list[dict]]:
     return {
-        "text": [{"role": "user", "content": "Tell me about shapes and colours."}],
-        "one image": [
-            {"role": "user", "content": [{"type": "image", "image": images["wide"]}, {"type": "text", "text": "What is this?"}]}
-        ],
-        "two images": [
-            {"role": "system", "content": "You describe pictures."},
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image", "image": images["wide"]},
-                    {"type": "text", "text": "and"},
-                    {"type": "image", "image": images["tall"]},
-                    {"type": "text", "text": "Compare them."},
-                ],
-            },
-        ],
+        **image_prompts(images),
         "one video": [
             {"role": "user", "content": [{"type": "video", "video": videos["short"]}, {"type": "text", "text": "What happens?"}]}
         ],

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meshutil import images_of, reference, start_mesh
+from meshutil import image_prompts, images_of, reference, start_mesh
 from services.common import tensors
 from vlmesh.v1 import coordinator_pb2 as cpb
 
@@ -34,30 +34,9 @@ def mesh(request, tiny_models):
     m.stop()
 
 
-def prompts(images):
-    return {
-        "text": [{"role": "user", "content": "Tell me about shapes and colours."}],
-        "one image": [
-            {"role": "user", "content": [{"type": "image", "image": images["wide"]}, {"type": "text", "text": "What is this?"}]}
-        ],
-        "two images": [
-            {"role": "system", "content": "You describe pictures."},
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image", "image": images["wide"]},
-                    {"type": "text", "text": "and"},
-                    {"type": "image", "image": images["tall"]},
-                    {"type": "text", "text": "Compare them."},
-                ],
-            },
-        ],
-    }
-
-
 @pytest.mark.parametrize("prompt", ["text", "one image", "two images"])
 def test_single_turn_matches_generate(mesh, images, prompt):
-    messages = prompts(images)[prompt]
+    messages = image_prompts(images)[prompt]
     ref = reference(mesh.model_dir)
     expected, _ = ref.generate_ids(ref.prompt_ids(messages), images_of(messages), MAX_NEW)
     got, _, last = mesh.generate(messages, max_tokens=MAX_NEW)
@@ -90,7 +69,7 @@ def test_three_turn_session_matches_generate_on_whole_conversation(mesh, images)
 
 def test_kv_log_equals_generate_past_key_values(mesh, images):
     ref = reference(mesh.model_dir)
-    messages = prompts(images)["one image"]
+    messages = image_prompts(images)["one image"]
     _, out = ref.generate_ids(ref.prompt_ids(messages), images_of(messages), MAX_NEW)
     sid = mesh.stub.CreateSession(cpb.CreateSessionRequest()).session_id
     mesh.generate(messages, session_id=sid, max_tokens=MAX_NEW)

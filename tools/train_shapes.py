@@ -95,7 +95,7 @@ def build(settings: Settings):
     return processor, model
 
 
-def conversation_text(processor, image, turns) -> str:
+def conversation_text(processor, turns) -> str:
     messages = []
     for i, (q, a, _) in enumerate(turns):
         content = [{"type": "image"}, {"type": "text", "text": q}] if i == 0 else [{"type": "text", "text": q}]
@@ -119,7 +119,7 @@ class Batches:
             scene = data.draw_scene(self.rng)
             scenes.append(scene)
             turns = data.conversation(scene, self.rng, int(self.rng.integers(self.settings.min_turns, self.settings.max_turns + 1)))
-            texts.append(conversation_text(self.processor, None, turns))
+            texts.append(conversation_text(self.processor, turns))
             images.append([scene.render()])
         batch = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
         batch["labels"] = self.labels(batch["input_ids"])
@@ -192,7 +192,7 @@ class Validation:
         self.batches = []
         for i in range(0, count, chunk):
             part = self.examples[i : i + chunk]
-            texts = [conversation_text(processor, None, [(ex.question, ex.answer, ex.qtype)]) for ex in part]
+            texts = [conversation_text(processor, [(ex.question, ex.answer, ex.qtype)]) for ex in part]
             batch = processor(text=texts, images=[[ex.scene.render()] for ex in part], padding=True, return_tensors="pt")
             self.batches.append((batch, labels(batch["input_ids"])))
 

@@ -158,23 +158,45 @@ def _extreme(scene: Scene, side: str) -> Shape | None:
 def ask(scene: Scene, qtype: str, rng: np.random.Generator) -> tuple[str, str] | None:
     """(question, answer) of the given type about the scene, or None when it has no clear answer."""
     if qtype == "colour":
-        s = scene.shapes[rng.integers(len(scene.shapes))]
-        return f"What colour is the {s.kind}?", s.colour
+        return _colour_of(scene.shapes[rng.integers(len(scene.shapes))])
     if qtype == "shape":
-        s = scene.shapes[rng.integers(len(scene.shapes))]
-        return f"What shape is the {s.colour} one?", s.kind
+        return _shape_of(scene.shapes[rng.integers(len(scene.shapes))])
     if qtype == "count":
-        return "How many shapes are there?", NUMBERS[len(scene.shapes)]
+        return _count(scene)
     if qtype == "position":
-        sides = [side for side in ("left", "right", "top", "bottom") if _extreme(scene, side) is not None]
-        if not sides:
-            return None
-        side = sides[rng.integers(len(sides))]
-        where = f"on the {side}" if side in ("left", "right") else f"at the {side}"
-        return f"Which shape is {where}?", f"the {_extreme(scene, side).name}"
+        sides = [side for side in SIDES if _extreme(scene, side) is not None]
+        return _position(scene, sides[rng.integers(len(sides))]) if sides else None
     if qtype == "caption":
-        return CAPTION_QUESTIONS[rng.integers(len(CAPTION_QUESTIONS))], scene.caption()
+        return _caption(scene, rng)
     raise ValueError(f"unknown question type {qtype!r}")
+
+
+# One phrasing per question type, shared by the held-out set (ask) and training (questions).
+SIDES = ("left", "right", "top", "bottom")
+
+
+def _colour_of(s: Shape) -> tuple[str, str]:
+    return f"What colour is the {s.kind}?", s.colour
+
+
+def _shape_of(s: Shape) -> tuple[str, str]:
+    return f"What shape is the {s.colour} one?", s.kind
+
+
+def _count(scene: Scene) -> tuple[str, str]:
+    return "How many shapes are there?", NUMBERS[len(scene.shapes)]
+
+
+def _position(scene: Scene, side: str) -> tuple[str, str] | None:
+    s = _extreme(scene, side)
+    if s is None:
+        return None
+    where = f"on the {side}" if side in ("left", "right") else f"at the {side}"
+    return f"Which shape is {where}?", f"the {s.name}"
+
+
+def _caption(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+    return CAPTION_QUESTIONS[rng.integers(len(CAPTION_QUESTIONS))], scene.caption()
 
 
 @dataclass(frozen=True)
@@ -213,15 +235,10 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, st
     shape, the count, each clear extreme, a caption. (question, answer, type)"""
     out = []
     for s in scene.shapes:
-        out.append((f"What colour is the {s.kind}?", s.colour, "colour"))
-        out.append((f"What shape is the {s.colour} one?", s.kind, "shape"))
-    out.append(("How many shapes are there?", NUMBERS[len(scene.shapes)], "count"))
-    for side in ("left", "right", "top", "bottom"):
-        s = _extreme(scene, side)
-        if s is not None:
-            where = f"on the {side}" if side in ("left", "right") else f"at the {side}"
-            out.append((f"Which shape is {where}?", f"the {s.name}", "position"))
-    out.append((CAPTION_QUESTIONS[rng.integers(len(CAPTION_QUESTIONS))], scene.caption(), "caption"))
+        out += [(*_colour_of(s), "colour"), (*_shape_of(s), "shape")]
+    out.append((*_count(scene), "count"))
+    out += [(*qa, "position") for qa in (_position(scene, side) for side in SIDES) if qa is not None]
+    out.append((*_caption(scene, rng), "caption"))
     return [out[i] for i in rng.permutation(len(out))]
 
 

@@ -261,18 +261,34 @@ def load_video(source: VideoSource, *, timeout: float | None = None) -> bytes:
     return data
 
 
-def _video_part(item: Mapping[str, Any], index: str) -> pb.Content:
-    kind = item.get("type")
-    if kind == "video_url" or (kind is None and "video_url" in item):
-        ref = item.get("video_url")
-        if isinstance(ref, Mapping):
-            ref = ref.get("url")
-        if ref is None:
-            raise ValueError(f"{index}: 'video_url' part needs video_url.url (or video_url as a string)")
-        return pb.Content(video=load_video(ref))
-    source = next((item[k] for k in ("video", "url", "path") if item.get(k) is not None), None)
+def _url_ref(item: Mapping[str, Any], index: str, kind: str) -> Any:
+    """The URL of an OpenAI-style part ({"type": "image_url", "image_url": {"url": ...}} or the
+    URL as a string), or None when the part is not of that style."""
+    key = f"{kind}_url"
+    if not (item.get("type") == key or (item.get("type") is None and key in item)):
+        return None
+    ref = item.get(key)
+    if isinstance(ref, Mapping):
+        ref = ref.get("url")
+    if ref is None:
+        raise ValueError(f"{index}: '{key}' part needs {key}.url (or {key} as a string)")
+    return ref
+
+
+def _source(item: Mapping[str, Any], index: str, kind: str) -> Any:
+    """The value of a {"type": kind, kind | "url" | "path": ...} part."""
+    source = next((item[k] for k in (kind, "url", "path") if item.get(k) is not None), None)
     if source is None:
-        raise ValueError(f"{index}: 'video' part needs a 'video' (or 'url' / 'path') value")
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise ValueError(f"{index}: '{kind}' part needs {article} '{kind}' (or 'url' / 'path') value")
+    return source
+
+
+def _video_part(item: Mapping[str, Any], index: str) -> pb.Content:
+    ref = _url_ref(item, index, "video")
+    if ref is not None:
+        return pb.Content(video=load_video(ref))
+    source = _source(item, index, "video")
     if isinstance(source, (list, tuple)):
         fps = item.get("fps", 0.0)
         if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps >= 0:
@@ -285,18 +301,8 @@ def _video_part(item: Mapping[str, Any], index: str) -> pb.Content:
 
 
 def _image_part(item: Mapping[str, Any], index: str) -> pb.Content:
-    kind = item.get("type")
-    if kind == "image_url" or (kind is None and "image_url" in item):
-        ref = item.get("image_url")
-        if isinstance(ref, Mapping):
-            ref = ref.get("url")
-        if ref is None:
-            raise ValueError(f"{index}: 'image_url' part needs image_url.url (or image_url as a string)")
-        return pb.Content(image=load_image(ref))
-    for key in ("image", "url", "path"):
-        if item.get(key) is not None:
-            return pb.Content(image=load_image(item[key]))
-    raise ValueError(f"{index}: 'image' part needs an 'image' (or 'url' / 'path') value")
+    ref = _url_ref(item, index, "image")
+    return pb.Content(image=load_image(ref if ref is not None else _source(item, index, "image")))
 
 
 def _content_part(item: Any, index: str) -> pb.Content:
