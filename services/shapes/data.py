@@ -230,22 +230,19 @@ def examples(seed: int, count: int, stream: int = EVAL_STREAM) -> list[Example]:
     return out
 
 
-def questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+def questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, str, Shape | None]]:
     """Every question the scene answers clearly, in random order: the colour and the shape of each
-    shape, the count, each clear extreme, a caption. (question, answer, type)"""
+    shape, the count, each clear extreme, a caption. (question, answer, type, the one shape the
+    answer is about or None)"""
     out = []
     for s in scene.shapes:
-        out += [(*_colour_of(s), "colour"), (*_shape_of(s), "shape")]
-    out.append((*_count(scene), "count"))
-    out += [(*qa, "position") for qa in (_position(scene, side) for side in SIDES) if qa is not None]
-    out.append((*_caption(scene, rng), "caption"))
+        out += [(*_colour_of(s), "colour", s), (*_shape_of(s), "shape", s)]
+    out.append((*_count(scene), "count", None))
+    for side in SIDES:
+        if (qa := _position(scene, side)) is not None:
+            out.append((*qa, "position", _extreme(scene, side)))
+    out.append((*_caption(scene, rng), "caption", None))
     return [out[i] for i in rng.permutation(len(out))]
-
-
-def conversation(scene: Scene, rng: np.random.Generator, turns: int) -> list[tuple[str, str, str]]:
-    """Training dialogue about one picture: up to `turns` distinct questions, so one vision pass
-    teaches several answers (a one-shape picture answers only four)."""
-    return questions(scene, rng)[:turns]
 
 
 def corpus() -> list[str]:
