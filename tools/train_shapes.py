@@ -134,9 +134,9 @@ class Batches:
         self.labels = AnswerLabels(processor.tokenizer)
         self.pad = processor.tokenizer.pad_token_id
 
-    def row(self, scene: data.Scene, turns) -> tuple[dict[str, torch.Tensor], list[int], list[tuple[int, int]]]:
-        """One picture's prefix and segments; with each segment's (segment, cell) when its answer
-        is about one shape, for the attention loss (Looks)."""
+    def row(self, scene: data.Scene, turns) -> tuple[dict[str, torch.Tensor], list[int], list[tuple[int, int, int]]]:
+        """One picture's prefix and segments, and (segment, head, cell) for each segment whose
+        answer is about one shape, for the attention loss (LOOK_HEADS)."""
         prefix = None
         ids: list[int] = []
         segment: list[int] = []
@@ -188,8 +188,10 @@ class Batches:
 
 # The last layer's head that the attention loss teaches each lookup: find a shape by its kind
 # ("What colour is the circle?"), by its colour ("What shape is the red one?"), by its place.
-# One head had to do all three and learnt the last two only: colour-given-shape stayed near
-# chance. With as many key heads as heads (Settings.num_kv_heads), no two share their keys.
+# With one head for all three, validation at step 600 had colour-given-shape at 100% but position
+# at 54% (and without the word loss the other way round: position 96%, colour 64%); with a head
+# per lookup, 100% and 80% at step 600, both 100% at 800. With as many key heads as heads
+# (Settings.num_kv_heads), no two lookups share their keys.
 LOOK_HEADS = {"colour": 0, "shape": 1, "position": 2}
 
 
@@ -200,7 +202,7 @@ def packed_inputs(model, batch: dict[str, torch.Tensor], segments: torch.Tensor)
     position_ids, _ = model.model.get_rope_index(
         batch["input_ids"], batch["mm_token_type_ids"], batch["image_grid_thw"], None, batch["attention_mask"]
     )  # [3, B, T]
-    starts = torch.zeros_like(segments)  # [B, T]: first index of each token's segment
+    starts = torch.zeros_like(segments)  # [B, T]: how far each segment starts after the first one
     for b in range(segments.shape[0]):
         seg = segments[b].tolist()
         first = {}
