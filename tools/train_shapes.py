@@ -151,8 +151,7 @@ class Batches:
             ids += more
             segment += [k] * len(more)
             if subject is not None:
-                cell = (subject.box[1] // data.CELL) * (scene.size[0] // data.CELL) + subject.box[0] // data.CELL
-                looks.append((k, LOOK_HEADS[qtype], cell))
+                looks.append((k, LOOK_HEADS[qtype], scene.cell(subject)))
         return {**prefix, "input_ids": ids}, segment, looks
 
     def __next__(self):
@@ -196,8 +195,9 @@ LOOK_HEADS = {"colour": 0, "shape": 1, "position": 2}
 
 
 def packed_inputs(model, batch: dict[str, torch.Tensor], segments: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Model inputs for Batches' rows: a 4-D mask where a segment sees the prefix and itself, and
-    M-RoPE positions (transformers' own get_rope_index) with every segment's text positions moved
+    """Model inputs for Batches' rows: a 4-D additive mask (the form both eager and sdpa attention
+    take; eager is the one that returns attention weights) where a segment sees the prefix and
+    itself, and M-RoPE positions (transformers' own get_rope_index) with every segment's text positions moved
     back to start where the first segment's start, as if it were the only question."""
     position_ids, _ = model.model.get_rope_index(
         batch["input_ids"], batch["mm_token_type_ids"], batch["image_grid_thw"], None, batch["attention_mask"]
@@ -215,7 +215,8 @@ def packed_inputs(model, batch: dict[str, torch.Tensor], segments: torch.Tensor)
     visible = causal & (kv >= 0) & ((kv == 0) | (kv == q))
     visible |= torch.eye(segments.shape[1], dtype=torch.bool) & (q < 0)  # padding sees itself: no empty rows
     inputs = {k: v for k, v in batch.items() if k != "mm_token_type_ids"}
-    return {**inputs, "attention_mask": visible[:, None], "position_ids": position_ids}  # mask [B, 1, T, T]
+    mask = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)[:, None]  # [B, 1, T, T]
+    return {**inputs, "attention_mask": mask, "position_ids": position_ids}
 
 
 class Cells(torch.nn.Module):
@@ -241,15 +242,14 @@ class Cells(torch.nn.Module):
         colours = list(data.COLOURS)
         for scene in scenes:
             w, h = scene.size[0] // data.CELL, scene.size[1] // data.CELL
-            k = torch.zeros(h, w, dtype=torch.long)
-            c = torch.zeros(h, w, dtype=torch.long)
+            k = torch.zeros(h * w, dtype=torch.long)
+            c = torch.zeros(h * w, dtype=torch.long)
             for shape in scene.shapes:
-                row, col = shape.box[1] // data.CELL, shape.box[0] // data.CELL
-                k[row, col] = data.SHAPES.index(shape.kind) + 1
-                c[row, col] = colours.index(shape.colour) + 1
+                k[scene.cell(shape)] = data.SHAPES.index(shape.kind) + 1
+                c[scene.cell(shape)] = colours.index(shape.colour) + 1
             ys, xs = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij")
-            kind.append(k.flatten())
-            colour.append(c.flatten())
+            kind.append(k)
+            colour.append(c)
             where.append(torch.stack([xs, ys], -1).reshape(-1, 2))
         return {"kind": torch.cat(kind), "colour": torch.cat(colour), "where": torch.cat(where)}
 
@@ -359,11 +359,7 @@ def train(settings: Settings, out: Path) -> dict:
                 group["lr"] = lr_at(step, settings)
             batch, segments, targets, looks = next(batches)
             merged.clear()
-            inputs = packed_inputs(model, batch, segments)
-            if settings.look_weight:
-                # eager attention takes an additive mask and is the one that returns its weights
-                inputs["attention_mask"] = torch.zeros(inputs["attention_mask"].shape).masked_fill(~inputs["attention_mask"], torch.finfo(torch.float32).min)
-            output = model(**inputs, output_attentions=bool(settings.look_weight))
+            output = model(**packed_inputs(model, batch, segments), output_attentions=bool(settings.look_weight))
             loss = output.loss
             if settings.look_weight and len(looks):
                 # Where the answer is predicted, one head of the last layer per kind of lookup

@@ -86,6 +86,11 @@ class Scene:
         self.render().save(buf, format="PNG")
         return buf.getvalue()
 
+    def cell(self, shape: Shape) -> int:
+        """The CELL-pixel cell that holds `shape`, counted row by row: the processor's order of
+        the merged visual tokens."""
+        return (shape.box[1] // CELL) * (self.size[0] // CELL) + shape.box[0] // CELL
+
     def caption(self) -> str:
         names = [_article(s.name) for s in sorted(self.shapes, key=lambda s: s.centre[0])]
         return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
@@ -164,8 +169,8 @@ def ask(scene: Scene, qtype: str, rng: np.random.Generator) -> tuple[str, str] |
     if qtype == "count":
         return _count(scene)
     if qtype == "position":
-        sides = [side for side in SIDES if _extreme(scene, side) is not None]
-        return _position(scene, sides[rng.integers(len(sides))]) if sides else None
+        extremes = list(_extremes(scene).items())
+        return _position(*extremes[rng.integers(len(extremes))]) if extremes else None
     if qtype == "caption":
         return _caption(scene, rng)
     raise ValueError(f"unknown question type {qtype!r}")
@@ -187,10 +192,12 @@ def _count(scene: Scene) -> tuple[str, str]:
     return "How many shapes are there?", NUMBERS[len(scene.shapes)]
 
 
-def _position(scene: Scene, side: str) -> tuple[str, str] | None:
-    s = _extreme(scene, side)
-    if s is None:
-        return None
+def _extremes(scene: Scene) -> dict[str, Shape]:
+    """Each side (in SIDES order) that has a clear extreme shape, and that shape."""
+    return {side: s for side in SIDES if (s := _extreme(scene, side)) is not None}
+
+
+def _position(side: str, s: Shape) -> tuple[str, str]:
     where = f"on the {side}" if side in ("left", "right") else f"at the {side}"
     return f"Which shape is {where}?", f"the {s.name}"
 
@@ -238,9 +245,7 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, st
     for s in scene.shapes:
         out += [(*_colour_of(s), "colour", s), (*_shape_of(s), "shape", s)]
     out.append((*_count(scene), "count", None))
-    for side in SIDES:
-        if (qa := _position(scene, side)) is not None:
-            out.append((*qa, "position", _extreme(scene, side)))
+    out += [(*_position(side, s), "position", s) for side, s in _extremes(scene).items()]
     out.append((*_caption(scene, rng), "caption", None))
     return [out[i] for i in rng.permutation(len(out))]
 
