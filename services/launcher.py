@@ -14,7 +14,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from services.common.server import wait_healthy
+from services.common.certs import make_certs
+from services.common.server import MeshTLS, wait_healthy
 
 
 def split_layers(num_layers: int, stages: int) -> list[tuple[int, int]]:
@@ -55,6 +56,16 @@ class LocalMesh:
     address: str = ""
     stage_addresses: list[str] = field(default_factory=list)
     vision_address: str = ""
+    certs: str | None = None  # directory of `vlmesh certs` output; None: throwaway ones
+
+    def _tls_args(self, service: str) -> list[str]:
+        d = self.certs
+        return ["--mesh-ca", f"{d}/ca.crt", "--mesh-cert", f"{d}/{service}.crt", "--mesh-key", f"{d}/{service}.key"]
+
+    def _mesh_tls(self) -> MeshTLS:
+        d = self.certs
+        with open(f"{d}/ca.crt", "rb") as ca, open(f"{d}/coordinator.crt", "rb") as c, open(f"{d}/coordinator.key", "rb") as k:
+            return MeshTLS(ca.read(), c.read(), k.read())
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         out = None
@@ -76,15 +87,23 @@ class LocalMesh:
         return proc
 
     def start(self, timeout: float = 300.0) -> "LocalMesh":
+        if self.certs is None:
+            # Even a local mesh is never open inside: throwaway certificates, made for this run.
+            import tempfile
+
+            self.certs = tempfile.mkdtemp(prefix="vlmesh-certs-")
+            make_certs(self.certs)
         try:
             self.vision_address = f"127.0.0.1:{free_port()}"
-            self._spawn("vision", ["vision", "--model", self.model, "--port", self.vision_address.rsplit(":", 1)[1]])
+            self._spawn("vision", ["vision", "--model", self.model, "--port", self.vision_address.rsplit(":", 1)[1], *self._tls_args("vision")])
             for i, (a, b) in enumerate(self.ranges):
                 addr = f"127.0.0.1:{free_port()}"
                 self.stage_addresses.append(addr)
-                self._spawn(f"stage{i}", ["stage", "--model", self.model, "--layers", f"{a}:{b}", "--port", addr.rsplit(":", 1)[1]])
+                self._spawn(
+                    f"stage{i}", ["stage", "--model", self.model, "--layers", f"{a}:{b}", "--port", addr.rsplit(":", 1)[1], *self._tls_args("stage")]
+                )
             for addr in [self.vision_address, *self.stage_addresses]:
-                self._wait(addr, timeout)
+                self._wait(addr, timeout, self._mesh_tls())
             port = self.port or free_port()
             self.address = f"127.0.0.1:{port}"
             self._spawn(
@@ -99,6 +118,7 @@ class LocalMesh:
                     self.vision_address,
                     "--port",
                     str(port),
+                    *self._tls_args("coordinator"),
                 ],
             )
             self._wait(self.address, timeout)
@@ -107,14 +127,14 @@ class LocalMesh:
             raise
         return self
 
-    def _wait(self, address: str, timeout: float) -> None:
+    def _wait(self, address: str, timeout: float, tls: MeshTLS | None = None) -> None:
         deadline = time.monotonic() + timeout
         while True:
             dead = [p for p in self.procs if p.poll() is not None]
             if dead:
                 raise RuntimeError(f"a mesh process exited with code {dead[0].returncode} (args: {' '.join(dead[0].args[3:6])})")
             try:
-                wait_healthy(address, timeout=min(2.0, max(0.1, deadline - time.monotonic())))
+                wait_healthy(address, timeout=min(2.0, max(0.1, deadline - time.monotonic())), tls=tls)
                 return
             except TimeoutError:
                 if time.monotonic() > deadline:

@@ -7,10 +7,12 @@ import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+import grpc
 import torch
 from PIL import Image
 
-from services.common.server import RunningServer, channel
+from services.common.certs import make_certs
+from services.common.server import MeshTLS, ThreadedServer, sync_mesh_channel
 from services.coordinator.server import CoordinatorConfig
 from services.coordinator.server import start as start_coordinator
 from services.stage.server import StageConfig
@@ -22,16 +24,42 @@ from vlmesh.v1 import coordinator_pb2_grpc as cgrpc
 from vlmesh.v1 import tensor_pb2
 
 
+@lru_cache(maxsize=1)
+def certs_dir() -> str:
+    """One mesh CA and its service certificates for the whole test run."""
+    d = tempfile.mkdtemp(prefix="vlmesh-certs-")
+    make_certs(d)
+    return d
+
+
+def mesh_tls_kw(service: str) -> dict:
+    d = certs_dir()
+    return {"mesh_ca": f"{d}/ca.crt", "mesh_cert": f"{d}/{service}.crt", "mesh_key": f"{d}/{service}.key"}
+
+
+def coordinator_tls() -> MeshTLS:
+    """What the coordinator presents inside the mesh: a test calling a stage or vision directly
+    uses it (a caller without it is refused)."""
+    kw = mesh_tls_kw("coordinator")
+    with open(kw["mesh_ca"], "rb") as ca, open(kw["mesh_cert"], "rb") as cert, open(kw["mesh_key"], "rb") as key:
+        return MeshTLS(ca.read(), cert.read(), key.read())
+
+
+def internal_channel(address: str):
+    """A blocking channel to a stage or vision service, as the coordinator dials it."""
+    return sync_mesh_channel(address, coordinator_tls())
+
+
 @dataclass
 class InProcessMesh:
-    vision: RunningServer
-    stages: list[RunningServer]
-    coordinator: RunningServer
+    vision: ThreadedServer
+    stages: list[ThreadedServer]
+    coordinator: ThreadedServer
     ranges: list[tuple[int, int]]
     stub: cgrpc.CoordinatorServiceStub = field(init=False)
 
     def __post_init__(self) -> None:
-        self.channel = channel(self.coordinator.address)
+        self.channel = grpc.insecure_channel(self.coordinator.address)
         self.stub = cgrpc.CoordinatorServiceStub(self.channel)
 
     @property
@@ -57,20 +85,24 @@ class InProcessMesh:
 
 
 def start_mesh(model, ranges, vision_kw: dict | None = None, stage_kw: dict | None = None, coord_kw: dict | None = None) -> InProcessMesh:
-    vision = start_vision(VisionConfig(model=str(model), host="127.0.0.1", port=0, **(vision_kw or {})))
+    """Vision, one stage per range (a list of ranges may repeat one: replicas) and a coordinator,
+    each on its own event loop, talking mutual TLS inside the mesh."""
+    vision = ThreadedServer(start_vision, VisionConfig(model=str(model), port=0, **mesh_tls_kw("vision"), **(vision_kw or {})))
     stages = [
-        start_stage(StageConfig(model=str(model), layers=f"{a}:{b}", host="127.0.0.1", port=0, **(stage_kw or {})))
+        ThreadedServer(start_stage, StageConfig(model=str(model), layers=f"{a}:{b}", port=0, **mesh_tls_kw("stage"), **(stage_kw or {})))
         for a, b in ranges
     ]
-    coordinator = start_coordinator(
+    coord = {"state_dir": tempfile.mkdtemp(prefix="vlmesh-state-"), **(coord_kw or {})}
+    coordinator = ThreadedServer(
+        start_coordinator,
         CoordinatorConfig(
             model=str(model),
             stages=",".join(s.address for s in stages),
             vision=vision.address,
-            host="127.0.0.1",
             port=0,
-            **(coord_kw or {}),
-        )
+            **mesh_tls_kw("coordinator"),
+            **coord,
+        ),
     )
     return InProcessMesh(vision, stages, coordinator, list(ranges))
 
@@ -259,3 +291,40 @@ def image_prompts(images) -> dict[str, list[dict]]:
             },
         ],
     }
+
+
+def forward_once(address: str, step):
+    """One StepInput sent straight to a stage (as the coordinator would); its StepOutput."""
+    from vlmesh.internal.v1 import stage_pb2, stage_pb2_grpc
+
+    with internal_channel(address) as ch:
+        out = list(stage_pb2_grpc.StageServiceStub(ch).Forward(iter([stage_pb2.ForwardRequest(steps=[step])]), timeout=30))
+    return out[0].outputs[0]
+
+
+def stage_info(address: str):
+    from vlmesh.internal.v1 import stage_pb2, stage_pb2_grpc
+
+    with internal_channel(address) as ch:
+        return stage_pb2_grpc.StageServiceStub(ch).GetInfo(stage_pb2.GetInfoRequest(), timeout=10)
+
+
+def vision_stats(address: str):
+    from vlmesh.internal.v1 import vision_pb2, vision_pb2_grpc
+
+    with internal_channel(address) as ch:
+        return vision_pb2_grpc.VisionServiceStub(ch).GetStats(vision_pb2.GetStatsRequest(), timeout=10)
+
+
+def kv_log(stub, session_id: str) -> dict:
+    """layer -> KVDelta of a session's KV log."""
+    return {r.delta.layer: r.delta for r in stub.GetKVLog(cpb.GetKVLogRequest(session_id=session_id))}
+
+
+def stage_holds(address: str, session_id: str) -> bool:
+    """Whether a stage holds KV of the session (asked without renewing anything it lacks)."""
+    from vlmesh.internal.v1 import stage_pb2, stage_pb2_grpc
+
+    with internal_channel(address) as ch:
+        resp = stage_pb2_grpc.StageServiceStub(ch).RenewLeases(stage_pb2.RenewLeasesRequest(session_ids=[session_id]), timeout=10)
+    return session_id not in resp.unknown_session_ids

@@ -10,12 +10,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from conftest import png
-from meshutil import images_of, reference, start_mesh, to_proto
+from meshutil import forward_once, images_of, internal_channel, reference, start_mesh, to_proto, vision_stats
 from services.common import tensors
-from services.common.server import channel
 from services.common.tracing import setup_tracing
 from vlmesh.v1 import coordinator_pb2 as cpb
-from vlmesh.v1 import stage_pb2, stage_pb2_grpc, tensor_pb2, vision_pb2, vision_pb2_grpc
+from vlmesh.internal.v1 import stage_pb2
+from vlmesh.v1 import tensor_pb2
 
 SPANS = InMemorySpanExporter()
 MAX_PIXELS = 2_000_000
@@ -94,21 +94,16 @@ def test_stop_string_and_max_tokens(mesh):
 # --- sessions and the vision cache ------------------------------------------------------------
 
 
-def vision_stats(mesh) -> vision_pb2.GetStatsResponse:
-    with channel(mesh.vision.address) as ch:
-        return vision_pb2_grpc.VisionServiceStub(ch).GetStats(vision_pb2.GetStatsRequest())
-
-
 def test_vision_cache_hits_on_second_turn_about_the_same_image(mesh):
     image = png(80, 80, 42)
     sid = mesh.stub.CreateSession(cpb.CreateSessionRequest()).session_id
-    before = vision_stats(mesh)
+    before = vision_stats(mesh.vision.address)
     mesh.generate(ask(image), session_id=sid, max_tokens=4)
-    mid = vision_stats(mesh)
+    mid = vision_stats(mesh.vision.address)
     assert (mid.cache_misses - before.cache_misses, mid.cache_hits - before.cache_hits) == (1, 0)
     SPANS.clear()
     mesh.generate(ask(image, "Look again: what is it?"), session_id=sid, max_tokens=4)
-    after = vision_stats(mesh)
+    after = vision_stats(mesh.vision.address)
     assert (after.cache_misses - mid.cache_misses, after.cache_hits - mid.cache_hits) == (0, 1)
     encode = [s for s in SPANS.get_finished_spans() if s.name == "vision.encode"]
     assert encode and encode[-1].attributes["vlmesh.cache_hits"] == 1
@@ -147,12 +142,13 @@ def test_health_serving_and_reflection_lists_every_service(mesh):
 
     expect = {
         mesh.coordinator.address: "vlmesh.v1.CoordinatorService",
-        mesh.vision.address: "vlmesh.v1.VisionService",
-        mesh.stages[0].address: "vlmesh.v1.StageService",
-        mesh.stages[1].address: "vlmesh.v1.StageService",
+        mesh.vision.address: "vlmesh.internal.v1.VisionService",
+        mesh.stages[0].address: "vlmesh.internal.v1.StageService",
+        mesh.stages[1].address: "vlmesh.internal.v1.StageService",
     }
     for address, service in expect.items():
-        with channel(address) as ch:
+        ch = grpc.insecure_channel(address) if address == mesh.coordinator.address else internal_channel(address)
+        with ch:
             health = health_pb2_grpc.HealthStub(ch)
             for name in ("", service):
                 assert health.Check(health_pb2.HealthCheckRequest(service=name)).status == health_pb2.HealthCheckResponse.SERVING
@@ -200,16 +196,11 @@ def test_bad_messages(mesh, images):
     still_serves(mesh, images)
 
 
-def forward_once(address: str, step: stage_pb2.StepInput):
-    with channel(address) as ch:
-        return list(stage_pb2_grpc.StageServiceStub(ch).Forward(iter([stage_pb2.ForwardRequest(steps=[step])]), timeout=30))
-
-
 @pytest.mark.parametrize(
     "stage, build, words",
     [
-        (0, lambda: dict(token_ids=[1, 2], position_ids=tensors.to_proto(torch.zeros(3, 2))), "dtype float32 not accepted"),
-        (0, lambda: dict(token_ids=[1, 2], position_ids=tensors.to_proto(torch.zeros(2, 2, dtype=torch.long))), "shape [2, 2]"),
+        (0, lambda: dict(tokens=stage_pb2.TokenIds(ids=[1, 2]), position_ids=tensors.to_proto(torch.zeros(3, 2))), "dtype float32 not accepted"),
+        (0, lambda: dict(tokens=stage_pb2.TokenIds(ids=[1, 2]), position_ids=tensors.to_proto(torch.zeros(2, 2, dtype=torch.long))), "shape [2, 2]"),
         (
             1,
             lambda: dict(position_ids=tensors.to_proto(torch.zeros(3, 2, dtype=torch.long)), hidden_states=tensors.to_proto(torch.zeros(2, 65))),
@@ -223,25 +214,43 @@ def forward_once(address: str, step: stage_pb2.StepInput):
             ),
             "12 bytes for shape [2, 64]",
         ),
-        (0, lambda: dict(token_ids=[1, 99999], position_ids=tensors.to_proto(torch.zeros(3, 2, dtype=torch.long))), "token id outside"),
+        (
+            0,
+            lambda: dict(tokens=stage_pb2.TokenIds(ids=[1, 99999]), position_ids=tensors.to_proto(torch.zeros(3, 2, dtype=torch.long))),
+            "token id outside",
+        ),
+        (
+            0,
+            lambda: dict(tokens=stage_pb2.TokenIds(ids=[1, -3]), position_ids=tensors.to_proto(torch.zeros(3, 2, dtype=torch.long))),
+            "token id outside",
+        ),
+        (
+            1,
+            lambda: dict(
+                position_ids=tensors.to_proto(torch.zeros(3, 2, dtype=torch.long)),
+                hidden_states=tensors.to_proto(torch.full((2, 64), float("nan"))),
+            ),
+            "NaN",
+        ),
     ],
-    ids=["wrong dtype", "wrong shape", "wrong hidden width", "truncated bytes", "token out of vocab"],
+    ids=["wrong dtype", "wrong shape", "wrong hidden width", "truncated bytes", "token out of vocab", "negative token", "NaN hidden"],
 )
 def test_malformed_step_sent_straight_to_a_stage(mesh, images, stage, build, words):
-    with pytest.raises(grpc.RpcError) as err:
-        forward_once(mesh.stages[stage].address, stage_pb2.StepInput(session_id="direct", **build()))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert words in err.value.details()
+    out = forward_once(mesh.stages[stage].address, stage_pb2.StepInput(session_id="direct", **build()))
+    assert out.status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert words in out.status.message
     still_serves(mesh, images)
 
 
 def test_step_at_a_position_the_stage_does_not_hold(mesh, images):
     step = stage_pb2.StepInput(
-        session_id="never-seen", start_position=5, token_ids=[1], position_ids=tensors.to_proto(torch.zeros(3, 1, dtype=torch.long))
+        session_id="never-seen",
+        start_position=5,
+        tokens=stage_pb2.TokenIds(ids=[1]),
+        position_ids=tensors.to_proto(torch.zeros(3, 1, dtype=torch.long)),
     )
-    with pytest.raises(grpc.RpcError) as err:
-        forward_once(mesh.stages[0].address, step)
-    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    out = forward_once(mesh.stages[0].address, step)
+    assert out.status.code == grpc.StatusCode.NOT_FOUND.value[0]
     still_serves(mesh, images)
 
 

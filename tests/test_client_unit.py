@@ -376,7 +376,7 @@ class FakeCoordinator(pb_grpc.CoordinatorServiceServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session {request.session_id}")
         for layer in range(2):
             key = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT16, shape=[1, 1, 2], data=b"\0" * 4)
-            yield tensor_pb2.KVDelta(layer=layer, start_position=0, key=key, value=key)
+            yield pb.GetKVLogResponse(delta=tensor_pb2.KVDelta(layer=layer, start_position=0, key=key, value=key))
 
     def GetModelInfo(self, request, context):  # noqa: N802
         return pb.GetModelInfoResponse(

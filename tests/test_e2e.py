@@ -76,28 +76,31 @@ def test_stage_memory_scales_with_its_layers(tmp_path):
     weights in resident memory. Weights are memory-mapped, so one step runs first to touch them."""
     import torch
 
-    from services.common import tensors
-    from services.common.server import channel
-    from vlmesh.v1 import stage_pb2, stage_pb2_grpc
+    import grpc
 
+    from services.common import tensors
     from services.common.server import wait_healthy
     from services.launcher import free_port
     from services.tiny import make_tiny
+    from vlmesh.internal.v1 import stage_pb2, stage_pb2_grpc
 
     model = make_tiny(tmp_path / "wide", num_layers=8, hidden_size=512, num_heads=8, num_kv_heads=2, intermediate_size=2048)
     layer_bytes = 4 * (512 * 512 * 2 + 2 * (512 * 128 + 128) + 512 + 3 * 512 * 2048 + 2 * 512)  # fp32
     rss = {}
     for layers in ("0:1", "0:8"):
         port = free_port()
-        p = subprocess.Popen([*VLMESH, "serve", "stage", "--model", str(model), "--layers", layers, "--port", str(port), "--host", "127.0.0.1"])
+        args = ["serve", "stage", "--model", str(model), "--layers", layers, "--port", str(port), "--insecure"]
+        p = subprocess.Popen([*VLMESH, *args])
         try:
             wait_healthy(f"127.0.0.1:{port}", timeout=120)
             step = stage_pb2.StepInput(
-                session_id="s", token_ids=[1, 2, 3], position_ids=tensors.to_proto(torch.arange(3).expand(3, 3).contiguous())
+                session_id="s",
+                tokens=stage_pb2.TokenIds(ids=[1, 2, 3]),
+                position_ids=tensors.to_proto(torch.arange(3).expand(3, 3).contiguous()),
             )
-            with channel(f"127.0.0.1:{port}") as ch:
-                list(stage_pb2_grpc.StageServiceStub(ch).Forward(iter([stage_pb2.ForwardRequest(steps=[step])])))
-            time.sleep(0.5)
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                out = list(stage_pb2_grpc.StageServiceStub(ch).Forward(iter([stage_pb2.ForwardRequest(steps=[step])])))
+            assert out[0].outputs[0].status.code == 0
             rss[layers] = psutil.Process(p.pid).memory_info().rss
         finally:
             p.terminate()

@@ -11,12 +11,11 @@ import pytest
 import torch
 
 from conftest import mp4, png
-from meshutil import image_prompts, images_of, reference, start_mesh, videos_of
+from meshutil import forward_once, image_prompts, images_of, kv_log, reference, start_mesh, videos_of
 from services.common import tensors
-from services.common.server import channel
 from services.common.tensors import from_proto
 from vlmesh.v1 import coordinator_pb2 as cpb
-from vlmesh.v1 import stage_pb2, stage_pb2_grpc
+from vlmesh.internal.v1 import stage_pb2
 
 MAX_NEW = 8
 FAMILIES = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe"]
@@ -170,30 +169,23 @@ def test_bad_video_is_invalid_argument(mesh, images, videos, bad):
     assert len(ids) == 2
 
 
-def forward_once(address: str, step: stage_pb2.StepInput):
-    with channel(address) as ch:
-        return list(stage_pb2_grpc.StageServiceStub(ch).Forward(iter([stage_pb2.ForwardRequest(steps=[step])]), timeout=30))
-
-
 @cases([("qwen3-vl", "3 stages"), ("qwen3-vl-moe", "3 stages")])  # a middle stage owns DeepStack layer 1
 def test_deepstack_goes_only_where_it_belongs(mesh):
     """A stage refuses a visual step without its layers' DeepStack features, and features for a
     layer it does not own: a wrong coordinator fails loudly instead of drifting."""
     cfg = reference(mesh.model_dir).model.config
-    ids = [1, cfg.image_token_id, cfg.image_token_id, 2]
     step = dict(
         session_id="direct",
-        token_ids=ids,
+        visual_spans=[stage_pb2.Span(start=1, length=2)],
         position_ids=tensors.to_proto(torch.zeros(3, 4, dtype=torch.long)),
         hidden_states=tensors.to_proto(torch.zeros(4, cfg.text_config.hidden_size)),
     )
-    with pytest.raises(grpc.RpcError) as err:  # the middle stage owns layer 1
-        forward_once(mesh.stages[1].address, stage_pb2.StepInput(**step))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no deepstack features for layers [1]" in err.value.details()
+    out = forward_once(mesh.stages[1].address, stage_pb2.StepInput(**step))  # the middle stage owns layer 1
+    assert out.status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "no deepstack features for layers [1]" in out.status.message
     feature = stage_pb2.DeepstackFeature(layer=0, embeds=tensors.to_proto(torch.zeros(2, cfg.text_config.hidden_size)))
-    with pytest.raises(grpc.RpcError) as err:  # the last stage (2:4) owns none
-        forward_once(mesh.stages[2].address, stage_pb2.StepInput(**step, deepstack=[feature]))
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "layers [0]" in err.value.details()
+    out = forward_once(mesh.stages[2].address, stage_pb2.StepInput(**step, deepstack=[feature]))  # the last stage (2:4) owns none
+    assert out.status.code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and "layers [0]" in out.status.message
 
 
 @cases([("qwen3-vl-moe", "3 stages")])
@@ -253,7 +245,7 @@ def test_kv_log_equals_generate_past_key_values(mesh, images, videos):
     _, out = ref.generate_ids(ref.prompt_ids(messages), images_of(messages), MAX_NEW, videos=videos_of(messages))
     sid = mesh.stub.CreateSession(cpb.CreateSessionRequest()).session_id
     mesh.generate(messages, session_id=sid, max_tokens=MAX_NEW)
-    log = {d.layer: d for d in mesh.stub.GetKVLog(cpb.GetKVLogRequest(session_id=sid))}
+    log = kv_log(mesh.stub, sid)
     cache = out.past_key_values
     assert sorted(log) == list(range(len(cache.layers)))
     for layer, d in log.items():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meshutil import image_prompts, images_of, reference, start_mesh
+from meshutil import image_prompts, images_of, kv_log, reference, start_mesh
 from services.common import tensors
 from vlmesh.v1 import coordinator_pb2 as cpb
 
@@ -73,7 +73,7 @@ def test_kv_log_equals_generate_past_key_values(mesh, images):
     _, out = ref.generate_ids(ref.prompt_ids(messages), images_of(messages), MAX_NEW)
     sid = mesh.stub.CreateSession(cpb.CreateSessionRequest()).session_id
     mesh.generate(messages, session_id=sid, max_tokens=MAX_NEW)
-    log = {d.layer: d for d in mesh.stub.GetKVLog(cpb.GetKVLogRequest(session_id=sid))}
+    log = kv_log(mesh.stub, sid)
     cache = out.past_key_values
     assert sorted(log) == list(range(len(cache.layers)))
     for layer, d in log.items():

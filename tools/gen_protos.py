@@ -1,7 +1,9 @@
 """Generate Python code and mypy stubs from protos/ into clients/python/.
 
-The proto package (vlmesh.v1) equals the Python import path (vlmesh.v1), so the generated
-imports are right as they stand and nothing is rewritten afterwards.
+The proto packages (vlmesh.v1, the public API; vlmesh.internal.v1, the stage and vision services
+only the mesh calls) equal their Python import paths, so the generated imports are right as they
+stand and nothing is rewritten afterwards. The client distribution (clients/python/pyproject.toml)
+leaves vlmesh.internal out. google/rpc/*.proto come from googleapis-common-protos.
 
     python tools/gen_protos.py            # regenerate
     python tools/gen_protos.py --check    # exit 1 if the committed code is stale
@@ -22,13 +24,17 @@ GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 
 
 def generate(out_root: Path) -> list[Path]:
+    from google.rpc import status_pb2
     from grpc_tools import protoc
 
+    googleapis = Path(status_pb2.__file__).resolve().parent.parent.parent  # holds google/rpc/status.proto
     protos = sorted(PROTO_ROOT.rglob("*.proto"))
     bindir = Path(sys.executable).parent  # mypy-protobuf's plugins sit beside the interpreter
     args = [
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
+        f"-I{googleapis}",
+        f"-I{Path(protoc.__file__).parent / '_proto'}",  # google/protobuf/*.proto
         f"--plugin=protoc-gen-mypy={bindir / 'protoc-gen-mypy'}",
         f"--plugin=protoc-gen-mypy_grpc={bindir / 'protoc-gen-mypy_grpc'}",
         f"--python_out={out_root}",

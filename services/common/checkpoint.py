@@ -124,8 +124,17 @@ class Checkpoint:
         # up to it, while Qwen3-VL-MoE's text config defaults to True without tying anything.
         return bool(getattr(self.config, "tie_word_embeddings", False))
 
-    def dtype(self, requested: str = "auto") -> torch.dtype:
-        return config_dtype(self.config) if requested == "auto" else getattr(torch, requested)
+    def dtype(self, requested: str = "auto", device: torch.device | None = None) -> torch.dtype:
+        """"auto": the checkpoint's own dtype; on a GPU, bfloat16 where the checkpoint says float32
+        (GPUs are built for it, and a float32 checkpoint there is almost always a training artefact)."""
+        if requested != "auto":
+            if requested not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"unknown dtype {requested!r}: auto, float32, bfloat16 or float16")
+            return getattr(torch, requested)
+        own = config_dtype(self.config)
+        if device is not None and device.type == "cuda" and own == torch.float32:
+            return torch.bfloat16
+        return own
 
     def weight_files(self) -> dict[str, Path]:
         """checkpoint key -> file holding it."""

@@ -39,6 +39,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if env is not None:
             default = conv(env)
         helptext = f.metadata.get("help", "")
+        # A bare boolean flag means true (`--insecure`); `--insecure false` also works.
+        extra: dict[str, Any] = {"nargs": "?", "const": True} if typ is bool else {}
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
@@ -46,6 +48,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             default=default,
             required=default is None and f.default is dataclasses.MISSING,
             help=f"{helptext} [env {_env_name(f.name)}; default: %(default)s]",
+            **extra,
         )
 
 
@@ -61,9 +64,17 @@ def field(default: Any = dataclasses.MISSING, help: str = "") -> Any:  # noqa: A
 class ServiceConfig:
     """Flags every service has; each service's config extends it."""
 
-    host: str = field("0.0.0.0", "address to bind")
+    host: str = field("127.0.0.1", "address to bind (0.0.0.0 = every interface; the default keeps a service local)")
     trace_exporter: str = field("none", "none | console | otlp")
     otlp_endpoint: str = field("", "OTLP gRPC endpoint, e.g. http://jaeger:4317")
+    service_name: str = field("", "service.name on traces (default: vlmesh-<service>, stages named by layer range)")
+    metrics_port: int = field(0, "serve Prometheus metrics on this HTTP port (0 = off)")
     threads: int = field(0, "torch intra-op threads (0 = torch's default)")
     log_level: str = field("INFO", "logging level")
     log_format: str = field("text", "text | json (one JSON object per line, with trace_id)")
+    mesh_ca: str = field("", "PEM file of the mesh's CA: internal calls are mutual TLS with certificates it signed")
+    mesh_cert: str = field("", "PEM certificate this service presents inside the mesh (signed by --mesh-ca)")
+    mesh_key: str = field("", "PEM private key of --mesh-cert")
+    insecure: bool = field(False, "plaintext inside the mesh, no certificates (anyone who reaches a port can use it)")
+    reflection: bool = field(True, "serve gRPC server reflection (grpcurl without proto files)")
+    max_message_mb: int = field(256, "largest gRPC message accepted, in MiB")

@@ -1,31 +1,269 @@
-"""Server bootstrap shared by every service: error interceptor, health, reflection, graceful
-shutdown, logging, and the channel options the mesh uses everywhere."""
+"""Server bootstrap shared by every service (grpc.aio): error interceptor, health, reflection,
+TLS (mutual TLS inside the mesh, optional TLS on the public port), graceful shutdown, logging,
+and the channels the mesh dials each other with.
+
+A handler is a coroutine: a stream waiting on a slow generation holds no thread, so health
+checks and new requests are answered under any load."""
 
 from __future__ import annotations
 
-import functools
+import asyncio
 import json
 import logging
 import signal
+import sys
 import threading
-from collections.abc import Callable, Iterable
-from concurrent import futures
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import grpc
+import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .errors import VlmeshError
+from .config import ServiceConfig
+from .errors import STATUS_DETAILS_KEY, VlmeshError
 
 log = logging.getLogger(__name__)
 
-# Prefill KV deltas and visual embeddings of large images exceed gRPC's 4 MB default.
-MESSAGE_LIMIT = 1 << 30
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", MESSAGE_LIMIT),
-    ("grpc.max_receive_message_length", MESSAGE_LIMIT),
-]
+TRACE_ID_KEY = "vlmesh-trace-id"
+# Every mesh certificate carries this DNS name, and the mesh's clients check it instead of the
+# address they dial: replicas are reached by pod IP or by any DNS name, and the trust is in the
+# mesh's own CA, not in names.
+MESH_SERVER_NAME = "vlmesh-mesh"
+
+
+def grpc_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # gRPC sets SO_REUSEPORT by default: a second service on a busy port would silently share
+        # it (requests split between two unrelated meshes). Without it, the bind fails loudly.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def channel_options(max_message_bytes: int = 256 << 20, tls: bool = False) -> list[tuple[str, Any]]:
+    opts = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # A restarted replica must serve the very next request: retry the connection quickly
+        # instead of gRPC's default backoff of up to two minutes.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    if tls:
+        opts.append(("grpc.ssl_target_name_override", MESH_SERVER_NAME))
+    return opts
+
+
+# ----------------------------------------------------------------------------------------------
+# TLS
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MeshTLS:
+    """The mesh's CA and this service's certificate and key (PEM bytes)."""
+
+    ca: bytes
+    cert: bytes
+    key: bytes
+
+    @classmethod
+    def from_config(cls, cfg: ServiceConfig) -> MeshTLS | None:
+        """None for --insecure; otherwise all three files, read now (a missing one is a clear error)."""
+        files = {"--mesh-ca": cfg.mesh_ca, "--mesh-cert": cfg.mesh_cert, "--mesh-key": cfg.mesh_key}
+        if cfg.insecure:
+            if any(files.values()):
+                raise ValueError("--insecure and mesh certificates exclude each other")
+            log.warning("--insecure: the mesh's internal calls are plaintext and unauthenticated")
+            return None
+        missing = [flag for flag, path in files.items() if not path]
+        if missing:
+            raise ValueError(
+                f"no mesh certificates ({', '.join(missing)} not set): make them with `vlmesh certs --out DIR`, "
+                "or pass --insecure to run plaintext inside the mesh"
+            )
+        data = {}
+        for flag, path in files.items():
+            try:
+                data[flag] = Path(path).read_bytes()
+            except OSError as err:
+                raise ValueError(f"{flag} {path}: {err.strerror}") from None
+        return cls(data["--mesh-ca"], data["--mesh-cert"], data["--mesh-key"])
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        # require_client_auth: only callers holding a certificate the mesh's CA signed get in.
+        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca, require_client_auth=True)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert)
+
+
+def mesh_channel(address: str, tls: MeshTLS | None, max_message_bytes: int = 256 << 20) -> grpc.aio.Channel:
+    """An asyncio channel to another service of the mesh (mutual TLS unless --insecure)."""
+    opts = channel_options(max_message_bytes, tls is not None)
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=opts)
+    return grpc.aio.secure_channel(address, tls.channel_credentials(), options=opts)
+
+
+def sync_mesh_channel(address: str, tls: MeshTLS | None) -> grpc.Channel:
+    """The same as a blocking channel (tools, tests, `vlmesh up`)."""
+    opts = channel_options(tls=tls is not None)
+    if tls is None:
+        return grpc.insecure_channel(address, options=opts)
+    return grpc.secure_channel(address, tls.channel_credentials(), options=opts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------
+
+
+def error_trailers(err: VlmeshError, trace_id: str = "") -> tuple[tuple[str, str | bytes], ...]:
+    trailers: list[tuple[str, str | bytes]] = [(STATUS_DETAILS_KEY, err.to_status().SerializeToString())]
+    if trace_id:
+        trailers.append((TRACE_ID_KEY, trace_id))
+    return tuple(trailers)
+
+
+async def abort(context: grpc.aio.ServicerContext, err: VlmeshError, trace_id: str = "") -> None:
+    await context.abort(err.code, str(err), trailing_metadata=error_trailers(err, trace_id))
+
+
+async def _abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    if isinstance(exc, VlmeshError):
+        await abort(context, exc, getattr(exc, "trace_id", ""))
+    log.error("unexpected error", exc_info=exc)
+    await abort(context, VlmeshError(f"internal error: {type(exc).__name__}: {exc}"), getattr(exc, "trace_id", ""))
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps our exception types to gRPC statuses in one place, for every RPC shape of our own
+    services (health and reflection are left as they are)."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith("/vlmesh."):
+            return handler
+
+        def unary(fn):
+            async def wrapper(request, context):
+                try:
+                    return await fn(request, context)
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - every error becomes a status
+                    await _abort_with(context, exc)
+
+            return wrapper
+
+        def streaming(fn):
+            async def wrapper(request, context):
+                try:
+                    async for item in fn(request, context):
+                        yield item
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    await _abort_with(context, exc)
+
+            return wrapper
+
+        if handler.unary_unary:
+            return handler._replace(unary_unary=unary(handler.unary_unary))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=streaming(handler.unary_stream))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=unary(handler.stream_unary))
+        if handler.stream_stream:
+            return handler._replace(stream_stream=streaming(handler.stream_stream))
+        return handler
+
+
+# ----------------------------------------------------------------------------------------------
+# Servers
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service_names: list[str]
+    on_stop: Callable[[], Awaitable[None]] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Report NOT_SERVING first so load balancers drain us, then let in-flight RPCs finish."""
+        for name in ["", *self.service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace)
+        if self.on_stop is not None:
+            await self.on_stop()
+
+
+Register = tuple[Callable[[Any, grpc.aio.Server], None], Any, str]
+
+
+async def start_server(
+    register: Iterable[Register],
+    cfg: ServiceConfig,
+    port: int,
+    *,
+    internal: bool,
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+) -> RunningServer:
+    """`register` holds (add_XServicer_to_server, servicer, full service name) triples. An
+    internal service (stage, vision) takes only mesh clients (mutual TLS unless --insecure);
+    a public one (the coordinator) takes `credentials` (TLS) or plaintext."""
+    server = grpc.aio.server(
+        interceptors=[*interceptors, ErrorInterceptor()],
+        options=grpc_options(cfg.max_message_mb << 20),
+    )
+    names = []
+    for add, servicer, name in register:
+        add(servicer, server)
+        names.append(name)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if cfg.reflection:
+        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    if internal:
+        tls = MeshTLS.from_config(cfg)
+        credentials = tls.server_credentials() if tls is not None else None
+    address = f"{cfg.host}:{port}"
+    try:
+        bound = server.add_secure_port(address, credentials) if credentials is not None else server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise OSError(f"cannot bind {address}: the port is in use (or the address is not this host's)")
+    await server.start()
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving %s on %s:%d (%s)", ", ".join(names), cfg.host, bound, "TLS" if credentials else "plaintext")
+    return RunningServer(server, bound, health_servicer, names, on_stop)
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes
+# ----------------------------------------------------------------------------------------------
 
 
 class JsonFormatter(logging.Formatter):
@@ -40,8 +278,11 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        trace_id = getattr(record, "trace_id", None)
         ctx = trace.get_current_span().get_span_context()
-        if ctx.is_valid:
+        if trace_id:
+            entry["trace_id"] = trace_id
+        elif ctx.is_valid:
             entry["trace_id"] = format(ctx.trace_id, "032x")
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
@@ -59,19 +300,23 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
 
 
-def prepare_process(service: str, cfg) -> None:
+def prepare_process(service: str, cfg: ServiceConfig) -> None:
     """Tracing and torch threads, from a ServiceConfig."""
     from .tracing import setup_tracing
 
-    setup_tracing(service, cfg.trace_exporter, cfg.otlp_endpoint)
+    setup_tracing(cfg.service_name or f"vlmesh-{service}", cfg.trace_exporter, cfg.otlp_endpoint)
     if cfg.threads > 0:
         import torch
 
         torch.set_num_threads(cfg.threads)
 
 
-def serve_main(prog: str, description: str, config_cls: type, start: Callable, argv: list[str] | None) -> int:
-    """`vlmesh serve X`: config from flags and environment, logging, serve until SIGTERM."""
+StartFn = Callable[[Any], Awaitable[RunningServer]]
+
+
+def serve_main(prog: str, description: str, config_cls: type, start: StartFn, argv: list[str] | None) -> int:
+    """`vlmesh serve X`: config from flags and environment, logging, serve until SIGTERM. A
+    user's mistake (a wrong path, a busy port, a bad flag value) is one line on stderr, exit 2."""
     import argparse
 
     from .config import add_config_arguments, config_from_args
@@ -80,130 +325,70 @@ def serve_main(prog: str, description: str, config_cls: type, start: Callable, a
     add_config_arguments(parser, config_cls)
     cfg = config_from_args(config_cls, parser.parse_args(argv))
     setup_logging(cfg.log_level, cfg.log_format)
-    start(cfg).wait_for_signal()
+    try:
+        asyncio.run(_serve(cfg, start))
+    except (ValueError, OSError) as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 
-def channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+async def _serve(cfg: ServiceConfig, start: StartFn, grace: float = 5.0) -> None:
+    from .tracing import shutdown_tracing
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    running = await start(cfg)
+    await stop.wait()
+    log.info("shutting down (grace %.1fs)", grace)
+    await running.stop(grace)
+    shutdown_tracing()  # flush the last spans
 
 
-def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
-    if isinstance(exc, VlmeshError):
-        context.abort(exc.code, str(exc))
-    log.exception("unexpected error")
-    context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+class ThreadedServer:
+    """A service on its own event loop in a background thread: several services in one
+    process (the tests, benchmarks) each keep their loop responsive."""
 
-
-class ErrorInterceptor(grpc.ServerInterceptor):
-    """Maps our exception types to gRPC statuses in one place, for every RPC shape."""
-
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-
-        def unary(fn):
-            @functools.wraps(fn)
-            def wrapper(request, context):
-                try:
-                    return fn(request, context)
-                except Exception as exc:  # noqa: BLE001 - every error becomes a status
-                    if isinstance(exc, grpc.RpcError) and context.code() is not None:
-                        raise
-                    _abort(context, exc)
-
-            return wrapper
-
-        def streaming(fn):
-            @functools.wraps(fn)
-            def wrapper(request, context):
-                try:
-                    yield from fn(request, context)
-                except Exception as exc:  # noqa: BLE001
-                    if isinstance(exc, grpc.RpcError) and (context.code() is not None or not context.is_active()):
-                        return  # already aborted, or the caller went away (a closed stream)
-                    _abort(context, exc)
-
-            return wrapper
-
-        if handler.unary_unary:
-            return handler._replace(unary_unary=unary(handler.unary_unary))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=streaming(handler.unary_stream))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=unary(handler.stream_unary))
-        if handler.stream_stream:
-            return handler._replace(stream_stream=streaming(handler.stream_stream))
-        return handler
-
-
-@dataclass
-class RunningServer:
-    server: grpc.Server
-    port: int
-    health: health.HealthServicer
-    service_names: list[str]
-    on_stop: Callable[[], None] | None = None
+    def __init__(self, start: StartFn, cfg: ServiceConfig):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=f"{type(cfg).__name__}-loop", daemon=True)
+        self._thread.start()
+        try:
+            self.server: RunningServer = asyncio.run_coroutine_threadsafe(start(cfg), self.loop).result()
+        except BaseException:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            raise
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return self.server.address
 
-    def stop(self, grace: float = 5.0) -> None:
-        """Report NOT_SERVING first so load balancers drain us, then let in-flight RPCs finish."""
-        for name in ["", *self.service_names]:
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.server.stop(grace).wait()
-        if self.on_stop is not None:
-            self.on_stop()
+    @property
+    def port(self) -> int:
+        return self.server.port
 
-    def wait_for_signal(self, grace: float = 5.0) -> None:
-        """Block until SIGTERM/SIGINT, then stop gracefully (the k8s pod lifecycle)."""
-        done = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: done.set())
-        done.wait()
-        log.info("shutting down (grace %.1fs)", grace)
-        self.stop(grace)
+    def call(self, coro: Awaitable[Any]) -> Any:
+        """Run a coroutine on the service's loop and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()  # type: ignore[arg-type]
+
+    def stop(self, grace: float = 0.0) -> None:
+        try:
+            self.call(self.server.stop(grace))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
 
 
-def start_server(
-    register: Iterable[tuple[Callable[[object, grpc.Server], None], object, str]],
-    host: str = "127.0.0.1",
-    port: int = 0,
-    max_workers: int = 16,
-    on_stop: Callable[[], None] | None = None,
-) -> RunningServer:
-    """`register` holds (add_XServicer_to_server, servicer, full service name) triples."""
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers),
-        interceptors=[ErrorInterceptor()],
-        options=GRPC_OPTIONS,
-    )
-    names = []
-    for add, servicer, name in register:
-        add(servicer, server)
-        names.append(name)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise RuntimeError(f"cannot bind {host}:{port}")
-    server.start()
-    for name in ["", *names]:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving %s on %s:%d", ", ".join(names), host, bound)
-    return RunningServer(server, bound, health_servicer, names, on_stop)
-
-
-def wait_healthy(address: str, timeout: float = 60.0, service: str = "") -> None:
+def wait_healthy(address: str, timeout: float = 60.0, service: str = "", tls: MeshTLS | None = None) -> None:
     """Poll grpc.health.v1 until SERVING (used by `vlmesh up` and the tests)."""
     import time
 
     deadline = time.monotonic() + timeout
-    with channel(address) as ch:
+    with sync_mesh_channel(address, tls) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while True:
             try:

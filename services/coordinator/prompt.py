@@ -31,6 +31,11 @@ class PromptBuilder:
         self.eos_token_ids = eos_token_ids
         if processor.chat_template is None:
             raise ValueError("the checkpoint has no chat template")
+        # The tokens whose positions take visual rows. Which positions do is decided here, from
+        # the prompt as built; a generated token with one of these ids is an ordinary token.
+        self.placeholder_ids = {
+            self.tokenizer.convert_tokens_to_ids(t) for t in (processor.image_token, getattr(processor, "video_token", None)) if t
+        }
         # What the template writes after an assistant message's content (e.g. "<|im_end|>\n").
         probe = self.render([{"role": "user", "content": "x"}, {"role": "assistant", "content": _SENTINEL}], False)
         self.assistant_closing = probe[probe.index(_SENTINEL) + 1 :]

@@ -1,8 +1,18 @@
-"""Runs planned steps through the stages in order (star topology: every hop passes through
-here), relaying hidden states as they arrived and collecting KV deltas. Decides nothing."""
+"""Runs planned steps through the layer ranges in order (star topology: every hop passes through
+here), relaying hidden states as the stages sent them and collecting KV deltas.
+
+It decides nothing: which replica holds a session is the engine's, and so is what to do when a
+replica is lost. A hop that fails because its replica is down or stalled, or because the
+replica lost the session's KV, asks the engine's `recover` for a replica that holds the
+session again (restored from the KV log) and sends the same hop there: the step continues
+where it was. When no replica can be restored, the step's outcome says `replay`."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -10,120 +20,217 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from services.common import tensors
-from services.common.errors import VlmeshError
+from services.common.errors import DeadlineExceeded, StageDown, VlmeshError, from_status
 from services.common.tracing import inject, tracer
-from vlmesh.v1 import stage_pb2, tensor_pb2
+from vlmesh.internal.v1 import stage_pb2
+from vlmesh.v1 import tensor_pb2
 
-from .stage_client import Mesh
+from .session import Session
+from .stage_client import Mesh, StageReplica
 
+log = logging.getLogger(__name__)
 _tracer = tracer("coordinator")
+_KV_LOST = ("KV_MISSING", "KV_POSITION_MISMATCH")
+MAX_RECOVERIES = 3
 
 
 @dataclass
 class StepPlan:
-    session_id: str
-    start_position: int
+    session: Session
+    start: int  # positions already cached
     token_ids: list[int]  # [T]
     positions: torch.Tensor  # [3, T] int64
-    visual: torch.Tensor | None  # [N, H]: rows for the placeholder tokens of token_ids, in order
-    sampling: tensor_pb2.SamplingParams
-    top_logprobs: int = 0
-    deepstack: list[torch.Tensor] | None = None  # Qwen3-VL: [N, H] for decoder layer i, i < k
-    turn_start: bool = False
+    visual_spans: list[tuple[int, int]] = field(default_factory=list)  # (offset, length) in the step
+    visual: tensor_pb2.Tensor | None = None  # [M, H], M = the spans' total length
+    deepstack: list[tensor_pb2.Tensor] = field(default_factory=list)  # [M, H] per DeepStack layer 0..k-1
+    sample: stage_pb2.SampleRequest | None = None  # the step ends the feed: sample the next token
+    rewind: bool = False
+    return_kv_delta: bool = True
     trace_context: otel_context.Context | None = None
+    deadline: float | None = None  # time.monotonic() by which the client wants its answer
 
 
 @dataclass
 class StepOutcome:
-    output: stage_pb2.StepOutput | None  # the last stage's answer (token, logprobs)
-    kv_deltas: list[tensor_pb2.KVDelta] = field(default_factory=list)  # every stage's, in layer order
+    token: stage_pb2.SampledToken | None = None  # when the plan asked for a sample
+    kv_deltas: list[tensor_pb2.KVDelta] = field(default_factory=list)  # every range's, in layer order
     error: VlmeshError | None = None
+    replay: bool = False  # KV lost and not restorable: feed the session's history again
+
+
+Recover = Callable[[StepPlan, int, StageReplica | None], Awaitable[StageReplica | None]]
 
 
 class Runner:
-    def __init__(self, mesh: Mesh, return_kv_delta: bool):
+    def __init__(self, mesh: Mesh, hop_timeout: float, hop_timeout_per_token: float):
         self.mesh = mesh
-        self.return_kv_delta = return_kv_delta
+        self.recover: Recover = _no_recovery  # the engine installs its own
+        self.hop_timeout = hop_timeout
+        self.hop_timeout_per_token = hop_timeout_per_token
+        self.on_hop: Callable[[str, float], None] | None = None  # (range label, seconds): metrics
 
-    def execute(self, plans: list[StepPlan]) -> list[StepOutcome]:
+    async def execute(self, plans: list[StepPlan]) -> list[StepOutcome]:
+        outcomes = [StepOutcome() for _ in plans]
         spans = [
             _tracer.start_span(
                 "step",
                 context=p.trace_context,
                 attributes={
-                    "vlmesh.session_id": p.session_id,
-                    "vlmesh.start_position": p.start_position,
+                    "session.id": p.session.id,
+                    "vlmesh.start_position": p.start,
                     "vlmesh.tokens": len(p.token_ids),
                     "vlmesh.batch_size": len(plans),
+                    "vlmesh.sample": p.sample is not None,
                 },
             )
             for p in plans
         ]
-        try:
-            return self._run(plans, spans)
-        except VlmeshError as err:
-            for span in spans:
-                span.record_exception(err)
-                span.set_status(trace.Status(trace.StatusCode.ERROR, str(err)))
-            return [StepOutcome(None, error=err) for _ in plans]
-        finally:
-            for span in spans:
-                span.end()
-
-    def _run(self, plans: list[StepPlan], spans: list[trace.Span]) -> list[StepOutcome]:
-        outcomes = [StepOutcome(None) for _ in plans]
         hidden: list[tensor_pb2.Tensor | None] = [None] * len(plans)
         positions = [tensors.to_proto(p.positions) for p in plans]
-        deepstack = [[tensors.to_proto(t) for t in p.deepstack or []] for p in plans]
-        for i, stage in enumerate(self.mesh.stages):
-            info = stage.info
-            request = stage_pb2.ForwardRequest()
-            hops = []
-            for j, p in enumerate(plans):
-                hop = _tracer.start_span(
-                    f"stage {info.layer_start}:{info.layer_end}",
-                    context=trace.set_span_in_context(spans[j]),
-                    attributes={"vlmesh.stage": i, "vlmesh.address": stage.address},
-                )
-                hops.append(hop)
-                step = request.steps.add(
-                    session_id=p.session_id,
-                    start_position=p.start_position,
-                    return_kv_delta=self.return_kv_delta,
-                    turn_start=p.turn_start,
-                )
-                step.position_ids.CopyFrom(positions[j])
-                # DeepStack features go to whichever stages own their layers, with the token ids
-                # the stage finds the visual positions in.
-                features = [(layer, deepstack[j][layer]) for layer in info.deepstack_layers if layer < len(deepstack[j])]
-                for layer, feature in features:
-                    step.deepstack.add(layer=layer, embeds=feature)
-                if info.is_first or info.is_last or features:
-                    step.token_ids.extend(p.token_ids)
-                if info.is_first:
-                    if p.visual is not None:
-                        step.visual_embeds.CopyFrom(tensors.to_proto(p.visual))
+        try:
+            for r, rng in enumerate(self.mesh.ranges):
+                live = [j for j, o in enumerate(outcomes) if o.error is None and not o.replay]
+                if not live:
+                    break
+                await self._range(r, rng.label, live, plans, outcomes, hidden, positions, spans)
+        finally:
+            for span, o in zip(spans, outcomes):
+                if o.error is not None:
+                    span.set_status(trace.Status(trace.StatusCode.ERROR, str(o.error)))
+                if o.replay:
+                    span.add_event("replay", {"vlmesh.reason": "KV lost and the KV log cannot restore it"})
+                span.end()
+        return outcomes
+
+    async def _range(self, r, label, live, plans, outcomes, hidden, positions, spans) -> None:
+        first, last = r == 0, r == len(self.mesh.ranges) - 1
+        todo = list(live)
+        for attempt in range(MAX_RECOVERIES + 1):
+            groups: dict[str, list[int]] = {}
+            for j in todo:
+                groups.setdefault(plans[j].session.replicas[r], []).append(j)
+            results = await asyncio.gather(
+                *(self._hop(r, label, addr, js, plans, hidden, positions, spans, first, last) for addr, js in groups.items()),
+                return_exceptions=True,
+            )
+            lost: list[tuple[int, StageReplica | None]] = []
+            for (addr, js), res in zip(groups.items(), results):
+                replica = self.mesh.replicas.get(addr)
+                if isinstance(res, BaseException):
+                    if not isinstance(res, VlmeshError):
+                        raise res
+                    for j in js:
+                        if isinstance(res, StageDown):
+                            spans[j].add_event("retry", {"vlmesh.replica": addr, "vlmesh.error": str(res)})
+                            lost.append((j, replica))
+                        else:
+                            outcomes[j].error = res
+                    continue
+                for j, out in zip(js, res.outputs):
+                    if out.status.code != 0:
+                        err = from_status(out.status, f"stage {addr}")
+                        if err.reason in _KV_LOST and plans[j].start > 0:
+                            spans[j].add_event("retry", {"vlmesh.replica": addr, "vlmesh.error": str(err)})
+                            lost.append((j, None))  # the replica is fine but forgot the session
+                        else:
+                            outcomes[j].error = err
+                        continue
+                    outcomes[j].kv_deltas.extend(out.kv_deltas)
+                    if last:
+                        outcomes[j].token = out.token if out.HasField("token") else None
+                    else:
+                        hidden[j] = out.hidden_states
+            if not lost:
+                return
+            todo = []
+            recovered = await asyncio.gather(*(self.recover(plans[j], r, dead) for j, dead in lost), return_exceptions=True)
+            for (j, _), rep in zip(lost, recovered):
+                if isinstance(rep, StageReplica):
+                    todo.append(j)
+                elif isinstance(rep, VlmeshError) and not isinstance(rep, StageDown):
+                    outcomes[j].error = rep
                 else:
-                    step.hidden_states.CopyFrom(hidden[j])
-                if info.is_last:
-                    step.sampling.CopyFrom(p.sampling)
-                    step.top_logprobs = p.top_logprobs
-                ctx = trace.set_span_in_context(hop)
-                token = otel_context.attach(ctx)
-                try:
-                    step.trace_context.update(inject())
-                finally:
-                    otel_context.detach(token)
+                    outcomes[j].replay = True
+            if not todo:
+                return
+        for j in todo:
+            outcomes[j].error = StageDown(f"layers {label}: the step failed on {MAX_RECOVERIES + 1} replicas in a row")
+
+    async def _hop(self, r, label, addr, js, plans, hidden, positions, spans, first, last) -> stage_pb2.ForwardResponse:
+        replica = self.mesh.replicas[addr]
+        request = stage_pb2.ForwardRequest()
+        hops = []
+        deadline = None
+        tokens = 0
+        for j in js:
+            p = plans[j]
+            tokens += len(p.token_ids)
+            if p.deadline is not None:
+                deadline = p.deadline if deadline is None else max(deadline, p.deadline)
+            hop = _tracer.start_span(
+                f"stage {label}",
+                context=trace.set_span_in_context(spans[j]),
+                kind=trace.SpanKind.CLIENT,
+                attributes={
+                    "rpc.system": "grpc",
+                    "rpc.service": "vlmesh.internal.v1.StageService",
+                    "rpc.method": "Forward",
+                    "server.address": addr,
+                    "vlmesh.layers": label,
+                },
+            )
+            hops.append(hop)
+            step = request.steps.add(session_id=p.session.id, start_position=p.start, return_kv_delta=p.return_kv_delta, rewind=p.rewind)
+            step.position_ids.CopyFrom(positions[j])
+            if first:
+                step.tokens.ids.extend(p.token_ids)
+                if p.visual is not None:
+                    step.visual_embeds.CopyFrom(p.visual)
+            else:
+                step.hidden_states.CopyFrom(hidden[j])
+            info = replica.info
+            owned = [k for k in (info.deepstack_layers if info else ()) if k < len(p.deepstack)]
+            if p.visual_spans and (first or owned):
+                step.visual_spans.extend(stage_pb2.Span(start=a, length=n) for a, n in p.visual_spans)
+            for k in owned:
+                step.deepstack.add(layer=k, embeds=p.deepstack[k])
+            if last and p.sample is not None:
+                step.sample.CopyFrom(p.sample)
+            token = otel_context.attach(trace.set_span_in_context(hop))
             try:
-                response = stage.forward(request)
+                step.trace_context.update(inject())
             finally:
+                otel_context.detach(token)
+        timeout = self.hop_timeout + self.hop_timeout_per_token * tokens
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 for hop in hops:
                     hop.end()
-            if len(response.outputs) != len(plans):
-                raise VlmeshError(f"stage {stage.address} answered {len(response.outputs)} of {len(plans)} steps")
-            for j, out in enumerate(response.outputs):
-                outcomes[j].kv_deltas.extend(out.kv_deltas)
-                hidden[j] = out.hidden_states
-                if info.is_last:
-                    outcomes[j].output = out
-        return outcomes
+                raise DeadlineExceeded("the request's deadline passed")
+            timeout = min(timeout, left)
+        began = time.perf_counter()
+        try:
+            response = await replica.forward(request, timeout)
+        except VlmeshError as err:
+            for hop in hops:
+                hop.set_status(trace.Status(trace.StatusCode.ERROR, str(err)))
+                hop.set_attribute("rpc.grpc.status_code", err.code.value[0])
+                hop.end()
+            raise
+        finally:
+            if self.on_hop is not None:
+                self.on_hop(label, time.perf_counter() - began)
+        for hop, out in zip(hops, response.outputs):
+            hop.set_attribute("rpc.grpc.status_code", 0)
+            hop.set_attribute("vlmesh.compute_us", response.compute_us)
+            if out.status.code != 0:
+                hop.set_status(trace.Status(trace.StatusCode.ERROR, out.status.message))
+            hop.end()
+        if len(response.outputs) != len(js):
+            raise StageDown(f"stage {addr} answered {len(response.outputs)} of {len(js)} steps")
+        return response
+
+
+async def _no_recovery(plan: StepPlan, index: int, dead: StageReplica | None) -> StageReplica | None:
+    return None

@@ -1,31 +1,40 @@
-"""The coordinator service: the mesh's public entry point."""
+"""The coordinator service: the mesh's public entry point.
+
+Handlers validate and translate; the engine owns every session and request. A Generate stream
+is a coroutine waiting on its request's output queue: it holds no thread, so health checks,
+GetModelInfo and new requests are answered however many generations are running."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
+import os
+import time
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
-import torch
 from opentelemetry import trace
 
 from services.common import tensors
 from services.common.checkpoint import Checkpoint, open_checkpoint
 from services.common.config import ServiceConfig, field
-from services.common.errors import Cancelled, InvalidInput, VlmeshError, from_rpc_error
-from services.common.server import RunningServer, channel, prepare_process, serve_main, start_server
-from services.common.tracing import extract, metadata, trace_id_hex, tracer
-from vlmesh.v1 import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2, vision_pb2, vision_pb2_grpc
+from services.common.errors import Cancelled, InvalidInput, UnknownSession, VlmeshError
+from services.common.server import MeshTLS, RunningServer, abort, prepare_process, serve_main, start_server
+from services.common.tracing import extract, trace_id_hex, tracer
+from vlmesh.internal.v1 import vision_pb2
+from vlmesh.v1 import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2
 
-from .detokenizer import IncrementalDetokenizer
-from .engine import CANCELLED, Engine, Request
+from .engine import Engine, EngineConfig, GenerateParams, Request
+from .kv_log import KVLog
 from .prompt import PromptBuilder
 from .rope import RopeIndex
 from .runner import Runner
-from .session import Session, SessionStore
+from .scheduler import SchedulerConfig
 from .stage_client import Mesh
-from .visual import Visual
+from .store import SessionStore
+from .vision_client import VisionPool
 
 log = logging.getLogger(__name__)
 _tracer = tracer("coordinator")
@@ -34,18 +43,35 @@ _ROLES = {
     coordinator_pb2.ROLE_USER: "user",
     coordinator_pb2.ROLE_ASSISTANT: "assistant",
 }
+_INT32_MAX = 2**31 - 1
+
+
+def _default_state_dir(port: int) -> str:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return str(Path(base) / "vlmesh" / f"coordinator-{port}")
 
 
 @dataclass(kw_only=True)
 class CoordinatorConfig(ServiceConfig):
     model: str = field(help="checkpoint directory (config, tokenizer and processor files are read; no weights)")
-    stages: str = field(help="stage addresses host:port, comma-separated, any order")
-    vision: str = field(help="vision service address host:port")
+    stages: str = field(help="stage replicas: host:port or dns:///name:port entries, comma-separated, any order")
+    vision: str = field(help="vision instances: host:port or dns:///name:port entries, comma-separated")
     port: int = field(50051, "port to bind (0 = any free port)")
+    max_message_mb: int = field(32, "largest request accepted, in MiB (images and videos included)")
     default_max_tokens: int = field(256, "max_tokens when a request sets none")
-    max_batch: int = field(32, "most sessions decoded in one step")
-    kv_log: bool = field(True, "collect each step's KV deltas into the session's KV log")
+    max_images: int = field(16, "most images and videos in one request")
+    max_batch: int = field(64, "most sessions in one micro-batch")
+    chunk_tokens: int = field(512, "most tokens in one micro-batch: a longer prompt is fed in chunks between decode steps")
+    pipeline: bool = field(True, "keep one micro-batch in flight per layer range, so every range computes at once")
+    kv_log_mb: int = field(1024, "memory for the KV log that restores a lost replica without recompute (0 = off: replay instead)")
+    prefix_cache_sessions: int = field(64, "finished one-shot requests whose KV is kept for prefix reuse (0 = off)")
     session_ttl: float = field(1800.0, "close sessions idle for this many seconds")
+    state_dir: str = field("", "directory of the durable session store (SQLite; default ~/.local/state/vlmesh/coordinator-PORT; 'none' = memory only)")
+    hop_timeout: float = field(30.0, "seconds a stage may take for one step before its replica counts as stalled")
+    hop_timeout_per_token: float = field(0.05, "extra seconds of the hop timeout per token in the step")
+    vision_timeout: float = field(300.0, "seconds the vision service may take for one request")
+    health_interval: float = field(1.0, "seconds between health probes of each replica")
+    startup_timeout: float = field(600.0, "seconds to wait for the stages and vision at start")
 
 
 def parse_messages(messages) -> tuple[list[dict], list[vision_pb2.VisualInput]]:
@@ -86,186 +112,232 @@ def parse_messages(messages) -> tuple[list[dict], list[vision_pb2.VisualInput]]:
     return out, inputs
 
 
-class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
-    def __init__(self, cfg: CoordinatorConfig, ckpt: Checkpoint, mesh: Mesh):
-        from transformers import AutoProcessor, GenerationConfig
+def parse_params(request: coordinator_pb2.GenerateRequest) -> GenerateParams:
+    import math
 
+    p = request.sampling
+    if not (math.isfinite(p.temperature) and p.temperature >= 0):
+        raise InvalidInput(f"temperature must be a finite number >= 0, got {p.temperature}")
+    if not (0.0 <= p.top_p <= 1.0):
+        raise InvalidInput(f"top_p must be in [0, 1], got {p.top_p}")
+    if p.top_k < 0:
+        raise InvalidInput(f"top_k must be >= 0, got {p.top_k}")
+    if not (math.isfinite(p.repetition_penalty) and p.repetition_penalty >= 0):
+        raise InvalidInput(f"repetition_penalty must be a finite number >= 0, got {p.repetition_penalty}")
+    if request.max_tokens < 0:
+        raise InvalidInput("max_tokens must be >= 0")
+    if not 0 <= request.logprobs <= 20:
+        raise InvalidInput("logprobs must be in [0, 20]")
+    if any(not s for s in request.stop):
+        raise InvalidInput("stop strings must not be empty")
+    return GenerateParams(p, request.max_tokens, tuple(request.stop), request.logprobs, request.include_stop_token_text)
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
+    def __init__(self, cfg: CoordinatorConfig, ckpt: Checkpoint, engine: Engine, kv_log: KVLog, mesh: Mesh, vision: VisionPool):
         self.cfg = cfg
         self.ckpt = ckpt
-        self.processor = AutoProcessor.from_pretrained(cfg.model)
-        try:
-            gen = GenerationConfig.from_pretrained(cfg.model)
-            eos = gen.eos_token_id
-        except OSError:
-            eos = self.ckpt.text_config.eos_token_id
-        self.eos_token_ids = set([eos] if isinstance(eos, int) else (eos or []))
-        self.prompts = PromptBuilder(self.processor, sorted(self.eos_token_ids))
-        self.rope = RopeIndex(self.ckpt, self.processor)
-        self.max_positions = self.ckpt.text_config.max_position_embeddings
+        self.engine = engine
+        self.kv_log = kv_log
         self.mesh = mesh
-        self.vision = vision_pb2_grpc.VisionServiceStub(channel(cfg.vision))
-        self.sessions = SessionStore()
-        self.engine = Engine(Runner(mesh, cfg.kv_log), cfg.max_batch)
-        self._stop = threading.Event()
-        threading.Thread(target=self._expire_loop, daemon=True).start()
+        self.vision = vision
 
-    def close(self) -> None:
-        self._stop.set()
-        self.engine.stop()
-        self.mesh.close()
+    def owner(self, context: grpc.aio.ServicerContext) -> str:
+        return ""
 
-    def _expire_loop(self) -> None:
-        ttl = self.cfg.session_ttl
-        while not self._stop.wait(min(ttl, 30.0)):
-            for s in self.sessions.idle(ttl):
-                log.info("session %s expired after %.0fs idle", s.id, ttl)
-                self.mesh.release(s.id)
-
-    def _encode(self, inputs: list[vision_pb2.VisualInput]) -> tuple[list[Visual], torch.Tensor | None, list[torch.Tensor] | None]:
-        """The visuals, their embeddings [N, H] in prompt order, and (Qwen3-VL) one [N, H]
-        DeepStack feature per DeepStack layer."""
-        if not inputs:
-            return [], None, None
-        with _tracer.start_as_current_span("vision", attributes={"vlmesh.images": len(inputs)}) as span:
-            try:
-                resp = self.vision.Encode(vision_pb2.EncodeRequest(inputs=inputs), metadata=metadata(), timeout=600)
-            except grpc.RpcError as err:
-                raise from_rpc_error(err, "vision") from None
-            span.set_attribute("vlmesh.cache_hits", sum(e.cache_hit for e in resp.embeddings))
-        if len(resp.embeddings) != len(inputs):
-            raise VlmeshError(f"vision answered {len(resp.embeddings)} of {len(inputs)} inputs")
-        visuals = [Visual.from_encoding(i, e) for i, e in zip(inputs, resp.embeddings)]
-        embeds = torch.cat([tensors.from_proto(e.embeddings, "visual embeddings") for e in resp.embeddings])
-        layers = {len(e.deepstack) for e in resp.embeddings}
-        if len(layers) != 1:
-            raise VlmeshError(f"vision returned DeepStack features for {sorted(layers)} layers across inputs")
-        deepstack = [
-            torch.cat([tensors.from_proto(e.deepstack[k], "deepstack features") for e in resp.embeddings])
-            for k in range(layers.pop())
-        ]
-        return visuals, embeds, deepstack or None
-
-    def Generate(self, request, context):
-        with _tracer.start_as_current_span(
-            "generate", context=extract(context.invocation_metadata()), attributes={"vlmesh.service": "coordinator"}
-        ) as span:
-            trace_id = trace_id_hex(span)
-            if request.session_id:
-                session = self.sessions.acquire(request.session_id)
-            else:
-                session = self.sessions.create(persistent=False)
-                session.busy = True
-            span.set_attribute("vlmesh.session_id", session.id)
-            saved = (list(session.token_ids), session.cached, session.rope_delta)
-            ok = False
-            inflight: list[Request] = []
-            try:
-                yield from self._generate(request, context, session, trace_id, inflight)
-                ok = True
-            finally:
-                for req in inflight:  # let the engine finish with it before touching the session
-                    req.cancel()
-                    req.released.wait(timeout=60)
-                if not ok:  # failed or cancelled: the turn did not happen
-                    ran = session.cached != saved[1]
-                    session.token_ids, session.cached, session.rope_delta = saved
-                    if ran:  # the stages hold KV of the lost turn: rebuild from history next time
-                        session.cached = 0
-                        session.kv_log = type(session.kv_log)()
-                if session.persistent:
-                    self.sessions.release(session)
-                else:
-                    self.sessions.pop(session.id)
-                    self.mesh.release(session.id)
-
-    def _generate(self, request, context, session: Session, trace_id: str, inflight: list[Request]):
-        messages, inputs = parse_messages(request.messages)
-        last = session.token_ids[-1] if session.token_ids else None
-        text = self.prompts.closing(last) + self.prompts.new_text(session.messages, messages)
-        rebuild = session.cached == 0 and bool(session.token_ids)
-        old = [v.source for v in session.visuals] if rebuild else []
-        encoded, embeds, deepstack = self._encode(old + inputs)
-        new_visuals = encoded[len(old) :]
-        new_ids = self.prompts.tokenize(text, new_visuals, first_turn=not session.token_ids)
-        history = session.token_ids + new_ids
-        if len(history) >= self.max_positions:
-            raise InvalidInput(f"prompt of {len(history)} tokens leaves no room within the model's limit of {self.max_positions}")
-        positions, delta = self.rope.positions(history, session.visuals + new_visuals)
-        max_tokens = request.max_tokens or self.cfg.default_max_tokens
-        if max_tokens < 0:
-            raise InvalidInput("max_tokens must be >= 0")
-        max_tokens = min(max_tokens, self.max_positions - len(history))
-        sampling = tensor_pb2.SamplingParams()
-        sampling.CopyFrom(request.sampling)
-        cached = session.cached
-        session.token_ids = history
-        session.rope_delta = delta
-        req = Request(
-            session=session,
-            prompt_ids=history[cached:],
-            positions=positions[:, cached:],
-            visual=embeds,
-            deepstack=deepstack,
-            sampling=sampling,
-            max_tokens=max_tokens,
-            logprobs=request.logprobs,
-            detok=IncrementalDetokenizer(self.processor.tokenizer, list(request.stop)),
-            eos_token_ids=self.eos_token_ids,
-            trace_context=trace.set_span_in_context(trace.get_current_span()),
-            cached_tokens=cached,
+    async def Generate(self, request, context):
+        span = _tracer.start_span(
+            "generate",
+            context=extract(context.invocation_metadata()),
+            kind=trace.SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": "vlmesh.v1.CoordinatorService", "rpc.method": "Generate"},
         )
-        context.add_callback(req.cancel)
-        inflight.append(req)
-        self.engine.submit(req)
+        trace_id = trace_id_hex(span)
+        req: Request | None = None
+        ended = False
         first = True
-        text_out = []
-        for item in iter(req.out.get, None):
-            if isinstance(item, VlmeshError):
-                raise item
-            if item is CANCELLED:
-                raise Cancelled("the request was cancelled")
-            if first:
-                item.session_id = session.id if session.persistent else ""
-                item.trace_id = trace_id
-                first = False
-            text_out.append(item.text)
-            yield item
-        session.messages += messages + [{"role": "assistant", "content": "".join(text_out)}]
-        session.visuals += new_visuals
+        try:
+            owner = self.owner(context)
+            messages, inputs = parse_messages(request.messages)
+            params = parse_params(request)
+            left = context.time_remaining()
+            req = Request(
+                id=uuid.uuid4().hex,
+                session_id=request.session_id,
+                owner=owner,
+                messages=messages,
+                inputs=inputs,
+                params=params,
+                deadline=None if left is None else time.monotonic() + left,
+                trace_context=trace.set_span_in_context(span),
+            )
+            self.engine.add(req)
+            while True:
+                item = await req.out.get()
+                if item is None:
+                    ended = True
+                    break
+                if isinstance(item, VlmeshError):
+                    ended = True
+                    raise item
+                if first:
+                    item.trace_id = trace_id
+                    first = False
+                yield item
+            _close_span(span, req, None)
+        except VlmeshError as err:
+            err.trace_id = trace_id  # type: ignore[attr-defined]
+            _close_span(span, req, err)
+            await abort(context, err, trace_id)
+        finally:
+            if req is not None and not ended:  # the client went away (or its deadline passed)
+                self.engine.cancel(req.id, Cancelled("the client cancelled the request"))
+                _close_span(span, req, Cancelled("cancelled"))
 
-    def CreateSession(self, request, context):
-        return coordinator_pb2.CreateSessionResponse(session_id=self.sessions.create().id)
+    async def CreateSession(self, request, context):
+        s = self.engine.create_session(self.owner(context))
+        return coordinator_pb2.CreateSessionResponse(session_id=s.id)
 
-    def CloseSession(self, request, context):
-        s = self.sessions.pop(request.session_id)
-        if s is not None:
-            self.mesh.release(s.id)
-        return coordinator_pb2.CloseSessionResponse(existed=s is not None)
+    async def CloseSession(self, request, context):
+        return coordinator_pb2.CloseSessionResponse(existed=self.engine.close_session(request.session_id, self.owner(context)))
 
-    def GetKVLog(self, request, context):
-        s = self.sessions.get(request.session_id)
-        for layer, (k, v) in s.kv_log.merged().items():
-            yield tensor_pb2.KVDelta(layer=layer, start_position=0, key=tensors.to_proto(k), value=tensors.to_proto(v))
+    async def GetKVLog(self, request, context):
+        s = self.engine.session_for(request.session_id, self.owner(context))
+        merged = self.kv_log.merged(s.id)
+        if merged is None:
+            raise UnknownSession("the session has no KV log (the log is off, or was dropped to stay within its budget)", reason="NO_KV_LOG")
+        for layer, (k, v) in merged.items():
+            yield coordinator_pb2.GetKVLogResponse(
+                delta=tensor_pb2.KVDelta(layer=layer, start_position=0, key=tensors.to_proto(k), value=tensors.to_proto(v))
+            )
 
-    def GetModelInfo(self, request, context):
+    async def GetModelInfo(self, request, context):
         return coordinator_pb2.GetModelInfoResponse(
             model_type=self.ckpt.config.model_type,
             num_layers=self.ckpt.text_config.num_hidden_layers,
-            stage_layers=[f"{s.info.layer_start}:{s.info.layer_end}" for s in self.mesh.stages],
-            max_sequence_length=self.max_positions,
+            stage_layers=[g.label for g in self.mesh.ranges],
+            max_sequence_length=self.ckpt.text_config.max_position_embeddings,
         )
 
+    async def GetMeshStatus(self, request, context):
+        await asyncio.gather(*(i.refresh_stats() for i in self.vision.instances.values()))
+        resp = coordinator_pb2.GetMeshStatusResponse(model_type=self.ckpt.config.model_type)
+        pinned: dict[str, int] = {}
+        for s in self.engine.sessions.values():
+            for a in s.replicas.values():
+                pinned[a] = pinned.get(a, 0) + 1
+        reps = sorted(self.mesh.replicas.values(), key=lambda r: (r.layers or (1 << 30, 0), r.address))
+        for r in reps:
+            info = r.info
+            resp.stages.add(
+                address=r.address,
+                layers=f"{info.layer_start}:{info.layer_end}" if info else "",
+                state=coordinator_pb2.REPLICA_STATE_UP if r.up else coordinator_pb2.REPLICA_STATE_DOWN,
+                kv_used_bytes=info.kv_used_bytes if info else 0,
+                kv_budget_bytes=info.kv_budget_bytes if info else 0,
+                num_sessions=info.num_sessions if info else 0,
+                pinned_sessions=pinned.get(r.address, 0),
+                dtype=info.dtype if info else "",
+                quantization=info.quantization if info else "",
+            )
+        for inst in self.vision.instances.values():
+            st = inst.stats
+            resp.vision.add(
+                address=inst.address,
+                state=coordinator_pb2.REPLICA_STATE_UP if inst.health.up else coordinator_pb2.REPLICA_STATE_DOWN,
+                cache_hits=st.cache_hits if st else 0,
+                cache_misses=st.cache_misses if st else 0,
+                cache_entries=st.cache_entries if st else 0,
+                cache_bytes=st.cache_bytes if st else 0,
+            )
+        status = self.engine.status()
+        resp.num_sessions = status["sessions"]
+        resp.requests_running = status["running"]
+        resp.requests_waiting = status["waiting"]
+        resp.kv_log_bytes = self.kv_log.bytes
+        resp.kv_log_budget_bytes = self.kv_log.budget
+        return resp
 
-def start(cfg: CoordinatorConfig) -> RunningServer:
+
+def _close_span(span: trace.Span, req: Request | None, err: VlmeshError | None) -> None:
+    if not span.is_recording():
+        return
+    if req is not None:
+        s = req.session
+        if s is not None:
+            span.set_attribute("session.id", s.id)
+        span.set_attribute("vlmesh.prompt_tokens", req.prompt_tokens)
+        span.set_attribute("vlmesh.cached_tokens", req.cached_tokens)
+        span.set_attribute("vlmesh.generated_tokens", len(req.generated))
+        if req.first_token_at is not None:
+            span.set_attribute("vlmesh.ttft_s", req.first_token_at - req.arrival)
+        if req.started_at is not None:
+            span.set_attribute("vlmesh.queue_s", req.started_at - req.arrival)
+    if err is not None:
+        span.set_attribute("rpc.grpc.status_code", err.code.value[0])
+        span.set_status(trace.Status(trace.StatusCode.ERROR, str(err)))
+    else:
+        span.set_attribute("rpc.grpc.status_code", 0)
+    span.end()
+
+
+async def start(cfg: CoordinatorConfig) -> RunningServer:
+    from transformers import AutoProcessor, GenerationConfig
+
     prepare_process("coordinator", cfg)
     ckpt = open_checkpoint(cfg.model)
-    mesh = Mesh.connect([a.strip() for a in cfg.stages.split(",") if a.strip()], ckpt.text_config.num_hidden_layers)
-    servicer = CoordinatorServicer(cfg, ckpt, mesh)
-    return start_server(
+    tls = MeshTLS.from_config(cfg)
+    processor = await asyncio.to_thread(AutoProcessor.from_pretrained, cfg.model)
+    try:
+        eos = GenerationConfig.from_pretrained(cfg.model).eos_token_id
+    except OSError:
+        eos = ckpt.text_config.eos_token_id
+    eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
+    kv_log = KVLog(cfg.kv_log_mb << 20)
+    state_dir = cfg.state_dir or _default_state_dir(cfg.port)
+    store = None if state_dir == "none" else await asyncio.to_thread(SessionStore, state_dir)
+    mesh = Mesh(cfg.stages, tls, ckpt.text_config.num_hidden_layers, watch_interval=cfg.health_interval)
+    vision = VisionPool(cfg.vision, tls, watch_interval=cfg.health_interval)
+    await asyncio.gather(mesh.connect(cfg.startup_timeout), vision.connect(cfg.startup_timeout))
+    depth = len(mesh.ranges) if cfg.pipeline else 1
+    engine_cfg = EngineConfig(
+        default_max_tokens=cfg.default_max_tokens,
+        max_images=cfg.max_images,
+        vision_timeout=cfg.vision_timeout,
+        session_ttl=cfg.session_ttl,
+        scheduler=SchedulerConfig(max_batch=cfg.max_batch, chunk_tokens=cfg.chunk_tokens, pipeline_depth=depth),
+        prefix_cache_sessions=cfg.prefix_cache_sessions,
+    )
+    runner = Runner(mesh, cfg.hop_timeout, cfg.hop_timeout_per_token)
+    engine = Engine(
+        engine_cfg,
+        mesh,
+        vision,
+        PromptBuilder(processor, sorted(eos_ids)),
+        RopeIndex(ckpt, processor),
+        processor.tokenizer,
+        eos_ids,
+        ckpt.text_config.max_position_embeddings,
+        kv_log,
+        store,
+        runner,
+        ckpt.family.deepstack_layers(ckpt.config),
+    )
+    engine.start()
+    servicer = CoordinatorServicer(cfg, ckpt, engine, kv_log, mesh, vision)
+
+    async def on_stop() -> None:
+        await engine.stop()
+        await asyncio.gather(mesh.close(), vision.close())
+        if store is not None:
+            store.close()
+
+    return await start_server(
         [(coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server, servicer, "vlmesh.v1.CoordinatorService")],
-        cfg.host,
+        cfg,
         cfg.port,
-        on_stop=servicer.close,
+        internal=False,
+        on_stop=on_stop,
     )
 
 

@@ -1,105 +1,56 @@
-"""Session state owned by the coordinator: token history, rope delta, images and videos seen, the
-messages for the chat template, and the KV-delta log (the basis of restore and failover)."""
+"""Session state owned by the coordinator's engine: token history, rope delta, the images and
+videos seen, the messages for the chat template, which replica of each layer range holds the
+session's KV, and how many leading positions those replicas hold."""
 
 from __future__ import annotations
 
-import threading
+import bisect
 import time
 import uuid
 from dataclasses import dataclass, field
 
-import torch
-
-from services.common.errors import Conflict, UnknownSession
-
 from .visual import Visual
-
-
-class KVLog:
-    """Every K/V entry the stages returned, per layer, in order. Merged on read."""
-
-    def __init__(self) -> None:
-        self.chunks: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}  # layer -> [(start, [H,T,D], [H,T,D])]
-
-    def append(self, layer: int, start: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        chunks = self.chunks.setdefault(layer, [])
-        # A rebuilt session restarts at 0: its old entries are superseded.
-        while chunks and chunks[-1][0] >= start:
-            chunks.pop()
-        if chunks:
-            last_start, k, v = chunks[-1]
-            if last_start + k.shape[1] > start:
-                chunks[-1] = (last_start, k[:, : start - last_start], v[:, : start - last_start])
-        chunks.append((start, key.clone(), value.clone()))
-
-    def merged(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:  # layer -> ([H, L, D], [H, L, D])
-        return {
-            layer: (torch.cat([k for _, k, _ in c], dim=1), torch.cat([v for _, _, v in c], dim=1))
-            for layer, c in sorted(self.chunks.items())
-        }
-
-    def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() * 2 for c in self.chunks.values() for _, k, _ in c)
 
 
 @dataclass
 class Session:
     id: str
-    persistent: bool  # False: a one-shot request's session, dropped when it ends
+    owner: str  # id of the API key that created it ("" when the coordinator has no keys)
+    persistent: bool  # False: a one-shot request's session, gone (or parked for its prefix) when it ends
     token_ids: list[int] = field(default_factory=list)  # the whole conversation so far
-    cached: int = 0  # leading tokens whose KV the stages hold
-    # Every image and video so far, in prompt order: grids and video sampling for M-RoPE, the
-    # inputs to re-encode if the KV must be rebuilt.
-    visuals: list[Visual] = field(default_factory=list)
+    # Absolute positions of the visual rows (image and video placeholders of the prompts), in the
+    # order of the visuals' embedding rows. Generated tokens are never among them, whatever their id.
+    visual_positions: list[int] = field(default_factory=list)
+    visuals: list[Visual] = field(default_factory=list)  # every image and video so far, in prompt order
     messages: list[dict] = field(default_factory=list)  # for the chat template (no image bytes)
     rope_delta: int = 0
-    kv_log: KVLog = field(default_factory=KVLog)
+    cached: int = 0  # leading positions whose KV the pinned replicas hold
+    # The pinned replicas may hold positions beyond `cached` (a failed turn, a reused prefix):
+    # the next step tells them to drop those first.
+    rewind: bool = False
+    replicas: dict[int, str] = field(default_factory=dict)  # range index -> replica address holding the KV
     busy: bool = False
     last_used: float = field(default_factory=time.monotonic)
 
+    @classmethod
+    def new(cls, owner: str, persistent: bool) -> Session:
+        return cls(uuid.uuid4().hex, owner, persistent)
 
-class SessionStore:
-    def __init__(self) -> None:
-        self._sessions: dict[str, Session] = {}
-        self._lock = threading.Lock()
+    def visual_rows_from(self, position: int) -> int:
+        """Index of the first visual row at or after `position`."""
+        return bisect.bisect_left(self.visual_positions, position)
 
-    def create(self, persistent: bool = True) -> Session:
-        s = Session(uuid.uuid4().hex, persistent)
-        with self._lock:
-            self._sessions[s.id] = s
-        return s
+    def visual_index_of_row(self, row: int) -> int:
+        """Which visual a session-wide row belongs to (rows are the visuals' rows in order)."""
+        at = 0
+        for i, v in enumerate(self.visuals):
+            at += v.rows
+            if row < at:
+                return i
+        return len(self.visuals)
 
-    def get(self, session_id: str) -> Session:
-        with self._lock:
-            s = self._sessions.get(session_id)
-        if s is None:
-            raise UnknownSession(f"unknown session {session_id!r} (closed, expired, or never created)")
-        return s
-
-    def acquire(self, session_id: str) -> Session:
-        """Take the session for one turn; a second concurrent turn is refused, not interleaved."""
-        with self._lock:
-            s = self._sessions.get(session_id)
-            if s is None:
-                raise UnknownSession(f"unknown session {session_id!r} (closed, expired, or never created)")
-            if s.busy:
-                raise Conflict(f"session {session_id!r} is already generating")
-            s.busy = True
-            return s
-
-    def release(self, s: Session) -> None:
-        with self._lock:
-            s.busy = False
-            s.last_used = time.monotonic()
-
-    def pop(self, session_id: str) -> Session | None:
-        with self._lock:
-            return self._sessions.pop(session_id, None)
-
-    def idle(self, ttl: float) -> list[Session]:
-        now = time.monotonic()
-        with self._lock:
-            gone = [s for s in self._sessions.values() if not s.busy and now - s.last_used > ttl]
-            for s in gone:
-                del self._sessions[s.id]
-        return gone
+    def forget_kv(self) -> None:
+        """The stages hold nothing of this session any more (or nothing we can trust)."""
+        self.cached = 0
+        self.rewind = False
+        self.replicas.clear()

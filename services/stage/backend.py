@@ -1,19 +1,21 @@
-"""One stage's block range: validates a batch of steps, admits it against the KV budget, runs
-it through the layers (decode steps of several sessions in one forward pass), samples on the
-last stage. Plain exceptions only; the handler turns them into statuses."""
+"""One stage's block range: runs a batch of session steps as one forward pass (the model runner).
+
+Each step is validated and admitted against the KV budget on its own; a step that fails gets its
+own error and the rest run. The sessions' tokens go side by side through the layers ([1, N, H]);
+attention is per session over its KV in place (attention.py). Plain exceptions only; the handler
+turns them into statuses. Called from one thread at a time (the stage's runner thread)."""
 
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass, field
 
 import torch
 
 from services.common.checkpoint import Checkpoint
-from services.common.errors import InvalidInput, WrongStage
+from services.common.errors import InvalidInput, VlmeshError, WrongStage
 
-from .kv_cache import BatchKV, KVCache
+from .kv_cache import BatchKV, KVCache, KVShape, SessionKV
 from .model import StageModel
 from .sampler import Sample, SamplingParams, sample
 
@@ -21,58 +23,67 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class SampleSpec:
+    params: SamplingParams
+    top_logprobs: int = 0
+    penalty_ids: torch.Tensor | None = None  # [K] int64
+
+
+@dataclass
 class Step:
-    """One session's step, decoded and validated by the handler."""
+    """One session's step, decoded from the wire by the handler."""
 
     session_id: str
-    start_position: int
-    token_ids: torch.Tensor  # [T] int64 (may be empty on middle stages)
-    hidden: torch.Tensor | None  # [T, H] (None on the first stage)
-    position_ids: torch.Tensor  # [3, T] int64
-    visual: torch.Tensor | None  # [N, H] first stage only
-    deepstack: dict[int, torch.Tensor] = field(default_factory=dict)  # global layer -> [N, H] (Qwen3-VL)
+    start: int  # positions already cached
+    positions: torch.Tensor  # [3, T] int64
+    token_ids: torch.Tensor | None = None  # [T] int64, first stage
+    hidden: torch.Tensor | None = None  # [T, H], other stages
+    visual_index: torch.Tensor | None = None  # [M] int64: offsets in the step of the visual rows
+    visual: torch.Tensor | None = None  # [M, H], first stage
+    deepstack: dict[int, torch.Tensor] = field(default_factory=dict)  # global layer -> [M, H]
+    sample: SampleSpec | None = None  # last stage
     return_kv_delta: bool = False
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    top_logprobs: int = 0
-    turn_start: bool = False
+    rewind: bool = False  # drop the positions from `start` on first (prefix reuse)
 
     @property
     def num_tokens(self) -> int:
-        return self.position_ids.shape[1]
+        return self.positions.shape[1]
 
 
 @dataclass
 class StepResult:
     session_id: str
-    hidden: torch.Tensor | None  # [T, H] when not the last stage
-    sample: Sample | None  # last stage
-    kv_delta: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> ([H, T, D], [H, T, D])
-    cache_length: int
-
-
-@dataclass
-class _SamplerState:
-    history: list[int] = field(default_factory=list)
-    generator: torch.Generator | None = None
+    error: VlmeshError | None = None  # the step did not run
+    cache_length: int = 0
+    hidden: torch.Tensor | None = None  # [T, H], non-last stages
+    token: Sample | None = None  # last stage, when asked
+    kv_delta: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> ([H, T, D], [H, T, D])
 
 
 class StageBackend:
-    def __init__(self, ckpt: Checkpoint, start: int, end: int, dtype: torch.dtype, kv_budget_bytes: int, max_batch: int = 32):
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        start: int,
+        end: int,
+        dtype: torch.dtype,
+        kv_budget_bytes: int,
+        *,
+        device: torch.device = torch.device("cpu"),
+        lease_seconds: float = 60.0,
+        max_batch: int = 64,
+    ):
         self.ckpt = ckpt
-        self.model = StageModel(ckpt, start, end, dtype)
+        self.model = StageModel(ckpt, start, end, dtype, device)
         tc = ckpt.text_config
         self.dtype = dtype
+        self.device = device
         self.hidden_size = tc.hidden_size
+        self.vocab_size = tc.vocab_size
+        self.max_positions = tc.max_position_embeddings
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        per_token = 2 * (end - start) * tc.num_key_value_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-        self.kv = KVCache(kv_budget_bytes, per_token, start, end)
-        self.visual_ids = tuple(
-            i for i in (getattr(ckpt.config, "image_token_id", None), getattr(ckpt.config, "video_token_id", None)) if i is not None
-        )
-        self._visual_ids = torch.tensor(self.visual_ids, dtype=torch.long)
+        self.kv = KVCache(KVShape(range(start, end), tc.num_key_value_heads, head_dim, dtype, device), kv_budget_bytes, lease_seconds)
         self.max_batch = max_batch
-        self._samplers: dict[str, _SamplerState] = {}
-        self._lock = threading.Lock()  # one forward at a time: torch already uses every core
 
     @property
     def is_first(self) -> bool:
@@ -82,157 +93,186 @@ class StageBackend:
     def is_last(self) -> bool:
         return self.model.is_last
 
-    def visual_mask(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Where the image and video placeholders are (the positions visual features go to)."""
-        return torch.isin(token_ids, self._visual_ids)
-
     def validate(self, step: Step) -> None:
+        """Everything about one step that can be known before running it. Raises InvalidInput
+        (malformed) or WrongStage (this stage cannot run it)."""
         t = step.num_tokens
         if t == 0:
-            raise InvalidInput(f"session {step.session_id!r}: a step needs at least one position")
+            raise InvalidInput("a step needs at least one position")
         if self.is_first:
+            if step.token_ids is None or step.hidden is not None:
+                raise WrongStage("the first stage embeds token ids itself; send tokens, not hidden_states")
             if step.token_ids.shape != (t,):
-                raise InvalidInput(f"session {step.session_id!r}: {step.token_ids.shape[0]} token_ids for {t} positions")
-            if step.hidden is not None:
-                raise WrongStage("the first stage embeds token_ids itself; it takes no hidden_states")
-            vocab = self.ckpt.text_config.vocab_size
-            if int(step.token_ids.min()) < 0 or int(step.token_ids.max()) >= vocab:
-                raise InvalidInput(f"session {step.session_id!r}: token id outside [0, {vocab})")
-            placeholders = int(self.visual_mask(step.token_ids).sum())
+                raise InvalidInput(f"{step.token_ids.shape[0]} token ids for {t} positions")
+            if int(step.token_ids.min()) < 0 or int(step.token_ids.max()) >= self.vocab_size:
+                raise InvalidInput(f"token id outside [0, {self.vocab_size})")
             rows = 0 if step.visual is None else step.visual.shape[0]
-            if placeholders != rows:
-                raise InvalidInput(
-                    f"session {step.session_id!r}: {placeholders} visual placeholder tokens but {rows} visual embedding rows"
-                )
-            if step.visual is not None and step.visual.shape[1] != self.hidden_size:
-                raise InvalidInput(f"session {step.session_id!r}: visual_embeds width {step.visual.shape[1]} != {self.hidden_size}")
+            spans = 0 if step.visual_index is None else step.visual_index.numel()
+            if rows != spans:
+                raise InvalidInput(f"{spans} visual positions but {rows} visual embedding rows")
+            if step.visual is not None:
+                if step.visual.shape[1] != self.hidden_size:
+                    raise InvalidInput(f"visual_embeds width {step.visual.shape[1]} != {self.hidden_size}")
+                if not bool(torch.isfinite(step.visual).all()):
+                    raise InvalidInput("visual_embeds hold NaN or infinite values")
         else:
             if step.hidden is None:
-                raise InvalidInput(f"session {step.session_id!r}: stage {self.model.start}:{self.model.end} needs hidden_states")
+                raise WrongStage(f"stage {self.model.start}:{self.model.end} takes hidden_states, not token ids")
             if step.hidden.shape != (t, self.hidden_size):
-                raise InvalidInput(
-                    f"session {step.session_id!r}: hidden_states shape {list(step.hidden.shape)} does not match [{t}, {self.hidden_size}]"
-                )
+                raise InvalidInput(f"hidden_states shape {list(step.hidden.shape)} does not match [{t}, {self.hidden_size}]")
+            if not bool(torch.isfinite(step.hidden).all()):
+                raise InvalidInput("hidden_states hold NaN or infinite values")
             if step.visual is not None:
                 raise WrongStage("visual_embeds go to the first stage only")
-            if step.token_ids.numel() not in (0, t):
-                raise InvalidInput(f"session {step.session_id!r}: {step.token_ids.numel()} token_ids for {t} positions")
+        if step.visual_index is not None and step.visual_index.numel():
+            if int(step.visual_index.min()) < 0 or int(step.visual_index.max()) >= t:
+                raise InvalidInput(f"visual spans reach outside the step's {t} positions")
         self._validate_deepstack(step)
-        if step.start_position < 0:
-            raise InvalidInput(f"session {step.session_id!r}: negative start_position")
-        limit = self.ckpt.text_config.max_position_embeddings
-        if step.start_position + t > limit:
-            raise InvalidInput(f"session {step.session_id!r}: {step.start_position + t} positions exceed the model's limit of {limit}")
-        step.sampling.validate()
-        self.kv.check(step.session_id, step.start_position)
+        if step.sample is not None:
+            if not self.is_last:
+                raise WrongStage("only the last stage samples")
+            step.sample.params.validate()
+            if step.sample.top_logprobs < 0:
+                raise InvalidInput("top_logprobs must be >= 0")
+            ids = step.sample.penalty_ids
+            if ids is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+                raise InvalidInput(f"penalty token id outside [0, {self.vocab_size})")
+        if step.start < 0:
+            raise InvalidInput("negative start_position")
+        if step.start + t > self.max_positions:
+            raise InvalidInput(f"{step.start + t} positions exceed the model's limit of {self.max_positions}")
+        self.kv.check(step.session_id, step.start, step.rewind)
 
     def _validate_deepstack(self, step: Step) -> None:
-        """DeepStack features only for owned layers below k, one row per placeholder token; and a
-        step whose token_ids hold placeholders must bring one for every owned layer below k (a
-        coordinator that forgot them would otherwise go unnoticed: the output just drifts)."""
-        name = f"session {step.session_id!r}"
         owned = set(self.model.deepstack_layers)
         extra = sorted(set(step.deepstack) - owned)
         if extra:
             raise WrongStage(
-                f"{name}: deepstack features for layers {extra}, but this stage {self.model.start}:{self.model.end} "
+                f"deepstack features for layers {extra}, but stage {self.model.start}:{self.model.end} "
                 f"adds them only after layers {sorted(owned)}"
             )
-        placeholders = int(self.visual_mask(step.token_ids).sum()) if step.token_ids.numel() else 0
-        if step.deepstack and step.token_ids.numel() == 0:
-            raise InvalidInput(f"{name}: deepstack features need the step's token_ids (to find the visual positions)")
-        if placeholders and owned and set(step.deepstack) != owned:
-            missing = sorted(owned - set(step.deepstack))
-            raise InvalidInput(f"{name}: {placeholders} visual placeholder tokens but no deepstack features for layers {missing}")
+        rows = 0 if step.visual_index is None else step.visual_index.numel()
+        if rows and owned and set(step.deepstack) != owned:
+            raise InvalidInput(f"{rows} visual positions but no deepstack features for layers {sorted(owned - set(step.deepstack))}")
         for layer, feature in step.deepstack.items():
-            if feature.shape != (placeholders, self.hidden_size):
+            if feature.shape != (rows, self.hidden_size):
                 raise InvalidInput(
-                    f"{name}: deepstack features of layer {layer} have shape {list(feature.shape)}, "
-                    f"want [{placeholders}, {self.hidden_size}] (one row per visual placeholder token)"
+                    f"deepstack features of layer {layer} have shape {list(feature.shape)}, want [{rows}, {self.hidden_size}]"
                 )
+            if not bool(torch.isfinite(feature).all()):
+                raise InvalidInput(f"deepstack features of layer {layer} hold NaN or infinite values")
 
-    def run(self, steps: list[Step]) -> list[StepResult]:
+    def run(self, steps: list[Step | VlmeshError]) -> list[StepResult]:
+        """One batch. An entry that is already an error (undecodable on the wire) is answered
+        with it; every other step is validated and admitted alone, and those that pass run."""
         if len(steps) > self.max_batch:
             raise InvalidInput(f"{len(steps)} steps in one request; this stage takes at most {self.max_batch}")
-        ids = [s.session_id for s in steps]
-        if len(set(ids)) != len(ids):
-            raise InvalidInput("a request holds two steps of the same session")
+        results: list[StepResult] = []
+        admitted: list[tuple[int, Step, SessionKV]] = []
+        seen: set[str] = set()
+        for i, step in enumerate(steps):
+            if isinstance(step, VlmeshError):
+                results.append(StepResult("", error=step))
+                continue
+            results.append(StepResult(step.session_id))
+            try:
+                if step.session_id in seen:
+                    raise InvalidInput("two steps of the same session in one request")
+                seen.add(step.session_id)
+                self.validate(step)
+                admitted.append((i, step, self.kv.reserve(step.session_id, step.start, step.num_tokens)))
+            except VlmeshError as err:
+                results[i].error = err
+        if admitted:
+            with torch.inference_mode():
+                try:
+                    self._forward(admitted, results)
+                except Exception as batch_err:  # noqa: BLE001 - isolate the step that broke the batch
+                    if len(admitted) == 1:
+                        i, step, _ = admitted[0]
+                        results[i].error = _as_error(batch_err)
+                        log.exception("step of session %s failed", step.session_id[:40])
+                    else:
+                        log.warning("a batch of %d steps failed (%s); running them one by one", len(admitted), batch_err)
+                        for one in admitted:
+                            try:
+                                self._forward([one], results)
+                            except Exception as err:  # noqa: BLE001
+                                results[one[0]].error = _as_error(err)
+                                log.exception("step of session %s failed", one[1].session_id[:40])
+        for r in results:
+            if r.error is None and r.session_id:
+                r.cache_length = self.kv.length(r.session_id)
+        return results
+
+    def _forward(self, admitted: list[tuple[int, Step, SessionKV]], results: list[StepResult]) -> None:
+        steps = [s for _, s, _ in admitted]
+        spans, offset = [], 0
         for s in steps:
-            self.validate(s)
-        with self._lock, self.kv.reserve({s.session_id: s.num_tokens for s in steps}), torch.inference_mode():
-            results: dict[str, StepResult] = {}
-            decode = [s for s in steps if s.num_tokens == 1]
-            groups = [decode] if decode else []
-            groups += [[s] for s in steps if s.num_tokens > 1]
-            for group in groups:
-                for r in self._forward(group):
-                    results[r.session_id] = r
-            return [results[i] for i in ids]
-
-    def _forward(self, group: list[Step]) -> list[StepResult]:
-        sessions = [self.kv.get(s.session_id, s.start_position) for s in group]
-        kv = BatchKV(sessions, group[0].num_tokens, [s.return_kv_delta for s in group])
-        positions = torch.stack([s.position_ids for s in group], dim=1)  # [3, B, T]
+            spans.append((offset, s.num_tokens))
+            offset += s.num_tokens
+        batch = BatchKV(self.kv, [kv for _, _, kv in admitted], [s.start for s in steps], spans, [s.return_kv_delta for s in steps])
+        dev = self.device
+        positions = torch.cat([s.positions for s in steps], dim=1)[:, None, :].to(dev)  # [3, 1, N]
+        visual_index = self._visual_index(steps, spans)  # [M] over the batch, or None
         if self.is_first:
-            hidden = torch.cat(
-                [self.model.embed(s.token_ids[None], s.visual, self.visual_ids) for s in group]
-            )  # [B, T, H]
+            ids = torch.cat([s.token_ids for s in steps]).to(dev)  # type: ignore[misc]
+            visual = [s.visual for s in steps if s.visual is not None]
+            hidden = self.model.embed(ids, visual_index, torch.cat(visual).to(dev) if visual else None)
         else:
-            hidden = torch.stack([s.hidden.to(self.dtype) for s in group])
-        visual_mask, deepstack = self._deepstack_inputs(group)
-        try:
-            hidden = self.model(hidden, positions, kv, visual_mask, deepstack)
-        except Exception:
-            # Keep the cache consistent with what the coordinator believes: roll back the step.
-            for s, past in zip(sessions, kv.past):
-                s.truncate(past)
-            raise
-        samples: list[Sample | None] = [None] * len(group)
+            hidden = torch.cat([s.hidden for s in steps]).to(dev, self.dtype)[None]  # type: ignore[misc]
+        visual_mask, deepstack = self._deepstack_inputs(steps, visual_index, offset)
+        hidden = self.model(hidden, positions, batch, visual_mask, deepstack)  # [1, N, H]
+        tokens: dict[int, Sample] = {}
         if self.is_last:
-            logits = self.model.logits(hidden)  # [B, V]
-            for i, s in enumerate(group):
-                samples[i] = self._sample(s, logits[i])
-        return [
-            StepResult(
-                s.session_id,
-                None if self.is_last else hidden[i],
-                samples[i],
-                kv.deltas[i],
-                sessions[i].length,
-            )
-            for i, s in enumerate(group)
-        ]
+            want = [j for j, s in enumerate(steps) if s.sample is not None]
+            if want:
+                last = torch.tensor([spans[j][0] + spans[j][1] - 1 for j in want], device=dev)
+                logits = self.model.logits(hidden[0, last])  # [B', V]
+                for row, j in enumerate(want):
+                    spec = steps[j].sample
+                    assert spec is not None  # selected above
+                    position = steps[j].start + steps[j].num_tokens
+                    tokens[j] = sample(logits[row], spec.params, position, spec.penalty_ids, spec.top_logprobs)
+        batch.commit()
+        for j, (i, s, _) in enumerate(admitted):
+            r = results[i]
+            o, n = spans[j]
+            r.hidden = None if self.is_last else hidden[0, o : o + n]
+            r.token = tokens.get(j)
+            r.kv_delta = batch.deltas[j]
 
-    def _deepstack_inputs(self, group: list[Step]) -> tuple[torch.Tensor | None, dict[int, torch.Tensor] | None]:
-        """The [B, T] visual mask and, per layer, the rows of every step in batch order (a step
-        without features contributes no row and no True position)."""
-        if not any(s.deepstack for s in group):
+    def _visual_index(self, steps: list[Step], spans: list[tuple[int, int]]) -> torch.Tensor | None:
+        parts = [s.visual_index + o for s, (o, _) in zip(steps, spans) if s.visual_index is not None and s.visual_index.numel()]
+        return torch.cat(parts).to(self.device) if parts else None
+
+    def _deepstack_inputs(
+        self, steps: list[Step], visual_index: torch.Tensor | None, n: int
+    ) -> tuple[torch.Tensor | None, dict[int, torch.Tensor] | None]:
+        """The [1, N] visual mask and, per layer, the rows of every step in batch order."""
+        if not any(s.deepstack for s in steps) or visual_index is None:
             return None, None
+        mask = torch.zeros(1, n, dtype=torch.bool, device=self.device)
+        mask[0, visual_index] = True
         deepstack = {}
-        masks = [self.visual_mask(s.token_ids) if s.deepstack else torch.zeros(s.num_tokens, dtype=torch.bool) for s in group]
         for layer in self.model.deepstack_layers:
-            rows = [s.deepstack[layer].to(self.dtype) for s in group if layer in s.deepstack]
+            rows = [s.deepstack[layer] for s in steps if layer in s.deepstack]
             if rows:
-                deepstack[layer] = torch.cat(rows)
-        return torch.stack(masks), deepstack
+                deepstack[layer] = torch.cat(rows).to(self.device, self.dtype)
+        return mask, deepstack
 
-    def _sample(self, step: Step, logits: torch.Tensor) -> Sample:
-        state = self._samplers.get(step.session_id)
-        if state is None or step.start_position == 0:
-            state = self._samplers[step.session_id] = _SamplerState()
-        if step.turn_start:
-            seed = step.sampling.seed
-            state.generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        state.history.extend(step.token_ids.tolist())
-        history = torch.tensor(state.history, dtype=torch.long)
-        return sample(logits, step.sampling, history, state.generator, step.top_logprobs)
+    def restore(self, session_id: str, length: int, entries: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> int:
+        layers = self.kv.shape.layers
+        if set(entries) != set(layers):
+            raise InvalidInput(f"a restore must bring every owned layer {layers.start}:{layers.stop}, got {sorted(entries)}")
+        sh = self.kv.shape
+        for layer, (k, v) in entries.items():
+            for t in (k, v):
+                if t.shape != (sh.kv_heads, length, sh.head_dim):
+                    raise InvalidInput(f"layer {layer}: K/V of shape {list(t.shape)}, want [{sh.kv_heads}, {length}, {sh.head_dim}]")
+        self.kv.restore(session_id, length, entries)
+        return length
 
-    def release(self, session_id: str) -> int:
-        self._samplers.pop(session_id, None)
-        return self.kv.release(session_id)
 
-    def expire(self, idle_seconds: float) -> list[str]:
-        gone = self.kv.expire(idle_seconds)
-        for sid in gone:
-            self._samplers.pop(sid, None)
-        return gone
+def _as_error(err: Exception) -> VlmeshError:
+    return err if isinstance(err, VlmeshError) else VlmeshError(f"{type(err).__name__}: {err}")

@@ -1,14 +1,18 @@
-"""Per-session KV cache of one stage's layers, allocated against a byte budget.
+"""Per-session KV of one stage's layers, written in place, allocated against a byte budget.
 
-`SessionKV.update()` has the signature transformers' attention calls on a Cache, so the HF
-decoder layers write straight into it; it also keeps what the step appended (the KV delta)."""
+Each session owns one K and one V buffer per owned layer, [kv_heads, capacity, head_dim], that
+its steps write into at their positions. Capacity grows in blocks of `block_tokens` positions
+(growing copies that session's cache once per block; nothing else ever copies it), and the
+budget counts capacity, the memory really allocated. Admission is per session: a step that does
+not fit is refused alone, and nothing of another session is ever evicted for it.
+
+A session also holds a lease: it is dropped when neither a step nor a renewal has touched it for
+`lease_seconds` (its coordinator is gone or forgot it)."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -16,151 +20,192 @@ import torch
 from services.common.errors import KVBudgetFull, UnknownSession, WrongStage
 
 
-@dataclass
-class SessionKV:
-    """K/V of one session for layers [start, end). Tensors are [1, kv_heads, L, head_dim]."""
-
-    start: int
-    end: int
-    keys: dict[int, torch.Tensor] = field(default_factory=dict)
-    values: dict[int, torch.Tensor] = field(default_factory=dict)
-    last_used: float = field(default_factory=time.monotonic)
+@dataclass(frozen=True)
+class KVShape:
+    layers: range  # global indices of the owned decoder layers
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
 
     @property
-    def length(self) -> int:
-        return next(iter(self.keys.values())).shape[2] if self.keys else 0
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (self.keys, self.values) for t in d.values())
-
-    def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # torch.cat, as transformers' DynamicCache does: the attention kernel then sees the same
-        # contiguous K/V as in `generate`, which keeps the mesh bit-exact with it.
-        if layer in self.keys:
-            key = torch.cat([self.keys[layer], key], dim=-2)
-            value = torch.cat([self.values[layer], value], dim=-2)
-        self.keys[layer], self.values[layer] = key, value
-        return key, value
-
-    def truncate(self, length: int) -> None:
-        for d in (self.keys, self.values):
-            for layer, t in d.items():
-                d[layer] = t[:, :, :length]
+    def bytes_per_token(self) -> int:  # K and V of every owned layer
+        return 2 * len(self.layers) * self.kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
 
-class BatchKV:
-    """The Cache view one forward pass sees: B sessions, each appending T new positions.
+@dataclass
+class SessionKV:
+    keys: list[torch.Tensor]  # per owned layer [kv_heads, capacity, head_dim]
+    values: list[torch.Tensor]
+    length: int = 0  # positions filled (the rest of the capacity is scratch)
+    expires: float = 0.0  # time.monotonic() after which the lease has run out
 
-    With B > 1 (batched decode) sessions of different lengths are right-padded to the longest;
-    `attention_mask()` hides the padding."""
-
-    def __init__(self, sessions: list[SessionKV], new_tokens: int, record_deltas: list[bool]):
-        self.sessions = sessions
-        self.new_tokens = new_tokens
-        self.past = [s.length for s in sessions]
-        self.record = record_deltas
-        self.deltas: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in sessions]
-
-    # The one method transformers' attention calls on its cache.
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):  # [B, H, T, D] each
-        outs_k, outs_v = [], []
-        for i, s in enumerate(self.sessions):
-            k, v = key_states[i : i + 1], value_states[i : i + 1]
-            if self.record[i]:
-                self.deltas[i][layer_idx] = (k[0], v[0])  # [H, T, D]
-            fk, fv = s.append(layer_idx, k, v)
-            outs_k.append(fk)
-            outs_v.append(fv)
-        if len(outs_k) == 1:
-            return outs_k[0], outs_v[0]
-        longest = max(k.shape[2] for k in outs_k)
-
-        def pad(t: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.pad(t, (0, 0, 0, longest - t.shape[2]))
-
-        return torch.cat([pad(k) for k in outs_k]), torch.cat([pad(v) for v in outs_v])
-
-    def attention_mask(self) -> torch.Tensor | None:  # [B, 1, T, L] bool, True = attend
-        """None where sdpa's own masking is exact and is what `generate` uses: a fresh prefill
-        (is_causal) or one decode token over an unpadded cache."""
-        t = self.new_tokens
-        totals = [p + t for p in self.past]
-        if len(self.sessions) == 1 and (self.past[0] == 0 or t == 1):
-            return None
-        if t == 1 and len(set(totals)) == 1:
-            return None
-        longest = max(totals)
-        cols = torch.arange(longest)
-        masks = []
-        for p, total in zip(self.past, totals):
-            rows = torch.arange(t)[:, None] + p  # absolute position of each query
-            masks.append((cols[None, :] <= rows) & (cols[None, :] < total))
-        return torch.stack(masks)[:, None]
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[1] if self.keys else 0
 
 
 class KVCache:
-    """All sessions' KV on this stage. Admission is by bytes: a step that would push the total
-    over the budget is refused before it runs, so nothing of other sessions is ever evicted."""
+    """All sessions' KV on this stage. Only the model runner thread changes buffers; the lock
+    guards the session table against the RPC handlers (release, renew, info)."""
 
-    def __init__(self, budget_bytes: int, bytes_per_token: int, start: int, end: int):
+    def __init__(self, shape: KVShape, budget_bytes: int, lease_seconds: float, block_tokens: int = 256):
+        self.shape = shape
         self.budget = budget_bytes
-        self.bytes_per_token = bytes_per_token
-        self.start, self.end = start, end
+        self.lease_seconds = lease_seconds
+        self.block_tokens = block_tokens
         self._sessions: dict[str, SessionKV] = {}
         self._lock = threading.Lock()
 
     @property
     def used(self) -> int:
-        return sum(s.length for s in self._sessions.values()) * self.bytes_per_token
+        with self._lock:
+            return sum(s.capacity for s in self._sessions.values()) * self.shape.bytes_per_token
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def check(self, session_id: str, start_position: int) -> None:
-        """Raise unless a step of this session may start at `start_position`; changes nothing."""
-        if start_position == 0:
-            return
-        with self._lock:
-            s = self._sessions.get(session_id)
-        if s is None:
-            raise UnknownSession(f"session {session_id!r} holds no KV on this stage (start_position {start_position})")
-        if s.length != start_position:
-            raise WrongStage(
-                f"session {session_id!r}: step starts at position {start_position} but this stage holds {s.length}"
-            )
+    def length(self, session_id: str) -> int:
+        s = self._sessions.get(session_id)
+        return s.length if s is not None else 0
 
-    def get(self, session_id: str, start_position: int) -> SessionKV:
-        """The session's KV; a step starting at position 0 opens (or restarts) the session."""
+    def check(self, session_id: str, start: int, rewind: bool = False) -> None:
+        """Raise unless a step of this session may start at `start` (with `rewind`, at or below
+        the length held); changes nothing."""
+        if start == 0:
+            return
+        s = self._sessions.get(session_id)
+        if s is None:
+            raise UnknownSession("this stage holds no KV of the session", reason="KV_MISSING")
+        if s.length != start and not (rewind and start < s.length):
+            # Positions only: a cache length says nothing about the session's content.
+            raise WrongStage(f"the step starts at position {start} but this stage holds a different length", reason="KV_POSITION_MISMATCH")
+
+    def reserve(self, session_id: str, start: int, count: int) -> SessionKV:
+        """Make room for positions [start, start + count) of a session (a step at 0 starts it
+        afresh); KVBudgetFull if the budget cannot take it, changing nothing."""
+        need = start + count
         with self._lock:
             s = self._sessions.get(session_id)
-            if start_position == 0:
-                s = self._sessions[session_id] = SessionKV(self.start, self.end)
-            elif s is None:
-                raise UnknownSession(f"session {session_id!r} holds no KV on this stage (start_position {start_position})")
-            s.last_used = time.monotonic()
+            if start == 0 or s is None:
+                old = s.capacity if s is not None else 0
+                cap = self._round(need)
+                self._admit(cap - old, session_id)
+                s = self._sessions[session_id] = self._allocate(cap)
+            else:
+                s.length = min(s.length, start)  # a rewind drops the positions after `start`
+                if need > s.capacity:
+                    cap = self._round(need)
+                    self._admit(cap - s.capacity, session_id)
+                    s.keys, s.values = self._grow(s.keys, s.length, cap), self._grow(s.values, s.length, cap)
+            s.expires = time.monotonic() + self.lease_seconds
             return s
 
-    @contextmanager
-    def reserve(self, new_tokens: dict[str, int]) -> Iterator[None]:
-        """Admission control for one batch: refuse it whole if the budget cannot take it."""
-        with self._lock:
-            want = sum(new_tokens.values()) * self.bytes_per_token
-            if self.used + want > self.budget:
-                sid = max(new_tokens, key=new_tokens.get)
-                raise KVBudgetFull(
-                    f"KV budget full: {self.used} of {self.budget} bytes used, step of session {sid!r} needs {want} more"
-                )
-        yield
+    def commit(self, s: SessionKV, length: int) -> None:
+        """The step that wrote up to `length` succeeded."""
+        s.length = length
+
+    def view(self, s: SessionKV, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:  # [1, H, length, D] each
+        i = layer - self.shape.layers.start
+        return s.keys[i][None, :, :length], s.values[i][None, :, :length]
+
+    def restore(self, session_id: str, length: int, entries: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Replace the session's KV with `entries` (layer -> ([H, length, D], [H, length, D]))."""
+        s = self.reserve(session_id, 0, max(length, 1))
+        for layer, (k, v) in entries.items():
+            i = layer - self.shape.layers.start
+            s.keys[i][:, :length] = k.to(self.shape.device, self.shape.dtype)
+            s.values[i][:, :length] = v.to(self.shape.device, self.shape.dtype)
+        s.length = length
 
     def release(self, session_id: str) -> int:
         with self._lock:
             s = self._sessions.pop(session_id, None)
-            return s.length * self.bytes_per_token if s else 0
+        return s.capacity * self.shape.bytes_per_token if s is not None else 0
 
-    def expire(self, idle_seconds: float) -> list[str]:
+    def renew(self, session_ids: list[str]) -> list[str]:
+        """Extend the leases of the sessions held; return the ids not held."""
+        until = time.monotonic() + self.lease_seconds
+        unknown = []
+        with self._lock:
+            for sid in session_ids:
+                s = self._sessions.get(sid)
+                if s is None:
+                    unknown.append(sid)
+                else:
+                    s.expires = until
+        return unknown
+
+    def expire(self) -> list[str]:
         now = time.monotonic()
         with self._lock:
-            gone = [sid for sid, s in self._sessions.items() if now - s.last_used > idle_seconds]
+            gone = [sid for sid, s in self._sessions.items() if s.expires < now]
             for sid in gone:
                 del self._sessions[sid]
         return gone
+
+    def _round(self, positions: int) -> int:
+        b = self.block_tokens
+        return -(-positions // b) * b
+
+    def _admit(self, extra_tokens: int, session_id: str) -> None:
+        used = sum(s.capacity for s in self._sessions.values()) * self.shape.bytes_per_token
+        want = extra_tokens * self.shape.bytes_per_token
+        if used + want > self.budget:
+            raise KVBudgetFull(f"KV budget full: {used} of {self.budget} bytes in use, the step needs {want} more")
+
+    def _allocate(self, capacity: int) -> SessionKV:
+        sh = self.shape
+
+        def buf() -> torch.Tensor:
+            return torch.empty(sh.kv_heads, capacity, sh.head_dim, dtype=sh.dtype, device=sh.device)
+
+        n = len(sh.layers)
+        return SessionKV([buf() for _ in range(n)], [buf() for _ in range(n)])
+
+    def _grow(self, bufs: list[torch.Tensor], length: int, capacity: int) -> list[torch.Tensor]:
+        out = []
+        for b in bufs:
+            nb = torch.empty(b.shape[0], capacity, b.shape[2], dtype=b.dtype, device=b.device)
+            nb[:, :length] = b[:, :length]
+            out.append(nb)
+        return out
+
+
+@dataclass
+class BatchKV:
+    """The cache one forward pass sees: the sessions of a batch, their tokens side by side.
+    `update()` is the one method transformers' attention calls on its cache; it writes each
+    session's new K/V into that session's buffer, and the "vlmesh" attention reads the views."""
+
+    cache: KVCache
+    sessions: list[SessionKV]
+    starts: list[int]  # [B] cached positions of each session before the step
+    spans: list[tuple[int, int]]  # [B] (offset, count) of each session's tokens in the batch
+    record: list[bool]  # [B] keep the step's K/V (KV deltas)
+    deltas: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)  # [B] layer -> ([H, T, D], [H, T, D])
+
+    def __post_init__(self) -> None:
+        self.deltas = [{} for _ in self.sessions]
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):  # [1, kv_heads, N, D] each
+        i_layer = layer_idx - self.cache.shape.layers.start
+        for i, (s, start, (offset, count)) in enumerate(zip(self.sessions, self.starts, self.spans)):
+            k = key_states[0, :, offset : offset + count]
+            v = value_states[0, :, offset : offset + count]
+            s.keys[i_layer][:, start : start + count] = k
+            s.values[i_layer][:, start : start + count] = v
+            if self.record[i]:
+                self.deltas[i][layer_idx] = (
+                    s.keys[i_layer][:, start : start + count],
+                    s.values[i_layer][:, start : start + count],
+                )
+        return key_states, value_states
+
+    def view(self, i: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start, (_, count) = self.starts[i], self.spans[i]
+        return self.cache.view(self.sessions[i], layer, start + count)
+
+    def commit(self) -> None:
+        for s, start, (_, count) in zip(self.sessions, self.starts, self.spans):
+            self.cache.commit(s, start + count)

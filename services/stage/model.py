@@ -6,6 +6,7 @@ calls them in the order the family's text model does."""
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -13,13 +14,14 @@ from torch import nn
 
 from services.common.checkpoint import Checkpoint, build_on_meta, load_weights
 
+from . import attention  # noqa: F401 - registers the "vlmesh" attention the layers are built with
 from .kv_cache import BatchKV
 
 log = logging.getLogger(__name__)
 
 
 class StageModel(nn.Module):
-    def __init__(self, ckpt: Checkpoint, start: int, end: int, dtype: torch.dtype):
+    def __init__(self, ckpt: Checkpoint, start: int, end: int, dtype: torch.dtype, device: torch.device = torch.device("cpu")):
         super().__init__()
         tc = ckpt.text_config
         n = tc.num_hidden_layers
@@ -27,6 +29,10 @@ class StageModel(nn.Module):
             raise ValueError(f"layer range {start}:{end} is not inside the model's 0:{n}")
         self.start, self.end, self.num_layers = start, end, n
         self.is_first, self.is_last = start == 0, end == n
+        # The layers attend through the "vlmesh" attention (attention.py): per session, over its
+        # KV in place. A copy, so the checkpoint's own config keeps sdpa for anyone else.
+        tc = copy.deepcopy(tc)
+        tc._attn_implementation = attention.NAME
         self.config = tc
         # Build the whole text model on the meta device (no memory), keep our slice, then load
         # only our tensors into it: the layers keep their global layer_idx for the cache.
@@ -48,7 +54,8 @@ class StageModel(nn.Module):
         if self.is_first and self.is_last and ckpt.tied:
             state["lm_head.weight"] = state["embed_tokens.weight"]  # one stage: share, as HF ties
         load_weights(self, state, f"{ckpt.path} stage {start}:{end}", ckpt.family.transposed_on_load)
-        self.eval()
+        self.device = device
+        self.to(device).eval()
 
     def _select(self, tied: bool):
         def select(part: str, name: str) -> str | None:
@@ -75,35 +82,42 @@ class StageModel(nn.Module):
         # count memory, not parameters.
         return sum({p.data_ptr(): p.numel() * p.element_size() for p in self.parameters()}.values())
 
-    def embed(self, token_ids: torch.Tensor, visual: torch.Tensor | None, visual_ids: tuple[int, ...]) -> torch.Tensor:
-        """[B, T] ids -> [B, T, H], visual embeddings scattered into the placeholder positions."""
-        h = self.embed_tokens(token_ids)
-        if visual is not None:
-            mask = torch.isin(token_ids, torch.tensor(visual_ids))  # the backend checked the counts match
-            h = h.masked_scatter(mask[..., None], visual.to(h.dtype))
+    def embed(self, token_ids: torch.Tensor, visual_index: torch.Tensor | None, visual: torch.Tensor | None) -> torch.Tensor:
+        """token ids [N] -> [1, N, H], visual rows [M, H] written over positions visual_index [M]
+        (the values transformers' masked_scatter writes; the coordinator says where)."""
+        h = self.embed_tokens(token_ids[None])
+        if visual is not None and visual_index is not None:
+            h[0, visual_index] = visual.to(h.dtype)
         return h
 
     def forward(
         self,
         hidden: torch.Tensor,
         position_ids: torch.Tensor,
-        kv: BatchKV,
+        batch: BatchKV,
         visual_mask: torch.Tensor | None = None,
         deepstack: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """hidden [B, T, H], position_ids [3, B, T] -> [B, T, H] after this stage's layers.
-        deepstack: global layer -> [N, H] rows added after that layer at the N True positions of
-        visual_mask [B, T] (row-major, as the text model's _deepstack_process indexes them)."""
+        """hidden [1, N, H] (the batch's sessions side by side), position_ids [3, 1, N] -> [1, N, H]
+        after this stage's layers. deepstack: global layer -> [M, H] rows added after that layer
+        at the M True positions of visual_mask [1, N], in order (the text model's own
+        _deepstack_process)."""
         position_embeddings = self.rotary_emb(hidden, position_ids)
-        mask = kv.attention_mask()
         for i, layer in enumerate(self.layers):
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings, past_key_values=kv, use_cache=True)
+            hidden = layer(
+                hidden,
+                attention_mask=None,
+                position_embeddings=position_embeddings,
+                past_key_values=batch,
+                use_cache=True,
+                vlmesh_batch=batch,
+            )
             feature = deepstack.get(self.start + i) if deepstack else None
             if feature is not None:
                 hidden = self._deepstack_process(hidden, visual_mask, feature)
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[B, T, H] -> [B, V] float32 logits of the last position, as `generate` computes them."""
-        h = self.norm(hidden)
-        return self.lm_head(h[:, -1:, :])[:, -1, :].to(torch.float32)
+        """[B, H] (each sampled session's last position) -> [B, V] float32 logits, as `generate`
+        computes them from the last position."""
+        return self.lm_head(self.norm(hidden[:, None, :]))[:, -1, :].to(torch.float32)

@@ -1,10 +1,15 @@
-"""The stage service: one handler per Forward stream over one backend (the layer range)."""
+"""The stage service: one handler per Forward stream over one backend (the layer range).
+
+The event loop only moves messages; decoding, the forward pass, sampling and encoding run on
+the stage's single runner thread, so health checks and GetInfo answer while a step computes."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -13,16 +18,19 @@ from opentelemetry import trace
 from services.common import tensors
 from services.common.checkpoint import open_checkpoint
 from services.common.config import ServiceConfig, field
-from services.common.errors import InvalidInput
+from services.common.devices import resolve_device
+from services.common.errors import InvalidInput, VlmeshError, short
 from services.common.server import RunningServer, prepare_process, serve_main, start_server
 from services.common.tracing import extract, tracer
-from vlmesh.v1 import stage_pb2, stage_pb2_grpc, tensor_pb2
+from vlmesh.internal.v1 import stage_pb2, stage_pb2_grpc
+from vlmesh.v1 import tensor_pb2
 
-from .backend import Step, StageBackend, StepResult
+from .backend import SampleSpec, StageBackend, Step, StepResult
 from .sampler import SamplingParams
 
 log = logging.getLogger(__name__)
 _tracer = tracer("stage")
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass(kw_only=True)
@@ -30,10 +38,11 @@ class StageConfig(ServiceConfig):
     model: str = field(help="checkpoint directory (HF layout)")
     layers: str = field(help="layer range START:END this stage owns (END exclusive)")
     port: int = field(50061, "port to bind (0 = any free port)")
-    dtype: str = field("auto", "parameter dtype: auto (the checkpoint's), float32, bfloat16, float16")
-    kv_budget_mb: int = field(2048, "KV cache budget in MiB; steps beyond it get RESOURCE_EXHAUSTED")
-    max_batch: int = field(32, "most session steps in one request")
-    session_ttl: float = field(3600.0, "drop a session's KV after this many idle seconds")
+    dtype: str = field("auto", "activation and KV dtype: auto (the checkpoint's; bfloat16 on a GPU), float32, bfloat16, float16")
+    device: str = field("auto", "auto (a GPU when there is one), cpu, cuda or cuda:N")
+    kv_budget_mb: int = field(2048, "KV cache budget in MiB; a step beyond it is refused (RESOURCE_EXHAUSTED)")
+    max_batch: int = field(64, "most session steps in one request")
+    lease_seconds: float = field(60.0, "drop a session's KV this long after its last step or lease renewal")
 
     def layer_range(self) -> tuple[int, int]:
         try:
@@ -43,65 +52,64 @@ class StageConfig(ServiceConfig):
             raise ValueError(f"--layers must be START:END, got {self.layers!r}") from None
 
 
-def _sampling(p: tensor_pb2.SamplingParams) -> SamplingParams:
-    return SamplingParams(
+def _sample_spec(m: stage_pb2.SampleRequest) -> SampleSpec:
+    p = m.params
+    params = SamplingParams(
         temperature=p.temperature,
         top_k=p.top_k,
         top_p=p.top_p if p.top_p > 0 else 1.0,
         repetition_penalty=p.repetition_penalty if p.repetition_penalty > 0 else 1.0,
-        seed=p.seed if p.HasField("seed") else None,
+        seed=p.seed,
     )
+    ids = torch.tensor(list(m.penalty_token_ids), dtype=torch.int64) if m.penalty_token_ids else None
+    return SampleSpec(params, m.top_logprobs, ids)
 
 
 def decode_step(m: stage_pb2.StepInput) -> Step:
-    name = f"step of session {m.session_id!r}"
+    """A StepInput as tensors (views of the message's bytes); InvalidInput names what is wrong."""
     if not m.session_id:
         raise InvalidInput("step without session_id")
-    positions = tensors.from_proto(m.position_ids, f"{name}: position_ids", dtypes=(torch.int64,), shape=(3, None))
-    hidden = None
-    if tensors.is_set(m.hidden_states):
-        hidden = tensors.from_proto(
-            m.hidden_states, f"{name}: hidden_states", dtypes=(torch.float32, torch.bfloat16, torch.float16), shape=(None, None)
-        )
-    visual = None
+    positions = tensors.from_proto(m.position_ids, "position_ids", dtypes=(torch.int64,), shape=(3, None))
+    t = positions.shape[1]
+    step = Step(m.session_id, m.start_position, positions, return_kv_delta=m.return_kv_delta, rewind=m.rewind)
+    kind = m.WhichOneof("input")
+    if kind == "tokens":
+        step.token_ids = torch.tensor(list(m.tokens.ids), dtype=torch.int64)
+    elif kind == "hidden_states":
+        step.hidden = tensors.from_proto(m.hidden_states, "hidden_states", dtypes=_FLOATS, shape=(t, None))
+    else:
+        raise InvalidInput("a step needs tokens (first stage) or hidden_states (other stages)")
+    if m.visual_spans:
+        for sp in m.visual_spans:
+            if sp.start < 0 or sp.length <= 0 or sp.start + sp.length > t:
+                raise InvalidInput(f"visual span [{sp.start}, {sp.start + sp.length}) outside the step's {t} positions")
+        step.visual_index = torch.cat([torch.arange(sp.start, sp.start + sp.length) for sp in m.visual_spans])
+        if step.visual_index.unique().numel() != step.visual_index.numel():
+            raise InvalidInput("visual spans overlap")
     if tensors.is_set(m.visual_embeds):
-        visual = tensors.from_proto(
-            m.visual_embeds, f"{name}: visual_embeds", dtypes=(torch.float32, torch.bfloat16, torch.float16), shape=(None, None)
-        )
-    deepstack = {}
+        step.visual = tensors.from_proto(m.visual_embeds, "visual_embeds", dtypes=_FLOATS, shape=(None, None))
     for d in m.deepstack:
-        if d.layer in deepstack:
-            raise InvalidInput(f"{name}: two deepstack features for layer {d.layer}")
-        deepstack[d.layer] = tensors.from_proto(
-            d.embeds, f"{name}: deepstack[{d.layer}]", dtypes=(torch.float32, torch.bfloat16, torch.float16), shape=(None, None)
-        )
-    return Step(
-        session_id=m.session_id,
-        start_position=m.start_position,
-        token_ids=torch.tensor(list(m.token_ids), dtype=torch.int64),
-        hidden=hidden,
-        position_ids=positions,
-        visual=visual,
-        deepstack=deepstack,
-        return_kv_delta=m.return_kv_delta,
-        sampling=_sampling(m.sampling),
-        top_logprobs=m.top_logprobs,
-        turn_start=m.turn_start,
-    )
+        if d.layer in step.deepstack:
+            raise InvalidInput(f"two deepstack features for layer {d.layer}")
+        step.deepstack[d.layer] = tensors.from_proto(d.embeds, f"deepstack[{d.layer}]", dtypes=_FLOATS, shape=(None, None))
+    if m.HasField("sample"):
+        step.sample = _sample_spec(m.sample)
+    return step
 
 
-def encode_result(r: StepResult, start_position: int) -> stage_pb2.StepOutput:
+def encode_result(r: StepResult, start: int) -> stage_pb2.StepOutput:
     out = stage_pb2.StepOutput(session_id=r.session_id, cache_length=r.cache_length)
+    if r.error is not None:
+        out.status.CopyFrom(r.error.to_status())
+        return out
     if r.hidden is not None:
         out.hidden_states.CopyFrom(tensors.to_proto(r.hidden))
-    if r.sample is not None:
-        out.token_id = r.sample.token_id
-        out.logprob = r.sample.logprob
-        out.top_logprobs.extend(tensor_pb2.TokenLogprob(token_id=i, logprob=lp) for i, lp in r.sample.top)
+    if r.token is not None:
+        out.token.token_id = r.token.token_id
+        out.token.logprob = r.token.logprob
+        out.token.top_logprobs.extend(tensor_pb2.TokenLogprob(token_id=i, logprob=lp) for i, lp in r.token.top)
     for layer, (k, v) in sorted(r.kv_delta.items()):
-        out.kv_deltas.append(
-            tensor_pb2.KVDelta(layer=layer, start_position=start_position, key=tensors.to_proto(k), value=tensors.to_proto(v))
-        )
+        out.kv_deltas.append(tensor_pb2.KVDelta(layer=layer, start_position=start, key=tensors.to_proto(k), value=tensors.to_proto(v)))
     return out
 
 
@@ -109,39 +117,56 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
     def __init__(self, backend: StageBackend, model_type: str):
         self.backend = backend
         self.model_type = model_type
+        self.instance_id = uuid.uuid4().hex
+        self.layers = f"{backend.model.start}:{backend.model.end}"
+        # The model runner: one thread, so steps, restores and their KV writes never interleave.
+        self.runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runner")
 
-    def Forward(self, request_iterator, context):
-        for request in request_iterator:
-            steps = [decode_step(m) for m in request.steps]
-            spans = [
-                _tracer.start_span(
-                    "stage.forward",
-                    context=extract(dict(m.trace_context)),
-                    attributes={
-                        "vlmesh.service": "stage",
-                        "vlmesh.session_id": m.session_id,
-                        "vlmesh.layers": f"{self.backend.model.start}:{self.backend.model.end}",
-                        "vlmesh.tokens": s.num_tokens,
-                        "vlmesh.batch_size": len(steps),
-                    },
-                )
-                for m, s in zip(request.steps, steps)
-            ]
-            began = time.perf_counter()
+    def forward(self, request: stage_pb2.ForwardRequest) -> stage_pb2.ForwardResponse:
+        """Runs on the runner thread: decode, run, encode."""
+        began = time.perf_counter()
+        steps: list[Step | VlmeshError] = []
+        for m in request.steps:
             try:
-                results = self.backend.run(steps)
-            except Exception as exc:
-                for span in spans:
-                    span.record_exception(exc)
-                    span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))
-                raise
-            finally:
-                for span in spans:
-                    span.end()
-            outputs = [encode_result(r, s.start_position) for r, s in zip(results, steps)]
-            yield stage_pb2.ForwardResponse(outputs=outputs, compute_us=int((time.perf_counter() - began) * 1e6))
+                steps.append(decode_step(m))
+            except VlmeshError as err:
+                steps.append(err)
+        spans = [
+            _tracer.start_span(
+                "stage.forward",
+                context=extract(dict(m.trace_context)),
+                kind=trace.SpanKind.SERVER,
+                attributes={
+                    "session.id": m.session_id,
+                    "vlmesh.layers": self.layers,
+                    "vlmesh.start_position": m.start_position,
+                    "vlmesh.batch_size": len(request.steps),
+                },
+            )
+            for m in request.steps
+        ]
+        try:
+            results = self.backend.run(steps)
+        except VlmeshError as err:  # the request as a whole (too many steps)
+            results = [StepResult(m.session_id, error=err) for m in request.steps]
+        for span, r in zip(spans, results):
+            if r.error is not None:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, str(r.error)))
+                span.set_attribute("vlmesh.error_reason", r.error.reason)
+            span.end()
+        outputs = []
+        for m, r in zip(request.steps, results):
+            if r.error is not None and not r.session_id:
+                r.session_id = m.session_id
+            outputs.append(encode_result(r, m.start_position))
+        return stage_pb2.ForwardResponse(outputs=outputs, compute_us=int((time.perf_counter() - began) * 1e6))
 
-    def GetInfo(self, request, context):
+    async def Forward(self, request_iterator, context):
+        loop = asyncio.get_running_loop()
+        async for request in request_iterator:
+            yield await loop.run_in_executor(self.runner, self.forward, request)
+
+    async def GetInfo(self, request, context):
         b = self.backend
         return stage_pb2.GetInfoResponse(
             model_type=self.model_type,
@@ -157,31 +182,104 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
             num_sessions=len(b.kv),
             weight_bytes=b.model.weight_bytes(),
             deepstack_layers=list(b.model.deepstack_layers),
+            instance_id=self.instance_id,
+            lease_seconds=b.kv.lease_seconds,
+            quantization=getattr(b.model, "quantization", "none"),
+            device=str(b.device),
         )
 
-    def ReleaseSession(self, request, context):
-        return stage_pb2.ReleaseSessionResponse(freed_bytes=self.backend.release(request.session_id))
+    async def RestoreSession(self, request_iterator, context):
+        header: stage_pb2.RestoreHeader | None = None
+        parts: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        async for m in request_iterator:
+            kind = m.WhichOneof("part")
+            if kind == "header":
+                if header is not None:
+                    raise InvalidInput("a restore has one header")
+                header = m.header
+            elif kind == "entry":
+                if header is None:
+                    raise InvalidInput("a restore starts with its header")
+                e = m.entry
+                k = tensors.from_proto(e.key, f"layer {e.layer} key", dtypes=_FLOATS, shape=(None, None, None))
+                v = tensors.from_proto(e.value, f"layer {e.layer} value", dtypes=_FLOATS, shape=tuple(k.shape))
+                parts.setdefault(e.layer, []).append((e.start_position, k, v))
+            else:
+                raise InvalidInput("an empty restore message")
+        if header is None or not header.session_id:
+            raise InvalidInput("a restore needs a header with a session_id")
+        if header.length <= 0:
+            raise InvalidInput("a restore needs length > 0")
+        entries = {}
+        for layer, chunks in parts.items():
+            chunks.sort(key=lambda c: c[0])
+            at = 0
+            for start, k, _ in chunks:
+                if start != at:
+                    raise InvalidInput(f"layer {layer}: restore entries leave a gap or overlap at position {at}")
+                at += k.shape[1]
+            if at != header.length:
+                raise InvalidInput(f"layer {layer}: restore entries cover {at} of {header.length} positions")
+            entries[layer] = (torch.cat([c[1] for c in chunks], dim=1), torch.cat([c[2] for c in chunks], dim=1))
+        loop = asyncio.get_running_loop()
+        length = await loop.run_in_executor(self.runner, self.backend.restore, header.session_id, header.length, entries)
+        log.info("restored session %s: %d positions", short(header.session_id), length)
+        return stage_pb2.RestoreSessionResponse(cache_length=length)
+
+    async def ReleaseSession(self, request, context):
+        if not request.session_id:
+            raise InvalidInput("release needs a session_id")
+        existed = request.session_id in self.backend.kv._sessions
+        freed = self.backend.kv.release(request.session_id)
+        return stage_pb2.ReleaseSessionResponse(freed_bytes=freed, existed=existed)
+
+    async def RenewLeases(self, request, context):
+        return stage_pb2.RenewLeasesResponse(unknown_session_ids=self.backend.kv.renew(list(request.session_ids)))
+
+    async def expire_loop(self) -> None:
+        every = max(0.2, min(5.0, self.backend.kv.lease_seconds / 4))
+        while True:
+            await asyncio.sleep(every)
+            for sid in self.backend.kv.expire():
+                log.info("session %s: lease ran out, KV dropped", short(sid))
+
+    async def close(self) -> None:
+        self.runner.shutdown(wait=False, cancel_futures=True)
 
 
-def _expiry_loop(backend: StageBackend, ttl: float, stop: threading.Event) -> None:
-    while not stop.wait(min(ttl, 60.0)):
-        for sid in backend.expire(ttl):
-            log.info("session %s expired after %.0fs idle", sid, ttl)
-
-
-def start(cfg: StageConfig) -> RunningServer:
-    prepare_process("stage", cfg)
+async def start(cfg: StageConfig) -> RunningServer:
+    prepare_process(f"stage-{cfg.layers.replace(':', '-')}", cfg)
     ckpt = open_checkpoint(cfg.model)
     start_layer, end_layer = cfg.layer_range()
-    backend = StageBackend(ckpt, start_layer, end_layer, ckpt.dtype(cfg.dtype), cfg.kv_budget_mb << 20, cfg.max_batch)
-    stop = threading.Event()
-    threading.Thread(target=_expiry_loop, args=(backend, cfg.session_ttl, stop), daemon=True).start()
+    device = resolve_device(cfg.device)
+    dtype = ckpt.dtype(cfg.dtype, device)
+    loop = asyncio.get_running_loop()
+    backend = await loop.run_in_executor(
+        None,
+        lambda: StageBackend(
+            ckpt,
+            start_layer,
+            end_layer,
+            dtype,
+            cfg.kv_budget_mb << 20,
+            device=device,
+            lease_seconds=cfg.lease_seconds,
+            max_batch=cfg.max_batch,
+        ),
+    )
     servicer = StageServicer(backend, ckpt.config.model_type)
-    return start_server(
-        [(stage_pb2_grpc.add_StageServiceServicer_to_server, servicer, "vlmesh.v1.StageService")],
-        cfg.host,
+    expiry = asyncio.create_task(servicer.expire_loop())
+
+    async def on_stop() -> None:
+        expiry.cancel()
+        await servicer.close()
+
+    return await start_server(
+        [(stage_pb2_grpc.add_StageServiceServicer_to_server, servicer, "vlmesh.internal.v1.StageService")],
+        cfg,
         cfg.port,
-        on_stop=stop.set,
+        internal=True,
+        on_stop=on_stop,
     )
 
 

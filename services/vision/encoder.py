@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from services.common.checkpoint import Checkpoint, build_on_meta, load_weights
-from services.common.errors import InvalidInput, KVBudgetFull
+from services.common.errors import InvalidInput
 
 from . import video
 from .video import VideoLimits
@@ -127,13 +127,14 @@ class VisionEncoder:
         dtype: torch.dtype,
         cache_bytes: int,
         max_image_pixels: int,
-        max_images: int,
         videos: VideoSettings = VideoSettings(),
+        device: torch.device = torch.device("cpu"),
     ):
         from transformers import AutoProcessor
 
         self.ckpt = ckpt
         self.dtype = dtype
+        self.device = device
         # The checkpoint's own processor settings (min/max pixels, patch size, video sampling)
         # decide the grid and so the number of placeholder tokens the coordinator inserts.
         self.processor = AutoProcessor.from_pretrained(ckpt.path)
@@ -143,21 +144,45 @@ class VisionEncoder:
             # sample_frames reads max_frames from the instance (Qwen3-VL ignores the argument).
             self.video_processor.max_frames = videos.max_frames
         self.video_fps = videos.fps or getattr(self.video_processor, "fps", None) or 2.0
-        self.video_limits = VideoLimits(
-            max_image_pixels, videos.max_seconds, self.video_processor.max_frames, self.video_processor.temporal_patch_size
-        )
         model = build_on_meta(ckpt.family.vision_model, ckpt.vision_config, dtype)
         state = ckpt.read(lambda part, name: name if part == "vision" else None, dtype, desc="vision weights")
         load_weights(model, state, "the vision tower")
-        self.model = model.eval()
+        self.model = model.to(device).eval()
         self.merge = ckpt.vision_config.spatial_merge_size
         self.cache = EmbeddingCache(cache_bytes)
-        self.max_image_pixels = max_image_pixels
-        self.max_images = max_images
+        # 0 = auto: bigger images than a few times what the processor resizes them to gain nothing.
+        self.max_image_pixels = max_image_pixels or max(4 * self.processor_max_pixels(), 4_000_000)
+        self.video_limits = VideoLimits(
+            self.max_image_pixels, videos.max_seconds, self.video_processor.max_frames, self.video_processor.temporal_patch_size
+        )
+        self.passes = 0  # forward passes of the tower
+        self.encoded = 0  # inputs encoded in them
         self._lock = threading.Lock()
 
-    def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+    def processor_max_pixels(self) -> int:
+        ip = self.image_processor
+        return int(getattr(ip, "max_pixels", None) or (getattr(ip, "size", None) or {}).get("longest_edge") or 12845056)
+
+    def pixels(self, item: VisualItem, index: int) -> int:
+        """What decoding `item` will hold in memory, in pixels, read from its header only; raises
+        InvalidInput for an unreadable header or a frame over max_image_pixels."""
+        if item.kind == "image":
+            assert isinstance(item.data, bytes)
+            return self._header(item.data, f"image {index}")
+        if item.kind == "frames":
+            return sum(self._header(f, f"video {index} frame {j}") for j, f in enumerate(item.data))
+        assert isinstance(item.data, bytes)
+        frames, width, height = video.probe(item.data, index, self.video_limits)
+        return min(frames, self.video_processor.max_frames or frames) * width * height
+
+    def _header(self, data: bytes, what: str) -> int:
+        try:
+            w, h = Image.open(io.BytesIO(data)).size  # the header only
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
+            raise InvalidInput(f"{what}: not a readable image ({type(exc).__name__}: {exc})") from None
+        if w * h > self.max_image_pixels:
+            raise InvalidInput(f"{what}: {w}x{h} = {w * h} pixels exceeds the limit of {self.max_image_pixels}")
+        return w * h
 
     def _decode(self, data: bytes, what: str) -> Image.Image:
         try:
@@ -173,8 +198,7 @@ class VisionEncoder:
             raise InvalidInput(f"{what}: not a readable image ({type(exc).__name__}: {exc})") from None
 
     def encode(self, items: list[VisualItem]) -> list[Encoded]:
-        if len(items) > self.max_images:
-            raise KVBudgetFull(f"{len(items)} images and videos in one request; the limit is {self.max_images}")
+        """Encode what the cache lacks: the new images in one pass, the new videos in one."""
         if not items:
             return []
         hashes = [it.content_hash() for it in items]
@@ -232,12 +256,14 @@ class VisionEncoder:
 
     def _run(self, pixels: torch.Tensor, grids: torch.Tensor, infos: list[VideoInfo | None]) -> list[Entry]:
         with self._lock, torch.inference_mode():
-            out = self.model(pixels.to(self.dtype), grid_thw=grids)
+            out = self.model(pixels.to(self.device, self.dtype), grid_thw=grids.to(self.device))
+            self.passes += 1
+            self.encoded += len(grids)
         sizes = (grids.prod(-1) // self.merge**2).tolist()
         merged = torch.split(out.pooler_output, sizes)
         # Qwen3-VL: one feature per DeepStack layer, split per input like the embeddings.
         deepstack = [torch.split(f, sizes) for f in (getattr(out, "deepstack_features", None) or [])]
         return [
-            Entry(merged[k].clone(), tuple(grid), [layer[k].clone() for layer in deepstack], infos[k])
+            Entry(merged[k].cpu().clone(), tuple(grid), [layer[k].cpu().clone() for layer in deepstack], infos[k])
             for k, grid in enumerate(grids.tolist())
         ]

@@ -29,9 +29,9 @@ class VideoLimits:
     min_file_frames: int = 2  # transformers cannot sample a file shorter than one temporal patch
 
 
-def _probe(data: bytes, index: int, limits: VideoLimits) -> None:
-    """Raise InvalidInput unless the header describes a video that PyAV's reader can sample and
-    that fits the limits. Reads the header only."""
+def probe(data: bytes, index: int, limits: VideoLimits) -> tuple[int, int, int]:
+    """(frames, width, height) from the header; InvalidInput unless it describes a video that
+    PyAV's reader can sample and that fits the limits. Reads the header only."""
     import av
 
     try:
@@ -62,6 +62,7 @@ def _probe(data: bytes, index: int, limits: VideoLimits) -> None:
     seconds = frames / float(rate)
     if seconds > limits.max_seconds:
         raise InvalidInput(f"video {index}: {seconds:.1f} s long, more than the limit of {limits.max_seconds:g} s")
+    return frames, width, height
 
 
 def read_file(data: bytes, index: int, sample_frames: Callable, limits: VideoLimits):
@@ -69,7 +70,7 @@ def read_file(data: bytes, index: int, sample_frames: Callable, limits: VideoLim
     `sample_frames(metadata)` (the video processor's, partially applied)."""
     from transformers.video_utils import read_video_pyav
 
-    _probe(data, index, limits)
+    probe(data, index, limits)
     try:
         frames, metadata = read_video_pyav(io.BytesIO(data), sample_indices_fn=sample_frames)
     except Exception as exc:  # noqa: BLE001 - a damaged stream fails while decoding, in many ways

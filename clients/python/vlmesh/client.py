@@ -346,7 +346,7 @@ class Client:
             pb.GetKVLogRequest(session_id=session_id), timeout=self.timeout, metadata=self._metadata
         )
         try:
-            return list(call)
+            return [r.delta for r in call]
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
 
@@ -602,7 +602,7 @@ class AsyncClient:
             pb.GetKVLogRequest(session_id=session_id), timeout=self.timeout, metadata=self._metadata
         )
         try:
-            return [delta async for delta in call]
+            return [r.delta async for r in call]
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
 

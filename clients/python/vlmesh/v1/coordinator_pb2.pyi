@@ -64,6 +64,28 @@ FINISH_REASON_STOP_STRING: FinishReason.ValueType  # 3
 """A stop string matched."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
+class _ReplicaState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReplicaStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReplicaState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REPLICA_STATE_UNSPECIFIED: _ReplicaState.ValueType  # 0
+    REPLICA_STATE_UP: _ReplicaState.ValueType  # 1
+    """Answering health checks; takes new sessions."""
+    REPLICA_STATE_DOWN: _ReplicaState.ValueType  # 2
+    """Not answering (down, stalled or restarting); its sessions move to another replica."""
+
+class ReplicaState(_ReplicaState, metaclass=_ReplicaStateEnumTypeWrapper):
+    """Health of one replica as the coordinator's watcher last saw it."""
+
+REPLICA_STATE_UNSPECIFIED: ReplicaState.ValueType  # 0
+REPLICA_STATE_UP: ReplicaState.ValueType  # 1
+"""Answering health checks; takes new sessions."""
+REPLICA_STATE_DOWN: ReplicaState.ValueType  # 2
+"""Not answering (down, stalled or restarting); its sessions move to another replica."""
+Global___ReplicaState: _TypeAlias = ReplicaState  # noqa: Y015
+
 @_typing.final
 class Content(_message.Message):
     """One piece of a message."""
@@ -149,7 +171,9 @@ class GenerateRequest(_message.Message):
     logprobs: _builtins.int
     """Return the log-probability of each token and this many alternatives (0 = none)."""
     include_stop_token_text: _builtins.bool
-    """Keep the end-of-turn token when generation stops on it (default: not included in text)."""
+    """When generation stops on an end-of-turn token, append that token's text (e.g. "<|im_end|>")
+    to the reply (default: the text leaves it out; token_ids always hold it).
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
         """The conversation (one-shot) or the new messages of this turn (session)."""
@@ -385,6 +409,28 @@ class GetKVLogRequest(_message.Message):
 Global___GetKVLogRequest: _TypeAlias = GetKVLogRequest  # noqa: Y015
 
 @_typing.final
+class GetKVLogResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELTA_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def delta(self) -> _tensor_pb2.KVDelta:
+        """The K/V of one decoder layer for positions [0, length) of the session."""
+
+    def __init__(
+        self,
+        *,
+        delta: _tensor_pb2.KVDelta | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetKVLogResponse: _TypeAlias = GetKVLogResponse  # noqa: Y015
+
+@_typing.final
 class GetModelInfoRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -432,3 +478,166 @@ class GetModelInfoResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetModelInfoResponse: _TypeAlias = GetModelInfoResponse  # noqa: Y015
+
+@_typing.final
+class GetMeshStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMeshStatusRequest: _TypeAlias = GetMeshStatusRequest  # noqa: Y015
+
+@_typing.final
+class StageReplica(_message.Message):
+    """One stage replica."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    LAYERS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    KV_USED_BYTES_FIELD_NUMBER: _builtins.int
+    KV_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
+    NUM_SESSIONS_FIELD_NUMBER: _builtins.int
+    PINNED_SESSIONS_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    QUANTIZATION_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    """host:port."""
+    layers: _builtins.str
+    """Layer range "start:end" (empty while the replica has never answered)."""
+    state: Global___ReplicaState.ValueType
+    """Health."""
+    kv_used_bytes: _builtins.int
+    """KV cache bytes allocated there."""
+    kv_budget_bytes: _builtins.int
+    """KV cache budget there."""
+    num_sessions: _builtins.int
+    """Sessions holding KV there."""
+    pinned_sessions: _builtins.int
+    """Sessions this coordinator has pinned to the replica."""
+    dtype: _builtins.str
+    """Activation dtype, e.g. "bfloat16"."""
+    quantization: _builtins.str
+    """Weight quantization, e.g. "none" or "w8a8-int8"."""
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+        layers: _builtins.str = ...,
+        state: Global___ReplicaState.ValueType = ...,
+        kv_used_bytes: _builtins.int = ...,
+        kv_budget_bytes: _builtins.int = ...,
+        num_sessions: _builtins.int = ...,
+        pinned_sessions: _builtins.int = ...,
+        dtype: _builtins.str = ...,
+        quantization: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "dtype", b"dtype", "kv_budget_bytes", b"kv_budget_bytes", "kv_used_bytes", b"kv_used_bytes", "layers", b"layers", "num_sessions", b"num_sessions", "pinned_sessions", b"pinned_sessions", "quantization", b"quantization", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StageReplica: _TypeAlias = StageReplica  # noqa: Y015
+
+@_typing.final
+class VisionInstance(_message.Message):
+    """One vision instance."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CACHE_HITS_FIELD_NUMBER: _builtins.int
+    CACHE_MISSES_FIELD_NUMBER: _builtins.int
+    CACHE_ENTRIES_FIELD_NUMBER: _builtins.int
+    CACHE_BYTES_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    """host:port."""
+    state: Global___ReplicaState.ValueType
+    """Health."""
+    cache_hits: _builtins.int
+    """Inputs served from the embedding cache."""
+    cache_misses: _builtins.int
+    """Inputs that ran through the encoder."""
+    cache_entries: _builtins.int
+    """Entries in the cache."""
+    cache_bytes: _builtins.int
+    """Bytes of embeddings in the cache."""
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+        state: Global___ReplicaState.ValueType = ...,
+        cache_hits: _builtins.int = ...,
+        cache_misses: _builtins.int = ...,
+        cache_entries: _builtins.int = ...,
+        cache_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "cache_bytes", b"cache_bytes", "cache_entries", b"cache_entries", "cache_hits", b"cache_hits", "cache_misses", b"cache_misses", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VisionInstance: _TypeAlias = VisionInstance  # noqa: Y015
+
+@_typing.final
+class GetMeshStatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_TYPE_FIELD_NUMBER: _builtins.int
+    STAGES_FIELD_NUMBER: _builtins.int
+    VISION_FIELD_NUMBER: _builtins.int
+    NUM_SESSIONS_FIELD_NUMBER: _builtins.int
+    REQUESTS_RUNNING_FIELD_NUMBER: _builtins.int
+    REQUESTS_WAITING_FIELD_NUMBER: _builtins.int
+    KV_LOG_BYTES_FIELD_NUMBER: _builtins.int
+    KV_LOG_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
+    model_type: _builtins.str
+    """Model family, e.g. "qwen2_vl"."""
+    num_sessions: _builtins.int
+    """Sessions the coordinator holds (persistent and in flight)."""
+    requests_running: _builtins.int
+    """Requests generating now."""
+    requests_waiting: _builtins.int
+    """Requests waiting to start (being prepared or queued)."""
+    kv_log_bytes: _builtins.int
+    """Bytes of KV log the coordinator holds."""
+    kv_log_budget_bytes: _builtins.int
+    """The KV log's budget (0 = the log is off)."""
+    @_builtins.property
+    def stages(self) -> _containers.RepeatedCompositeFieldContainer[Global___StageReplica]:
+        """Every stage replica, ordered by layer range then address."""
+
+    @_builtins.property
+    def vision(self) -> _containers.RepeatedCompositeFieldContainer[Global___VisionInstance]:
+        """Every vision instance."""
+
+    def __init__(
+        self,
+        *,
+        model_type: _builtins.str = ...,
+        stages: _abc.Iterable[Global___StageReplica] | None = ...,
+        vision: _abc.Iterable[Global___VisionInstance] | None = ...,
+        num_sessions: _builtins.int = ...,
+        requests_running: _builtins.int = ...,
+        requests_waiting: _builtins.int = ...,
+        kv_log_bytes: _builtins.int = ...,
+        kv_log_budget_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kv_log_budget_bytes", b"kv_log_budget_bytes", "kv_log_bytes", b"kv_log_bytes", "model_type", b"model_type", "num_sessions", b"num_sessions", "requests_running", b"requests_running", "requests_waiting", b"requests_waiting", "stages", b"stages", "vision", b"vision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMeshStatusResponse: _TypeAlias = GetMeshStatusResponse  # noqa: Y015

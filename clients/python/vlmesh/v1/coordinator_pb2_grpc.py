@@ -4,7 +4,6 @@ import grpc
 import warnings
 
 from vlmesh.v1 import coordinator_pb2 as vlmesh_dot_v1_dot_coordinator__pb2
-from vlmesh.v1 import tensor_pb2 as vlmesh_dot_v1_dot_tensor__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -53,12 +52,17 @@ class CoordinatorServiceStub:
         self.GetKVLog = channel.unary_stream(
                 '/vlmesh.v1.CoordinatorService/GetKVLog',
                 request_serializer=vlmesh_dot_v1_dot_coordinator__pb2.GetKVLogRequest.SerializeToString,
-                response_deserializer=vlmesh_dot_v1_dot_tensor__pb2.KVDelta.FromString,
+                response_deserializer=vlmesh_dot_v1_dot_coordinator__pb2.GetKVLogResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/vlmesh.v1.CoordinatorService/GetModelInfo',
                 request_serializer=vlmesh_dot_v1_dot_coordinator__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=vlmesh_dot_v1_dot_coordinator__pb2.GetModelInfoResponse.FromString,
+                _registered_method=True)
+        self.GetMeshStatus = channel.unary_unary(
+                '/vlmesh.v1.CoordinatorService/GetMeshStatus',
+                request_serializer=vlmesh_dot_v1_dot_coordinator__pb2.GetMeshStatusRequest.SerializeToString,
+                response_deserializer=vlmesh_dot_v1_dot_coordinator__pb2.GetMeshStatusResponse.FromString,
                 _registered_method=True)
 
 
@@ -88,7 +92,8 @@ class CoordinatorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetKVLog(self, request, context):
-        """Stream a session's KV log: the K/V entries every stage returned, merged per layer.
+        """Stream a session's KV log: the K/V entries every stage returned, merged per layer, one layer
+        per response. NOT_FOUND when the log is off or was dropped to stay within its budget.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -96,6 +101,13 @@ class CoordinatorServiceServicer:
 
     def GetModelInfo(self, request, context):
         """Model and mesh description.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMeshStatus(self, request, context):
+        """Every service of the mesh as the coordinator sees it: replicas, health, KV use, sessions.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -122,12 +134,17 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
             'GetKVLog': grpc.unary_stream_rpc_method_handler(
                     servicer.GetKVLog,
                     request_deserializer=vlmesh_dot_v1_dot_coordinator__pb2.GetKVLogRequest.FromString,
-                    response_serializer=vlmesh_dot_v1_dot_tensor__pb2.KVDelta.SerializeToString,
+                    response_serializer=vlmesh_dot_v1_dot_coordinator__pb2.GetKVLogResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
                     request_deserializer=vlmesh_dot_v1_dot_coordinator__pb2.GetModelInfoRequest.FromString,
                     response_serializer=vlmesh_dot_v1_dot_coordinator__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'GetMeshStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMeshStatus,
+                    request_deserializer=vlmesh_dot_v1_dot_coordinator__pb2.GetMeshStatusRequest.FromString,
+                    response_serializer=vlmesh_dot_v1_dot_coordinator__pb2.GetMeshStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -237,7 +254,7 @@ class CoordinatorService:
             target,
             '/vlmesh.v1.CoordinatorService/GetKVLog',
             vlmesh_dot_v1_dot_coordinator__pb2.GetKVLogRequest.SerializeToString,
-            vlmesh_dot_v1_dot_tensor__pb2.KVDelta.FromString,
+            vlmesh_dot_v1_dot_coordinator__pb2.GetKVLogResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -265,6 +282,33 @@ class CoordinatorService:
             '/vlmesh.v1.CoordinatorService/GetModelInfo',
             vlmesh_dot_v1_dot_coordinator__pb2.GetModelInfoRequest.SerializeToString,
             vlmesh_dot_v1_dot_coordinator__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMeshStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vlmesh.v1.CoordinatorService/GetMeshStatus',
+            vlmesh_dot_v1_dot_coordinator__pb2.GetMeshStatusRequest.SerializeToString,
+            vlmesh_dot_v1_dot_coordinator__pb2.GetMeshStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

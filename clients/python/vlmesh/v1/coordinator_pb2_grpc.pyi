@@ -6,7 +6,6 @@ The coordinator: the public entry point of the mesh."""
 from collections import abc as _abc
 from grpc import aio as _aio
 from vlmesh.v1 import coordinator_pb2 as _coordinator_pb2
-from vlmesh.v1 import tensor_pb2 as _tensor_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -40,10 +39,14 @@ class CoordinatorServiceStub:
     """Open a multi-turn session."""
     CloseSession: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.CloseSessionRequest, _coordinator_pb2.CloseSessionResponse]
     """Close a session and free its KV cache on every stage."""
-    GetKVLog: _grpc.UnaryStreamMultiCallable[_coordinator_pb2.GetKVLogRequest, _tensor_pb2.KVDelta]
-    """Stream a session's KV log: the K/V entries every stage returned, merged per layer."""
+    GetKVLog: _grpc.UnaryStreamMultiCallable[_coordinator_pb2.GetKVLogRequest, _coordinator_pb2.GetKVLogResponse]
+    """Stream a session's KV log: the K/V entries every stage returned, merged per layer, one layer
+    per response. NOT_FOUND when the log is off or was dropped to stay within its budget.
+    """
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GetModelInfoRequest, _coordinator_pb2.GetModelInfoResponse]
     """Model and mesh description."""
+    GetMeshStatus: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GetMeshStatusRequest, _coordinator_pb2.GetMeshStatusResponse]
+    """Every service of the mesh as the coordinator sees it: replicas, health, KV use, sessions."""
 
 @_typing.type_check_only
 class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
@@ -56,10 +59,14 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     """Open a multi-turn session."""
     CloseSession: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.CloseSessionRequest, _coordinator_pb2.CloseSessionResponse]  # type: ignore[assignment]
     """Close a session and free its KV cache on every stage."""
-    GetKVLog: _aio.UnaryStreamMultiCallable[_coordinator_pb2.GetKVLogRequest, _tensor_pb2.KVDelta]  # type: ignore[assignment]
-    """Stream a session's KV log: the K/V entries every stage returned, merged per layer."""
+    GetKVLog: _aio.UnaryStreamMultiCallable[_coordinator_pb2.GetKVLogRequest, _coordinator_pb2.GetKVLogResponse]  # type: ignore[assignment]
+    """Stream a session's KV log: the K/V entries every stage returned, merged per layer, one layer
+    per response. NOT_FOUND when the log is off or was dropped to stay within its budget.
+    """
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GetModelInfoRequest, _coordinator_pb2.GetModelInfoResponse]  # type: ignore[assignment]
     """Model and mesh description."""
+    GetMeshStatus: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GetMeshStatusRequest, _coordinator_pb2.GetMeshStatusResponse]  # type: ignore[assignment]
+    """Every service of the mesh as the coordinator sees it: replicas, health, KV use, sessions."""
 
 class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -93,8 +100,10 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _coordinator_pb2.GetKVLogRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_tensor_pb2.KVDelta], _abc.AsyncIterator[_tensor_pb2.KVDelta]]:
-        """Stream a session's KV log: the K/V entries every stage returned, merged per layer."""
+    ) -> _typing.Union[_abc.Iterator[_coordinator_pb2.GetKVLogResponse], _abc.AsyncIterator[_coordinator_pb2.GetKVLogResponse]]:
+        """Stream a session's KV log: the K/V entries every stage returned, merged per layer, one layer
+        per response. NOT_FOUND when the log is off or was dropped to stay within its budget.
+        """
 
     @_abc_1.abstractmethod
     def GetModelInfo(
@@ -103,5 +112,13 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.GetModelInfoResponse, _abc.Awaitable[_coordinator_pb2.GetModelInfoResponse]]:
         """Model and mesh description."""
+
+    @_abc_1.abstractmethod
+    def GetMeshStatus(
+        self,
+        request: _coordinator_pb2.GetMeshStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.GetMeshStatusResponse, _abc.Awaitable[_coordinator_pb2.GetMeshStatusResponse]]:
+        """Every service of the mesh as the coordinator sees it: replicas, health, KV use, sessions."""
 
 def add_CoordinatorServiceServicer_to_server(servicer: CoordinatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from vlmesh.v1 import vision_pb2 as vlmesh_dot_v1_dot_vision__pb2
+from vlmesh.internal.v1 import vision_pb2 as vlmesh_dot_internal_dot_v1_dot_vision__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in vlmesh/v1/vision_pb2_grpc.py depends on'
+        + ' but the generated code in vlmesh/internal/v1/vision_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -35,14 +35,14 @@ class VisionServiceStub:
             channel: A grpc.Channel.
         """
         self.Encode = channel.unary_unary(
-                '/vlmesh.v1.VisionService/Encode',
-                request_serializer=vlmesh_dot_v1_dot_vision__pb2.EncodeRequest.SerializeToString,
-                response_deserializer=vlmesh_dot_v1_dot_vision__pb2.EncodeResponse.FromString,
+                '/vlmesh.internal.v1.VisionService/Encode',
+                request_serializer=vlmesh_dot_internal_dot_v1_dot_vision__pb2.EncodeRequest.SerializeToString,
+                response_deserializer=vlmesh_dot_internal_dot_v1_dot_vision__pb2.EncodeResponse.FromString,
                 _registered_method=True)
         self.GetStats = channel.unary_unary(
-                '/vlmesh.v1.VisionService/GetStats',
-                request_serializer=vlmesh_dot_v1_dot_vision__pb2.GetStatsRequest.SerializeToString,
-                response_deserializer=vlmesh_dot_v1_dot_vision__pb2.GetStatsResponse.FromString,
+                '/vlmesh.internal.v1.VisionService/GetStats',
+                request_serializer=vlmesh_dot_internal_dot_v1_dot_vision__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=vlmesh_dot_internal_dot_v1_dot_vision__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
 
 
@@ -70,19 +70,19 @@ def add_VisionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Encode': grpc.unary_unary_rpc_method_handler(
                     servicer.Encode,
-                    request_deserializer=vlmesh_dot_v1_dot_vision__pb2.EncodeRequest.FromString,
-                    response_serializer=vlmesh_dot_v1_dot_vision__pb2.EncodeResponse.SerializeToString,
+                    request_deserializer=vlmesh_dot_internal_dot_v1_dot_vision__pb2.EncodeRequest.FromString,
+                    response_serializer=vlmesh_dot_internal_dot_v1_dot_vision__pb2.EncodeResponse.SerializeToString,
             ),
             'GetStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStats,
-                    request_deserializer=vlmesh_dot_v1_dot_vision__pb2.GetStatsRequest.FromString,
-                    response_serializer=vlmesh_dot_v1_dot_vision__pb2.GetStatsResponse.SerializeToString,
+                    request_deserializer=vlmesh_dot_internal_dot_v1_dot_vision__pb2.GetStatsRequest.FromString,
+                    response_serializer=vlmesh_dot_internal_dot_v1_dot_vision__pb2.GetStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'vlmesh.v1.VisionService', rpc_method_handlers)
+            'vlmesh.internal.v1.VisionService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('vlmesh.v1.VisionService', rpc_method_handlers)
+    server.add_registered_method_handlers('vlmesh.internal.v1.VisionService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -103,9 +103,9 @@ class VisionService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/vlmesh.v1.VisionService/Encode',
-            vlmesh_dot_v1_dot_vision__pb2.EncodeRequest.SerializeToString,
-            vlmesh_dot_v1_dot_vision__pb2.EncodeResponse.FromString,
+            '/vlmesh.internal.v1.VisionService/Encode',
+            vlmesh_dot_internal_dot_v1_dot_vision__pb2.EncodeRequest.SerializeToString,
+            vlmesh_dot_internal_dot_v1_dot_vision__pb2.EncodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -130,9 +130,9 @@ class VisionService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/vlmesh.v1.VisionService/GetStats',
-            vlmesh_dot_v1_dot_vision__pb2.GetStatsRequest.SerializeToString,
-            vlmesh_dot_v1_dot_vision__pb2.GetStatsResponse.FromString,
+            '/vlmesh.internal.v1.VisionService/GetStats',
+            vlmesh_dot_internal_dot_v1_dot_vision__pb2.GetStatsRequest.SerializeToString,
+            vlmesh_dot_internal_dot_v1_dot_vision__pb2.GetStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,
