@@ -32,6 +32,9 @@ from k8sutil import (
     vlmesh_workloads,
 )
 
+sys.path.insert(0, str(ROOT / "tools"))
+from k8s_stages import TORCH_MIB as PROCESS_MIB  # noqa: E402 - one number for the generator and these checks
+
 K8S_VERSION = "1.37.0"  # the newest schemas kubernetes-validate 1.37.0 ships
 SETS = all_sets()
 
@@ -265,8 +268,8 @@ def _round64(mib: float) -> int:
 
 
 def test_memory_follows_the_plan():
-    """Vision: its weights (vlmesh plan) + --cache-mb + 700 MiB; coordinator: its KV log bound (the
-    sum over ranges of replicas x --kv-budget-mb) + 700 MiB; threads = the CPU limit."""
+    """Vision: its weights (vlmesh plan) + --cache-mb + a process's own memory; coordinator: its KV
+    log bound (the sum over ranges of replicas x --kv-budget-mb) + a process's; threads = the CPU limit."""
     from services.common.checkpoint import load_config
     from services.plan import measure
 
@@ -280,11 +283,11 @@ def test_memory_follows_the_plan():
         assert res["requests"]["memory"] == res["limits"]["memory"], w["metadata"]["name"]
         assert f["threads"] == res["limits"]["cpu"] or component(w) == "coordinator", w["metadata"]["name"]
         if component(w) == "vision":
-            assert memory_mib(res["limits"]["memory"]) == _round64(vision_mib + int(f["cache-mb"]) + 700)
+            assert memory_mib(res["limits"]["memory"]) == _round64(vision_mib + int(f["cache-mb"]) + PROCESS_MIB)
     stages = [w for w in vlmesh_workloads(docs) if component(w) == "stage"]
     kv_log = sum(w["spec"]["replicas"] * int(flags(command_line(w, docs)[0])["kv-budget-mb"]) for w in stages)
     (coordinator,) = [w for w in vlmesh_workloads(docs) if component(w) == "coordinator"]
-    assert memory_mib(the_container(coordinator)["resources"]["limits"]["memory"]) == _round64(kv_log + 700)
+    assert memory_mib(the_container(coordinator)["resources"]["limits"]["memory"]) == _round64(kv_log + PROCESS_MIB)
 
 
 def test_real_checkpoint_overlay_serves_the_volume_on_four_stages():
@@ -303,7 +306,7 @@ def test_real_checkpoint_overlay_serves_the_volume_on_four_stages():
     assert config_maps(docs)["vlmesh-stages"]["stages"].count("dns:///") == 4
     kv_log = sum(w["spec"]["replicas"] * int(flags(command_line(w, docs)[0])["kv-budget-mb"]) for w in stages)
     (coordinator,) = [w for w in vlmesh_workloads(docs) if component(w) == "coordinator"]
-    assert memory_mib(the_container(coordinator)["resources"]["limits"]["memory"]) == _round64(kv_log + 700)
+    assert memory_mib(the_container(coordinator)["resources"]["limits"]["memory"]) == _round64(kv_log + PROCESS_MIB)
 
 
 def test_grafana_dashboard_uses_exactly_the_defined_series():
