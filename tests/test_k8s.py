@@ -324,3 +324,13 @@ def test_grafana_dashboard_uses_exactly_the_defined_series():
     assert used <= set().union(*samples.values()), used - set().union(*samples.values())
     unused = [name for name, names in samples.items() if not names & used]
     assert unused == [], f"series with no panel: {unused}"
+
+
+def test_gpu_overlay_puts_stages_and_vision_on_a_gpu_with_the_cuda_image():
+    docs = SETS["k8s/overlays/gpu"]
+    for w in vlmesh_workloads(docs):
+        c = the_container(w)
+        assert c["image"] == "vlmesh:0.1.0-cuda", w["metadata"]["name"]
+        on_gpu = component(w) in ("stage", "vision")
+        assert (command_line(w, docs)[1].get("VLMESH_DEVICE") == "cuda") == on_gpu, w["metadata"]["name"]
+        assert (c["resources"]["limits"].get("nvidia.com/gpu") == 1) == on_gpu, w["metadata"]["name"]
