@@ -215,7 +215,7 @@ def _up(args: argparse.Namespace) -> int:
         print(f"mesh ready: coordinator at {mesh.address} (Ctrl-C to stop)", file=sys.stderr, flush=True)
         sys.stdout.flush()
         while not stop.wait(0.5):
-            dead = [(n, p) for n, p in zip(mesh.names, mesh.procs) if p.poll() is not None]
+            dead = [(n, p) for n, p in zip(mesh.names, mesh.procs, strict=True) if p.poll() is not None]
             if dead:
                 print(f"{dead[0][0]} exited ({dead[0][1].returncode}); stopping", file=sys.stderr)
                 return 1
@@ -275,7 +275,8 @@ def _add_up_arguments(up: argparse.ArgumentParser) -> None:
     up.add_argument("--model", help="checkpoint directory (default: the shipped shapes model)")
     split = up.add_mutually_exclusive_group()
     split.add_argument("--layers", metavar="A:B,B:C,...", help="the stages' layer ranges, e.g. 0:14,14:28 (sets the stage count)")
-    split.add_argument("--plan", action="store_true", help="split --stages the way `vlmesh plan` balances memory (default: even layer counts)")
+    split.add_argument("--plan", action="store_true",
+                       help="split --stages the way `vlmesh plan` balances memory (default: even layer counts)")
     up.add_argument("--stages", type=int, default=2, help="number of transformer stages (without --layers)")
     up.add_argument("--replicas", type=int, default=1, help="stage processes per layer range (the coordinator gets every address)")
     up.add_argument("--host", default="127.0.0.1", help="address every service binds (0.0.0.0: all interfaces)")

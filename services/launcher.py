@@ -44,7 +44,9 @@ def parse_layers(spec: str, num_layers: int) -> list[tuple[int, int]]:
     expected = 0
     for a, b in ranges:
         if a != expected:
-            raise ValueError(f"--layers {spec!r}: range {a}:{b} should start at layer {expected} (ranges must be contiguous, in order, from 0)")
+            raise ValueError(
+                f"--layers {spec!r}: range {a}:{b} should start at layer {expected} (ranges must be contiguous, in order, from 0)"
+            )
         if b <= a:
             raise ValueError(f"--layers {spec!r}: range {a}:{b} is empty")
         expected = b
@@ -119,7 +121,8 @@ class LocalMesh:
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **self.env}
         service = args[0]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "serve", *args, "--host", self.host, *self.extra_args, *self.service_args.get(service, [])],
+            [sys.executable, "-m", "services.cli", "serve", *args, "--host", self.host, *self.extra_args,
+             *self.service_args.get(service, [])],
             stdout=out,
             stderr=subprocess.STDOUT if out else None,
             env=env,
@@ -181,7 +184,7 @@ class LocalMesh:
         t0 = time.monotonic()
         deadline, next_note = t0 + timeout, t0 + 15
         while pending:
-            for proc, name in zip(self.procs, self.names):
+            for proc, name in zip(self.procs, self.names, strict=True):
                 if proc.poll() is not None:
                     log = self._log_path(name)
                     raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up" + (f" (log: {log})" if log else ""))

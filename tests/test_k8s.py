@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import re
@@ -258,7 +259,7 @@ def test_coordinator_stages_name_every_range_in_order(name):
         assert int(m.group(2)) == svc["spec"]["ports"][0]["port"]
         found.append(tuple(int(x) for x in flags(command_line(w, docs)[0])["layers"].split(":")))
     assert found == ranges and found[0][0] == 0
-    assert all(a[1] == b[0] for a, b in zip(found, found[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(found))
     vision = flags(command_line(coordinator, docs)[0])["vision"]
     assert re.fullmatch(r"dns:///vision\.vlmesh:50071", vision) and "vision" in headless
 

@@ -111,7 +111,8 @@ def local_pods(docs, tmp: Path, jaeger_port: int, certs: Path, api_keys: Path) -
     for w in sorted(vlmesh_workloads(docs), key=lambda w: START_ORDER[component(w)]):
         argv, env = command_line(w, docs)
         names = [p["name"] for p in w["spec"]["template"]["spec"]["containers"][0]["ports"]]
-        pods.append(LocalPod(w, argv, env, dict(zip(names, free_ports("127.0.0.1", len(names)))), tmp / f"{w['metadata']['name']}.log"))
+        ports = dict(zip(names, free_ports("127.0.0.1", len(names)), strict=True))
+        pods.append(LocalPod(w, argv, env, ports, tmp / f"{w['metadata']['name']}.log"))
     dns = _dns_rewrites(docs, pods, jaeger_port)
     for pod in pods:
         pod.pod_name = pod.env.get("POD_NAME", "")
