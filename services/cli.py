@@ -15,18 +15,98 @@ DEMO_IMAGE = Path(__file__).parent / "assets" / "demo.png"  # data.demo_scene(),
 DEFAULT_TINY = Path(os.environ.get("VLMESH_HOME", Path.home() / ".cache" / "vlmesh")) / "tiny-qwen2-vl"
 
 
+SERVICES = ("vision", "stage", "coordinator")
+SERVE_USAGE = """usage: vlmesh serve {vision,stage,coordinator} [options]
+
+Run one service of the mesh (one process; every flag also reads VLMESH_<FLAG> from the environment):
+  vision        the vision encoder
+  stage         a contiguous range of decoder layers and the KV cache of its sessions
+  coordinator   the public API: sessions, the step loop, sampling
+
+`vlmesh serve SERVICE --help` lists a service's options."""
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: printed as one line, exit status 2."""
+
+
+class StartFailed(Exception):
+    """A service did not come up: printed as one line, exit status 1."""
+
+
+def _service_config(service: str) -> type:
+    if service == "vision":
+        from services.vision.server import VisionConfig
+
+        return VisionConfig
+    if service == "stage":
+        from services.stage.server import StageConfig
+
+        return StageConfig
+    from services.coordinator.server import CoordinatorConfig
+
+    return CoordinatorConfig
+
+
+def _check_model(model: str) -> None:
+    if not (Path(model) / "config.json").is_file():
+        raise UserError(f"--model {model}: no config.json there (a checkpoint directory in the Hugging Face layout is needed)")
+
+
+def _serve_precheck(service: str, argv: list[str]) -> None:
+    """What can be told before a service spends minutes loading: its model directory exists and
+    its ports are free (gRPC's SO_REUSEPORT would otherwise share a taken port silently)."""
+    import dataclasses
+
+    from services.common.ports import ensure_free
+
+    fields = {f.name: f for f in dataclasses.fields(_service_config(service))}
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    names = [n for n in fields if n in ("model", "host") or n == "port" or n.endswith("_port")]
+    for name in names:
+        f = fields[name]
+        default = os.environ.get("VLMESH_" + name.upper(), None if f.default is dataclasses.MISSING else f.default)
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=default)
+    known, _ = parser.parse_known_args(argv)
+    if getattr(known, "model", None):
+        _check_model(known.model)
+    host = str(getattr(known, "host", None) or "0.0.0.0")
+    for name in names:
+        if name == "port" or name.endswith("_port"):
+            try:
+                port = int(getattr(known, name))
+            except (TypeError, ValueError):
+                continue  # the service's own parser reports it
+            try:
+                ensure_free(host, port)
+            except OSError as e:
+                raise UserError(f"--{name.replace('_', '-')}: {e}") from None
+
+
 def _serve(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("vision", "stage", "coordinator"):
-        print("usage: vlmesh serve {vision,stage,coordinator} [options]  (-h after the service for its options)", file=sys.stderr)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(SERVE_USAGE, file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] not in SERVICES:
+        print(f"vlmesh serve: error: unknown service {argv[0]!r} (choose vision, stage or coordinator)", file=sys.stderr)
         return 2
     service, rest = argv[0], argv[1:]
-    if service == "vision":
-        from services.vision.server import main
-    elif service == "stage":
-        from services.stage.server import main
-    else:
-        from services.coordinator.server import main
-    return main(rest)
+    try:
+        if not {"-h", "--help"} & set(rest):
+            _serve_precheck(service, rest)
+        if service == "vision":
+            from services.vision.server import main
+        elif service == "stage":
+            from services.stage.server import main
+        else:
+            from services.coordinator.server import main
+        return main(rest)
+    except UserError as e:
+        print(f"vlmesh serve {service}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vlmesh serve {service}: interrupted", file=sys.stderr)
+        return 130
 
 
 def _default_model(model: str | None) -> str:
@@ -46,27 +126,98 @@ def _default_model(model: str | None) -> str:
     return str(DEFAULT_TINY)
 
 
-def _up(args: argparse.Namespace) -> int:
-    from services.common.checkpoint import open_checkpoint
-    from services.launcher import LocalMesh, split_layers
+def _ranges(args: argparse.Namespace, model: str) -> list[tuple[int, int]]:
+    """--layers as given, --plan's balanced split of --stages, or an even split of --stages."""
+    from services.common.checkpoint import load_config
+    from services.launcher import parse_layers, split_layers
 
+    try:
+        config = load_config(model)
+        layers = config.get_text_config().num_hidden_layers
+        if args.layers:
+            return parse_layers(args.layers, layers)
+        if args.plan:
+            import torch
+
+            from services.plan import plan
+
+            dtype = None if args.dtype in (None, "auto") else getattr(torch, args.dtype)
+            return [(s.start, s.end) for s in plan(config, args.stages, dtype)]
+        return split_layers(layers, args.stages)
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(str(e)) from None
+
+
+def _service_args(args: argparse.Namespace) -> tuple[list[str], dict[str, list[str]]]:
+    """The flags `vlmesh up` passes on: (to every service, to each kind of service). Flags not
+    given are not passed, so the children still read their VLMESH_* environment."""
+
+    def flag(name: str) -> list[str]:
+        value = getattr(args, name, None)
+        return [] if value is None else ["--" + name.replace("_", "-"), str(value)]
+
+    common = [*flag("threads"), *flag("trace_exporter"), *flag("otlp_endpoint")]
+    return common, {"vision": flag("dtype"), "stage": [*flag("dtype"), *flag("kv_budget_mb")]}
+
+
+def _progress(line: str) -> None:
+    print(f"  {line}", file=sys.stderr, flush=True)
+
+
+def _start_mesh(mesh, timeout: float) -> None:
+    """Start the mesh; SIGTERM during start-up stops it as Ctrl-C does."""
+
+    def interrupt(*_) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        mesh.start(timeout=timeout)
+    except OSError as e:  # PortInUse: nothing was started
+        raise UserError(str(e)) from None
+    except (RuntimeError, TimeoutError) as e:
+        raise StartFailed(str(e)) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _up(args: argparse.Namespace) -> int:
+    from services.common.ports import ensure_free
+    from services.launcher import LocalMesh
+
+    try:
+        ensure_free(args.host, args.port)  # before anything loads; LocalMesh.start checks again
+    except OSError as e:
+        raise UserError(f"--port: {e}") from None
     model = _default_model(args.model)
-    layers = open_checkpoint(model).text_config.num_hidden_layers
-    ranges = split_layers(layers, args.stages)
-    print(f"starting vision + {args.stages} stage(s) {ranges} + coordinator for {model}", file=sys.stderr)
-    mesh = LocalMesh(model, ranges, port=args.port, log_dir=args.log_dir)
+    _check_model(model)
+    ranges = _ranges(args, model)
+    common, per_service = _service_args(args)
+    shown = ", ".join(f"{a}:{b}" for a, b in ranges) + (f", {args.replicas} replicas each" if args.replicas > 1 else "")
+    print(f"starting vision + {len(ranges)} stage(s) ({shown}) + coordinator for {model}", file=sys.stderr)
+    mesh = LocalMesh(
+        model,
+        ranges,
+        port=args.port,
+        log_dir=args.log_dir,
+        host=args.host,
+        replicas=args.replicas,
+        extra_args=common,
+        service_args=per_service,
+        progress=_progress,
+    )
+    _start_mesh(mesh, args.timeout)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    mesh.start(timeout=args.timeout)
     try:
         print(json.dumps({"coordinator": mesh.address, "vision": mesh.vision_address, "stages": mesh.stage_addresses}))
         print(f"mesh ready: coordinator at {mesh.address} (Ctrl-C to stop)", file=sys.stderr, flush=True)
         sys.stdout.flush()
         while not stop.wait(0.5):
-            dead = [p for p in mesh.procs if p.poll() is not None]
+            dead = [(n, p) for n, p in zip(mesh.names, mesh.procs, strict=True) if p.poll() is not None]
             if dead:
-                print(f"a mesh process exited ({dead[0].returncode}); stopping", file=sys.stderr)
+                print(f"{dead[0][0]} exited ({dead[0][1].returncode}); stopping", file=sys.stderr)
                 return 1
         return 0
     finally:
@@ -74,18 +225,38 @@ def _up(args: argparse.Namespace) -> int:
         print("mesh stopped", file=sys.stderr)
 
 
+def _check_image(path: str) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except FileNotFoundError:
+        raise UserError(f"--image {path}: no such file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"--image {path}: not an image this can read ({e})") from None
+
+
 def _demo(args: argparse.Namespace) -> int:
-    from services.common.checkpoint import open_checkpoint
+    from services.common.checkpoint import load_config
     from services.launcher import LocalMesh, split_layers
     from services.shapes import data
     from vlmesh import Client
 
-    model = _default_model(args.model)
     image = args.image or str(DEMO_IMAGE)
-    layers = open_checkpoint(model).text_config.num_hidden_layers
+    _check_image(image)
+    model = _default_model(args.model)
+    _check_model(model)
+    layers = load_config(model).get_text_config().num_hidden_layers
+    try:
+        ranges = split_layers(layers, min(args.stages, layers))
+    except ValueError as e:
+        raise UserError(str(e)) from None
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="vlmesh-demo-")
-    print(f"starting vision + {min(args.stages, layers)} stages + coordinator for {model} (logs in {log_dir})", file=sys.stderr)
-    with LocalMesh(model, split_layers(layers, min(args.stages, layers)), log_dir=log_dir) as mesh:
+    print(f"starting vision + {len(ranges)} stages + coordinator for {model} (logs in {log_dir})", file=sys.stderr)
+    mesh = LocalMesh(model, ranges, log_dir=log_dir, progress=_progress)
+    _start_mesh(mesh, args.timeout)
+    try:
         print(f"mesh up at {mesh.address}; asking about {image}", file=sys.stderr)
         messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": args.question}]}]
         print(f"Q: {args.question}\nA: ", end="", flush=True)
@@ -93,9 +264,45 @@ def _demo(args: argparse.Namespace) -> int:
             for delta in client.stream(messages, max_tokens=args.max_tokens):
                 print(delta, end="", flush=True)
         print()
+    finally:
+        mesh.stop()
     if not args.image and args.question in data.CAPTION_QUESTIONS:
         print(f"(the picture shows {data.demo_scene().caption()})", file=sys.stderr)
     return 0
+
+
+def _add_up_arguments(up: argparse.ArgumentParser) -> None:
+    up.add_argument("--model", help="checkpoint directory (default: the shipped shapes model)")
+    split = up.add_mutually_exclusive_group()
+    split.add_argument("--layers", metavar="A:B,B:C,...", help="the stages' layer ranges, e.g. 0:14,14:28 (sets the stage count)")
+    split.add_argument("--plan", action="store_true",
+                       help="split --stages the way `vlmesh plan` balances memory (default: even layer counts)")
+    up.add_argument("--stages", type=int, default=2, help="number of transformer stages (without --layers)")
+    up.add_argument("--replicas", type=int, default=1, help="stage processes per layer range (the coordinator gets every address)")
+    up.add_argument("--host", default="127.0.0.1", help="address every service binds (0.0.0.0: all interfaces)")
+    up.add_argument("--port", type=int, default=50051, help="coordinator port")
+    up.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="vision and stage parameter dtype")
+    up.add_argument("--kv-budget-mb", type=int, help="each stage's KV cache budget in MiB")
+    up.add_argument("--threads", type=int, help="torch threads per service (0 = torch's default)")
+    up.add_argument("--trace-exporter", choices=("none", "console", "otlp"), help="where every service sends its spans")
+    up.add_argument("--otlp-endpoint", help="OTLP gRPC collector for --trace-exporter otlp, e.g. http://127.0.0.1:4317")
+    up.add_argument("--log-dir", help="write each service's log here instead of the terminal")
+    up.add_argument("--timeout", type=float, default=600, help="seconds to wait for the services to be healthy")
+
+
+def _run_guarded(name: str, fn, args: argparse.Namespace) -> int:
+    """A user's mistake or an interrupted start-up is one line on stderr, never a traceback."""
+    try:
+        return fn(args)
+    except UserError as e:
+        print(f"vlmesh {name}: error: {e}", file=sys.stderr)
+        return 2
+    except StartFailed as e:
+        print(f"vlmesh {name}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"vlmesh {name}: interrupted; every service it started is stopped", file=sys.stderr)
+        return 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,11 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("serve", help="run one service: vlmesh serve {vision,stage,coordinator} --help")
 
     up = sub.add_parser("up", help="run the whole mesh locally as child processes")
-    up.add_argument("--model", help="checkpoint directory (default: the shipped shapes model)")
-    up.add_argument("--stages", type=int, default=2, help="number of transformer stages")
-    up.add_argument("--port", type=int, default=50051, help="coordinator port")
-    up.add_argument("--log-dir", help="write each service's log here instead of the terminal")
-    up.add_argument("--timeout", type=float, default=600, help="seconds to wait for the services to be healthy")
+    _add_up_arguments(up)
 
     demo = sub.add_parser("demo", help="start a mesh, ask about an image, print the streamed answer, stop")
     demo.add_argument("--model", help="checkpoint directory (default: the shipped shapes model)")
@@ -120,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--question", default="What is in this picture?")
     demo.add_argument("--max-tokens", type=int, default=32)
     demo.add_argument("--log-dir", help="write each service's log here")
+    demo.add_argument("--timeout", type=float, default=600, help="seconds to wait for the services to be healthy")
 
     from vlmesh import chat_cli
 
@@ -137,9 +341,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.cmd == "up":
-        return _up(args)
+        if args.replicas < 1:
+            parser.error("--replicas must be at least 1")
+        return _run_guarded("up", _up, args)
     if args.cmd == "demo":
-        return _demo(args)
+        return _run_guarded("demo", _demo, args)
     if args.cmd == "chat":
         return chat_cli.run(args)
     if args.cmd == "plan":

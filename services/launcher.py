@@ -12,9 +12,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.common.certs import make_certs
+from services.common.ports import ensure_free
 from services.common.server import MeshTLS, wait_healthy
 
 
@@ -31,10 +33,44 @@ def split_layers(num_layers: int, stages: int) -> list[tuple[int, int]]:
     return out
 
 
+def parse_layers(spec: str, num_layers: int) -> list[tuple[int, int]]:
+    """`0:14,14:28` -> [(0, 14), (14, 28)]: contiguous, non-empty ranges covering every layer."""
+    ranges = []
+    for part in spec.split(","):
+        try:
+            a, b = (int(x) for x in part.strip().split(":"))
+        except ValueError:
+            raise ValueError(f"--layers {spec!r}: each range must be START:END, e.g. 0:14,14:28") from None
+        ranges.append((a, b))
+    expected = 0
+    for a, b in ranges:
+        if a != expected:
+            raise ValueError(
+                f"--layers {spec!r}: range {a}:{b} should start at layer {expected} (ranges must be contiguous, in order, from 0)"
+            )
+        if b <= a:
+            raise ValueError(f"--layers {spec!r}: range {a}:{b} is empty")
+        expected = b
+    if expected != num_layers:
+        raise ValueError(f"--layers {spec!r}: the model has {num_layers} decoder layers; the ranges must end at {num_layers}")
+    return ranges
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports("127.0.0.1", 1)[0]
+
+
+def free_ports(host: str, count: int) -> list[int]:
+    """`count` distinct ports free now: every socket stays bound until all are picked, so the
+    kernel cannot hand out one port twice (two children on one port, as bench_mesh.py once saw)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -49,10 +85,15 @@ class LocalMesh:
     model: str
     ranges: list[tuple[int, int]]
     port: int = 0
-    extra_args: list[str] = field(default_factory=list)
+    extra_args: list[str] = field(default_factory=list)  # given to every service
     env: dict[str, str] = field(default_factory=dict)
     log_dir: str | None = None
+    host: str = "127.0.0.1"  # where every service binds
+    replicas: int = 1  # stage processes per layer range
+    service_args: dict[str, list[str]] = field(default_factory=dict)  # "vision" | "stage" | "coordinator" -> its own flags
+    progress: Callable[[str], None] | None = None  # start-up progress lines (`vlmesh up` prints them)
     procs: list[subprocess.Popen] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)  # [len(procs)] what each process serves
     address: str = ""
     stage_addresses: list[str] = field(default_factory=list)
     vision_address: str = ""
@@ -67,26 +108,45 @@ class LocalMesh:
         with open(f"{d}/ca.crt", "rb") as ca, open(f"{d}/coordinator.crt", "rb") as c, open(f"{d}/coordinator.key", "rb") as k:
             return MeshTLS(ca.read(), c.read(), k.read())
 
+    @property
+    def connect_host(self) -> str:
+        """Where to reach a service bound on `host` from this machine."""
+        return "127.0.0.1" if self.host in ("", "0.0.0.0", "::", "[::]") else self.host
+
+    def _say(self, line: str) -> None:
+        if self.progress is not None:
+            self.progress(line)
+
+    def _log_path(self, name: str) -> str | None:
+        return os.path.join(self.log_dir, f"{name}.log") if self.log_dir else None
+
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         out = None
-        if self.log_dir:
-            os.makedirs(self.log_dir, exist_ok=True)
-            out = open(os.path.join(self.log_dir, f"{name}.log"), "w")  # noqa: SIM115 - lives as long as the child
+        path = self._log_path(name)
+        if path:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            out = open(path, "w")  # noqa: SIM115 - lives as long as the child
         # Several torch processes share the cores here; OpenMP threads that spin-wait after their
         # stage's turn steal CPU from the stage that computes next (measured: bfloat16 2B, 2
         # stages, 3.38 -> 3.74 tok/s on 2 cores). The environment can still override it.
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **self.env}
+        service = args[0]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "serve", *args, "--host", "127.0.0.1", *self.extra_args],
+            [sys.executable, "-m", "services.cli", "serve", *args, "--host", self.host, *self.extra_args,
+             *self.service_args.get(service, [])],
             stdout=out,
             stderr=subprocess.STDOUT if out else None,
             env=env,
             preexec_fn=_die_with_parent,
         )
         self.procs.append(proc)
+        self.names.append(name)
         return proc
 
-    def start(self, timeout: float = 300.0) -> "LocalMesh":
+    def start(self, timeout: float = 300.0) -> LocalMesh:
+        """Start vision and the stages, wait until all are healthy, then the coordinator.
+        Raises PortInUse (before starting anything) when the coordinator's port is taken."""
+        ensure_free(self.host, self.port)
         if self.certs is None:
             # Even a local mesh is never open inside: throwaway certificates, made for this run.
             import tempfile
@@ -94,18 +154,25 @@ class LocalMesh:
             self.certs = tempfile.mkdtemp(prefix="vlmesh-certs-")
             make_certs(self.certs)
         try:
-            self.vision_address = f"127.0.0.1:{free_port()}"
-            self._spawn("vision", ["vision", "--model", self.model, "--port", self.vision_address.rsplit(":", 1)[1], *self._tls_args("vision")])
+            stage_count = len(self.ranges) * self.replicas
+            ports = free_ports(self.connect_host, 1 + stage_count + (0 if self.port else 1))
+            self.vision_address = f"{self.connect_host}:{ports[0]}"
+            pending = {"vision": self.vision_address}
+            self._spawn("vision", ["vision", "--model", self.model, "--port", str(ports[0]), *self._tls_args("vision")])
+            next_port = iter(ports[1:])
             for i, (a, b) in enumerate(self.ranges):
-                addr = f"127.0.0.1:{free_port()}"
-                self.stage_addresses.append(addr)
-                self._spawn(
-                    f"stage{i}", ["stage", "--model", self.model, "--layers", f"{a}:{b}", "--port", addr.rsplit(":", 1)[1], *self._tls_args("stage")]
-                )
-            for addr in [self.vision_address, *self.stage_addresses]:
-                self._wait(addr, timeout, self._mesh_tls())
-            port = self.port or free_port()
-            self.address = f"127.0.0.1:{port}"
+                for r in range(self.replicas):
+                    port = next(next_port)
+                    addr = f"{self.connect_host}:{port}"
+                    self.stage_addresses.append(addr)
+                    name = f"stage{i}" if self.replicas == 1 else f"stage{i}r{r}"
+                    pending[f"stage {a}:{b}" + (f" replica {r}" if self.replicas > 1 else "")] = addr
+                    self._spawn(name, ["stage", "--model", self.model, "--layers", f"{a}:{b}", "--port", str(port), *self._tls_args("stage")])
+            total = len(pending) + 1
+            self._say(f"loading {', '.join(pending)} ({len(pending)} processes)")
+            self._wait(pending, timeout, total, done=0, tls=self._mesh_tls())
+            port = self.port or next(next_port)
+            self.address = f"{self.connect_host}:{port}"
             self._spawn(
                 "coordinator",
                 [
@@ -121,24 +188,38 @@ class LocalMesh:
                     *self._tls_args("coordinator"),
                 ],
             )
-            self._wait(self.address, timeout)
+            self._say(f"loading coordinator on {self.address}")
+            self._wait({"coordinator": self.address}, timeout, total, done=total - 1)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _wait(self, address: str, timeout: float, tls: MeshTLS | None = None) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            dead = [p for p in self.procs if p.poll() is not None]
-            if dead:
-                raise RuntimeError(f"a mesh process exited with code {dead[0].returncode} (args: {' '.join(dead[0].args[3:6])})")
-            try:
-                wait_healthy(address, timeout=min(2.0, max(0.1, deadline - time.monotonic())), tls=tls)
-                return
-            except TimeoutError:
-                if time.monotonic() > deadline:
-                    raise
+    def _wait(self, pending: dict[str, str], timeout: float, total: int, done: int, tls: MeshTLS | None = None) -> None:
+        """Poll every pending service's health until all are SERVING, reporting each as it comes
+        up and, every 15 s, which are still loading. A child that exits fails the start."""
+        pending = dict(pending)
+        t0 = time.monotonic()
+        deadline, next_note = t0 + timeout, t0 + 15
+        while pending:
+            for proc, name in zip(self.procs, self.names, strict=True):
+                if proc.poll() is not None:
+                    log = self._log_path(name)
+                    raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up" + (f" (log: {log})" if log else ""))
+            for what, address in list(pending.items()):
+                try:
+                    wait_healthy(address, timeout=0.2, tls=tls)
+                except TimeoutError:
+                    continue
+                del pending[what]
+                done += 1
+                self._say(f"ready {done}/{total}: {what} at {address} ({time.monotonic() - t0:.1f} s)")
+            now = time.monotonic()
+            if pending and now > deadline:
+                raise TimeoutError(f"not healthy after {timeout:.0f} s: {', '.join(pending)}")
+            if pending and now > next_note:
+                self._say(f"still loading: {', '.join(pending)} ({now - t0:.0f} s)")
+                next_note = now + 15
 
     def stop(self, grace: float = 10.0) -> None:
         for p in reversed(self.procs):
@@ -153,7 +234,7 @@ class LocalMesh:
                 p.wait()
         self.procs.clear()
 
-    def __enter__(self) -> "LocalMesh":
+    def __enter__(self) -> LocalMesh:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -1,0 +1,269 @@
+"""Operating the mesh from the CLI, as a user would (real processes): `vlmesh up` passes its flags
+on to the services and shows start-up progress, `vlmesh serve --help` works, a port in use is an
+error at once, and a user's mistake or Ctrl-C during start-up is one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+
+from otlp_sink import OtlpSink
+from services.common.ports import PortInUse, ensure_free
+from services.launcher import free_port, parse_layers
+from vlmesh import Client
+
+VLMESH = [sys.executable, "-m", "services.cli"]
+SHAPES = Path(__file__).resolve().parent.parent / "services" / "assets" / "shapes-qwen2-vl"
+DEMO_PNG = SHAPES.parent / "demo.png"
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*VLMESH, *args], check=False, capture_output=True, text=True, timeout=timeout)
+
+
+def own_lines(stderr: str) -> list[str]:
+    """stderr without what torch logs on import (e.g. `W1130 ... torch/utils/_pytree.py:630] ...`)."""
+    return [line for line in stderr.splitlines() if line.strip() and "torch/" not in line]
+
+
+def assert_one_line_error(out: subprocess.CompletedProcess, *words: str) -> None:
+    lines = own_lines(out.stderr)
+    assert out.returncode != 0, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    assert len(lines) == 1, out.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.fixture
+def grpc_listener():
+    """A gRPC server holding a port, as a running coordinator would: with SO_REUSEPORT."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield port
+    server.stop(0)
+
+
+# --- ports ------------------------------------------------------------------------------------
+
+
+def test_ensure_free_finds_a_grpc_listener_that_grpc_itself_would_share(grpc_listener):
+    # The bug this guards against: a second gRPC server binds the same port without an error.
+    second = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    try:
+        assert second.add_insecure_port(f"127.0.0.1:{grpc_listener}") == grpc_listener
+    finally:
+        second.stop(0)
+    with pytest.raises(PortInUse, match=str(grpc_listener)):
+        ensure_free("127.0.0.1", grpc_listener)
+    with pytest.raises(PortInUse, match=str(grpc_listener)):
+        ensure_free("0.0.0.0", grpc_listener)
+
+
+def test_ensure_free_passes_free_ports_and_port_zero():
+    port = free_port()
+    ensure_free("127.0.0.1", port)
+    ensure_free("0.0.0.0", port)
+    ensure_free("127.0.0.1", 0)
+    # A port whose server just stopped (TIME_WAIT after a connection) is free again, as gRPC sees it.
+    with socket.socket() as srv:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        closed = srv.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", closed)):
+            conn, _ = srv.accept()
+            conn.close()
+    ensure_free("127.0.0.1", closed)
+
+
+def test_up_on_a_port_in_use_fails_at_once_naming_it(grpc_listener, tmp_path):
+    out = run("up", "--port", str(grpc_listener), "--log-dir", str(tmp_path))
+    assert_one_line_error(out, str(grpc_listener), "in use")
+    assert out.returncode == 2
+    assert list(tmp_path.iterdir()) == []  # nothing was started
+
+
+def test_serve_on_a_port_in_use_fails_before_loading(grpc_listener):
+    out = run("serve", "coordinator", "--model", str(SHAPES), "--stages", "127.0.0.1:1", "--vision", "127.0.0.1:1",
+              "--host", "127.0.0.1", "--port", str(grpc_listener))
+    assert_one_line_error(out, f"--port: port {grpc_listener}", "in use")
+    env = {**os.environ, "VLMESH_PORT": str(grpc_listener)}  # the environment form too
+    out = subprocess.run([*VLMESH, "serve", "stage", "--model", str(SHAPES), "--layers", "0:2", "--host", "127.0.0.1"],
+                         check=False, capture_output=True, text=True, timeout=120, env=env)
+    assert_one_line_error(out, str(grpc_listener), "in use")
+
+
+# --- help and user mistakes -------------------------------------------------------------------
+
+
+def test_serve_help_lists_the_services():
+    out = run("serve", "--help")
+    assert out.returncode == 0, out.stderr
+    for service in ("vision", "stage", "coordinator"):
+        assert service in out.stdout
+    out = run("serve", "stage", "--help")
+    assert out.returncode == 0 and "--kv-budget-mb" in out.stdout
+    assert run("serve").returncode == 2
+    assert_one_line_error(run("serve", "gateway-that-is-not"), "unknown service")
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["up", "--model", "/no/such/model"], ["/no/such/model", "config.json"]),
+        (["demo", "--model", "/no/such/model"], ["/no/such/model", "config.json"]),
+        (["serve", "stage", "--model", "/no/such/model", "--layers", "0:1"], ["/no/such/model", "config.json"]),
+        (["up", "--stages", "9"], ["4 layers", "9 stages"]),
+        (["up", "--stages", "0"], ["0 stages"]),
+        (["up", "--plan", "--stages", "5"], ["4 layers", "5 stages"]),
+        (["up", "--layers", "0:3,2:4"], ["should start at layer 3"]),
+        (["up", "--layers", "0:2"], ["4 decoder layers"]),
+        (["up", "--layers", "0:2,2:9"], ["4 decoder layers"]),
+        (["up", "--layers", "two"], ["START:END"]),
+        (["demo", "--image", "/no/such.png"], ["no such file"]),
+    ],
+)
+def test_user_mistakes_are_one_line_and_nonzero(args, words, tmp_path):
+    out = run(*args, "--log-dir", str(tmp_path)) if args[0] != "serve" else run(*args)
+    assert_one_line_error(out, *words)
+    assert out.returncode == 2
+    if args[0] != "serve":
+        assert list(tmp_path.iterdir()) == []  # no service was started
+
+
+def test_demo_checks_the_image_before_starting_a_mesh(tmp_path):
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not a picture")
+    logs = tmp_path / "logs"
+    out = run("demo", "--image", str(not_image), "--log-dir", str(logs))
+    assert_one_line_error(out, str(not_image), "not an image")
+    assert not logs.exists()
+
+
+def test_plan_flag_uses_the_balanced_split():
+    from services.cli import _ranges
+    from services.common.checkpoint import load_config
+    from services.plan import plan
+
+    args = argparse.Namespace(layers=None, plan=True, stages=3, dtype=None)
+    planned = [(s.start, s.end) for s in plan(load_config(SHAPES), 3)]
+    assert _ranges(args, str(SHAPES)) == planned == [(0, 1), (1, 3), (3, 4)]  # the embedding makes stage 0 heavy
+    assert _ranges(argparse.Namespace(layers=None, plan=False, stages=3, dtype=None), str(SHAPES)) == [(0, 2), (2, 3), (3, 4)]
+    assert parse_layers("0:1, 1:4", 4) == [(0, 1), (1, 4)]
+
+
+def test_ctrl_c_during_startup_stops_everything(tmp_path):
+    proc = subprocess.Popen([*VLMESH, "up", "--port", "0", "--log-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(psutil.Process(proc.pid).children()) < 3:  # vision and both stages are loading
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+            time.sleep(0.05)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    assert own_lines(err)[-1] == "vlmesh up: interrupted; every service it started is stopped"
+    _, alive = psutil.wait_procs(children, timeout=15)
+    assert alive == []
+
+
+# --- vlmesh up passes its flags on ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def up_with_flags(tmp_path_factory):
+    sink = OtlpSink().start()
+    logs = tmp_path_factory.mktemp("up-logs")
+    proc = subprocess.Popen(
+        [*VLMESH, "up", "--port", "0", "--layers", "0:1,1:4", "--dtype", "float32", "--kv-budget-mb", "24", "--threads", "1",
+         "--host", "127.0.0.1", "--trace-exporter", "otlp", "--otlp-endpoint", sink.endpoint, "--log-dir", str(logs)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait(30)
+        pytest.fail(f"vlmesh up exited: {proc.stderr.read()}")
+    yield proc, json.loads(line), sink
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    sink.stop()
+
+
+def test_up_flags_reach_the_services(up_with_flags):
+    from services.common.server import channel
+    from vlmesh.v1 import stage_pb2, stage_pb2_grpc
+
+    proc, addresses, sink = up_with_flags
+    infos = []
+    for addr in addresses["stages"]:
+        with channel(addr) as ch:
+            infos.append(stage_pb2_grpc.StageServiceStub(ch).GetInfo(stage_pb2.GetInfoRequest(), timeout=10))
+    assert [(i.layer_start, i.layer_end) for i in infos] == [(0, 1), (1, 4)]
+    assert {i.kv_budget_bytes for i in infos} == {24 << 20}
+    assert {i.dtype for i in infos} == {"float32"}
+    threads = {p.cmdline()[p.cmdline().index("--threads") + 1] for p in psutil.Process(proc.pid).children()}
+    assert threads == {"1"}
+
+    with Client(addresses["coordinator"]) as client:
+        answer = client.chat([{"role": "user", "content": [{"type": "image", "image": str(DEMO_PNG)},
+                                                           {"type": "text", "text": "What is in this picture?"}]}], max_tokens=16)
+    assert answer.text
+    # Every service exported its spans to the OTLP endpoint `vlmesh up` was given.
+    wanted = {"vlmesh-vision", "vlmesh-stage", "vlmesh-coordinator"}
+    assert wanted <= sink.wait_for("service.name", wanted)
+
+
+def test_up_shows_startup_progress(up_with_flags):
+    proc, addresses, _ = up_with_flags
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    err = proc.stderr.read()
+    for line in ("loading vision, stage 0:1, stage 1:4 (3 processes)", "ready 3/4: ", f"ready 4/4: coordinator at {addresses['coordinator']}"):
+        assert line in err, err
+
+
+@pytest.mark.slow
+def test_up_replicas_start_every_stage_process_and_serve(tmp_path):
+    """Needs the coordinator that groups replicas by the layer range each reports (today's
+    coordinator refuses overlapping ranges)."""
+    proc = subprocess.Popen([*VLMESH, "up", "--port", "0", "--stages", "2", "--replicas", "2", "--threads", "1", "--log-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        if not line:
+            proc.wait(30)
+            pytest.fail(f"vlmesh up exited: {proc.stderr.read()}")
+        addresses = json.loads(line)
+        assert len(addresses["stages"]) == 4
+        coordinator = next(p for p in psutil.Process(proc.pid).children() if "coordinator" in p.cmdline())
+        cmd = coordinator.cmdline()
+        assert cmd[cmd.index("--stages") + 1] == ",".join(addresses["stages"])
+        with Client(addresses["coordinator"]) as client:
+            assert client.chat([{"role": "user", "content": [{"type": "image", "image": str(DEMO_PNG)},
+                                                             {"type": "text", "text": "What is in this picture?"}]}], max_tokens=8).text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
