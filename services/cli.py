@@ -16,14 +16,16 @@ DEFAULT_TINY = Path(os.environ.get("VLMESH_HOME", Path.home() / ".cache" / "vlme
 
 
 def _serve(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("vision", "stage", "coordinator"):
-        print("usage: vlmesh serve {vision,stage,coordinator} [options]  (-h after the service for its options)", file=sys.stderr)
+    if not argv or argv[0] not in ("vision", "stage", "coordinator", "gateway"):
+        print("usage: vlmesh serve {vision,stage,coordinator,gateway} [options]  (-h after the service for its options)", file=sys.stderr)
         return 2
     service, rest = argv[0], argv[1:]
     if service == "vision":
         from services.vision.server import main
     elif service == "stage":
         from services.stage.server import main
+    elif service == "gateway":
+        from services.gateway.server import main
     else:
         from services.coordinator.server import main
     return main(rest)
@@ -54,14 +56,18 @@ def _up(args: argparse.Namespace) -> int:
     layers = open_checkpoint(model).text_config.num_hidden_layers
     ranges = split_layers(layers, args.stages)
     print(f"starting vision + {args.stages} stage(s) {ranges} + coordinator for {model}", file=sys.stderr)
-    mesh = LocalMesh(model, ranges, port=args.port, log_dir=args.log_dir)
+    mesh = LocalMesh(model, ranges, port=args.port, log_dir=args.log_dir, openai_port=args.openai_port)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     mesh.start(timeout=args.timeout)
     try:
-        print(json.dumps({"coordinator": mesh.address, "vision": mesh.vision_address, "stages": mesh.stage_addresses}))
-        print(f"mesh ready: coordinator at {mesh.address} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        addresses = {"coordinator": mesh.address, "vision": mesh.vision_address, "stages": mesh.stage_addresses}
+        if mesh.openai_url:
+            addresses["openai"] = mesh.openai_url
+        print(json.dumps(addresses))
+        openai = f", OpenAI API at {mesh.openai_url}" if mesh.openai_url else ""
+        print(f"mesh ready: coordinator at {mesh.address}{openai} (Ctrl-C to stop)", file=sys.stderr, flush=True)
         sys.stdout.flush()
         while not stop.wait(0.5):
             dead = [p for p in mesh.procs if p.poll() is not None]
@@ -104,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(argv[1:])
     parser = argparse.ArgumentParser(prog="vlmesh", description="Qwen vision-language models as a gRPC mesh.")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("serve", help="run one service: vlmesh serve {vision,stage,coordinator} --help")
+    sub.add_parser("serve", help="run one service: vlmesh serve {vision,stage,coordinator,gateway} --help")
 
     up = sub.add_parser("up", help="run the whole mesh locally as child processes")
     up.add_argument("--model", help="checkpoint directory (default: the shipped shapes model)")
@@ -112,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--port", type=int, default=50051, help="coordinator port")
     up.add_argument("--log-dir", help="write each service's log here instead of the terminal")
     up.add_argument("--timeout", type=float, default=600, help="seconds to wait for the services to be healthy")
+    up.add_argument("--openai-port", type=int, default=None, help="also start the OpenAI-compatible gateway on this port (0 = any free one)")
 
     demo = sub.add_parser("demo", help="start a mesh, ask about an image, print the streamed answer, stop")
     demo.add_argument("--model", help="checkpoint directory (default: the shipped shapes model)")

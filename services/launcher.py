@@ -12,6 +12,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 
 from services.common.server import wait_healthy
@@ -55,6 +57,8 @@ class LocalMesh:
     address: str = ""
     stage_addresses: list[str] = field(default_factory=list)
     vision_address: str = ""
+    openai_port: int | None = None  # start the OpenAI-compatible gateway too (0 = any free port)
+    openai_url: str = ""
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         out = None
@@ -102,6 +106,8 @@ class LocalMesh:
                 ],
             )
             self._wait(self.address, timeout)
+            if self.openai_port is not None:
+                self._start_gateway(self.openai_port or free_port(), timeout)
         except BaseException:
             self.stop()
             raise
@@ -119,6 +125,22 @@ class LocalMesh:
             except TimeoutError:
                 if time.monotonic() > deadline:
                     raise
+
+    def _start_gateway(self, port: int, timeout: float) -> None:
+        self._spawn("gateway", ["gateway", "--coordinator", self.address, "--model", self.model, "--port", str(port)])
+        self.openai_url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + timeout
+        while True:
+            dead = [p for p in self.procs if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"a mesh process exited with code {dead[0].returncode} (see its log)")
+            try:
+                with urllib.request.urlopen(f"{self.openai_url}/health", timeout=2.0):
+                    return
+            except (urllib.error.URLError, OSError):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"gateway at {self.openai_url} not healthy after {timeout:.0f}s") from None
+                time.sleep(0.1)
 
     def stop(self, grace: float = 10.0) -> None:
         for p in reversed(self.procs):
