@@ -31,7 +31,20 @@ QUESTION = "What is in this picture?"
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     logs = tmp_path_factory.mktemp("gateway-logs")
     proc = subprocess.Popen(
-        [*VLMESH, "up", "--model", str(SHIPPED_MODEL), "--stages", "2", "--port", "0", "--openai-port", "0", "--log-dir", str(logs)],
+        [
+            *VLMESH,
+            "up",
+            "--model",
+            str(SHIPPED_MODEL),
+            "--stages",
+            "2",
+            "--port",
+            "0",
+            "--openai-port",
+            "0",
+            "--log-dir",
+            str(logs),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -69,7 +82,12 @@ def tokenizer() -> Any:
 
 
 def picture_question(text: str = QUESTION) -> list[dict[str, Any]]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": IMAGE_URL}}, {"type": "text", "text": text}]}]
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": IMAGE_URL}}, {"type": "text", "text": text}],
+        }
+    ]
 
 
 def post(url: str, body: bytes | dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, Any]:
@@ -92,7 +110,12 @@ def test_models_and_health(mesh: dict[str, Any], sdk: openai.OpenAI) -> None:
 def test_chat_equals_grpc_client_token_for_token(sdk: openai.OpenAI, grpc_client: Client, tokenizer: Any) -> None:
     ref = grpc_client.chat(picture_question(), max_tokens=32, logprobs=3)
     got = sdk.chat.completions.create(
-        model=MODEL_ID, messages=picture_question(), max_tokens=32, temperature=0, logprobs=True, top_logprobs=3  # type: ignore[arg-type]
+        model=MODEL_ID,
+        messages=picture_question(),
+        max_tokens=32,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,  # type: ignore[arg-type]
     )
     (choice,) = got.choices
     assert choice.message.content == ref.text and choice.message.role == "assistant"
@@ -104,7 +127,7 @@ def test_chat_equals_grpc_client_token_for_token(sdk: openai.OpenAI, grpc_client
     assert [e.token for e in content] == [tokenizer.decode([i]) for i in ref.token_ids]
     assert [bytes(e.bytes or []) for e in content] == [tokenizer.decode([i]).encode() for i in ref.token_ids]
     assert [e.logprob for e in content] == pytest.approx([r.logprob for r in ref.logprobs], abs=1e-6)
-    for entry, r in zip(content, ref.logprobs):
+    for entry, r in zip(content, ref.logprobs, strict=True):
         assert [t.token for t in entry.top_logprobs] == [tokenizer.decode([t.token_id]) for t in r.top]
     assert got.usage is not None
     assert got.usage.completion_tokens == len(ref.token_ids) == ref.usage.completion_tokens
@@ -131,7 +154,9 @@ def test_stream_equals_grpc_client(sdk: openai.OpenAI, grpc_client: Client, toke
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == ref.text
-    tokens = [e.token for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content or []]
+    tokens = [
+        e.token for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content or []
+    ]
     assert tokens == [tokenizer.decode([i]) for i in ref.token_ids]
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishes == ["stop"]
@@ -142,7 +167,12 @@ def test_stream_equals_grpc_client(sdk: openai.OpenAI, grpc_client: Client, toke
     # A stop string and a length limit, as OpenAI names them.
     ref_stop = grpc_client.chat(picture_question(), max_tokens=32, stop=" circle")
     stream = sdk.chat.completions.create(
-        model=MODEL_ID, messages=picture_question(), max_tokens=32, temperature=0, stream=True, stop=[" circle"]  # type: ignore[arg-type]
+        model=MODEL_ID,
+        messages=picture_question(),
+        max_tokens=32,
+        temperature=0,
+        stream=True,
+        stop=[" circle"],  # type: ignore[arg-type]
     )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == ref_stop.text
@@ -164,9 +194,19 @@ def test_bad_requests_get_openai_errors(mesh: dict[str, Any], sdk: openai.OpenAI
     cases: list[tuple[dict[str, Any] | bytes, dict[str, str], int, str | None, str]] = [
         ({"model": "gpt-4o", "messages": hi}, {}, 404, "model", "does not exist"),
         ({"model": MODEL_ID, "messages": hi, "n": 2}, {}, 400, "n", "n=1"),
-        ({"model": MODEL_ID, "messages": hi, "tools": [{"type": "function", "function": {"name": "f"}}]}, {}, 400, "tools", "not supported"),
         (
-            {"model": MODEL_ID, "messages": hi, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            {"model": MODEL_ID, "messages": hi, "tools": [{"type": "function", "function": {"name": "f"}}]},
+            {},
+            400,
+            "tools",
+            "not supported",
+        ),
+        (
+            {
+                "model": MODEL_ID,
+                "messages": hi,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x"}},
+            },
             {},
             400,
             "response_format",
@@ -179,7 +219,12 @@ def test_bad_requests_get_openai_errors(mesh: dict[str, Any], sdk: openai.OpenAI
         ({"model": MODEL_ID, "messages": []}, {}, 400, "messages", "non-empty"),
         (b"{not json", {}, 400, None, "JSON"),
         (
-            {"model": MODEL_ID, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]},
+            {
+                "model": MODEL_ID,
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}
+                ],
+            },
             {},
             400,
             "messages[0].content[0].image_url.url",
@@ -187,14 +232,30 @@ def test_bad_requests_get_openai_errors(mesh: dict[str, Any], sdk: openai.OpenAI
         ),
         # Refused before any connection: the gateway fetches URLs under the client library's rules.
         (
-            {"model": MODEL_ID, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://169.254.169.254/x.png"}}]}]},
+            {
+                "model": MODEL_ID,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "http://169.254.169.254/x.png"}}],
+                    }
+                ],
+            },
             {},
             400,
             None,
             "link-local address",
         ),
         (
-            {"model": MODEL_ID, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]},
+            {
+                "model": MODEL_ID,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}],
+                    }
+                ],
+            },
             {},
             400,
             None,
@@ -206,7 +267,10 @@ def test_bad_requests_get_openai_errors(mesh: dict[str, Any], sdk: openai.OpenAI
     ]
     for body, headers, status, param, words in cases:
         got_status, err = error_of(post(url, body, headers))
-        assert (got_status, err["param"]) == (status, param), (body if isinstance(body, bytes) else str(body)[:200], err)
+        assert (got_status, err["param"]) == (status, param), (
+            body if isinstance(body, bytes) else str(body)[:200],
+            err,
+        )
         assert words in err["message"], err
     status, err = error_of(post(mesh["openai"] + "/v1/no-such-thing", {}))
     assert status == 404 and err["type"] == "invalid_request_error"
@@ -246,7 +310,9 @@ def test_stateless_conversation_reuses_the_previous_turns_kv(sdk: openai.OpenAI,
     for turn, question in enumerate(questions, start=1):
         if turn == 1:
             history += picture_question(question)
-            as_reference.append({"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]})
+            as_reference.append(
+                {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}
+            )
         else:
             history.append({"role": "user", "content": question})
             as_reference.append({"role": "user", "content": question})
@@ -257,8 +323,11 @@ def test_stateless_conversation_reuses_the_previous_turns_kv(sdk: openai.OpenAI,
         prompt = ref.prompt_ids(as_reference)
         assert got.usage is not None and got.usage.prompt_tokens == len(prompt), f"turn {turn}"
         if fed_before is not None:
-            common = next((i for i, (a, b) in enumerate(zip(fed_before, prompt)) if a != b), min(len(fed_before), len(prompt)))
-            assert common == len(fed_before), f"turn {turn}: the previous conversation is not a token prefix of this prompt"
+            pairs = enumerate(zip(fed_before, prompt, strict=False))
+            common = next((i for i, (a, b) in pairs if a != b), min(len(fed_before), len(prompt)))
+            assert common == len(fed_before), (
+                f"turn {turn}: the previous conversation is not a token prefix of this prompt"
+            )
             details = got.usage.prompt_tokens_details
             cached = details.cached_tokens if details is not None else None
             assert cached is not None and cached >= len(fed_before), (

@@ -39,7 +39,20 @@ def mesh(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
     logs = tmp_path_factory.mktemp("gateway-cancel-logs")
     model = tiny_models["a"]
     proc = subprocess.Popen(
-        [*VLMESH, "up", "--model", str(model), "--stages", "2", "--port", "0", "--openai-port", "0", "--log-dir", str(logs)],
+        [
+            *VLMESH,
+            "up",
+            "--model",
+            str(model),
+            "--stages",
+            "2",
+            "--port",
+            "0",
+            "--openai-port",
+            "0",
+            "--log-dir",
+            str(logs),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -73,14 +86,16 @@ def wait_freed(stages: list[str], before: list[int], bound_s: float) -> float:
     """Seconds until every stage's KV use is back to `before`; fails past `bound_s`."""
     start = time.monotonic()
     while (now := [stage_kv_used_bytes(s) for s in stages]) != before:
-        assert time.monotonic() - start < bound_s, f"stage KV still held {bound_s:.2f} s after the disconnect: {now} (before {before})"
+        assert time.monotonic() - start < bound_s, (
+            f"stage KV still held {bound_s:.2f} s after the disconnect: {now} (before {before})"
+        )
         time.sleep(0.02)
     return time.monotonic() - start
 
 
 def wait_held(stages: list[str], before: list[int]) -> None:
     deadline = time.monotonic() + 60
-    while not all(n > b for n, b in zip([stage_kv_used_bytes(s) for s in stages], before)):
+    while not all(n > b for n, b in zip([stage_kv_used_bytes(s) for s in stages], before, strict=True)):
         assert time.monotonic() < deadline, "the generation never took KV on the stages"
         time.sleep(0.02)
 
@@ -90,7 +105,11 @@ def test_disconnect_mid_stream_frees_stage_kv(mesh: dict[str, Any], generation_s
     before = [stage_kv_used_bytes(s) for s in stages]
     sdk = openai.OpenAI(base_url=mesh["openai"] + "/v1", api_key="sk-unused", max_retries=0, timeout=120)
     stream = sdk.chat.completions.create(
-        model=mesh["model"], messages=[{"role": "user", "content": PROMPT}], max_tokens=MAX_TOKENS, temperature=0, stream=True
+        model=mesh["model"],
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        stream=True,
     )
     for i, _ in enumerate(stream):
         if i == 4:
@@ -106,7 +125,12 @@ def test_disconnect_while_waiting_for_a_whole_answer_frees_stage_kv(mesh: dict[s
     before = [stage_kv_used_bytes(s) for s in stages]
     url = urllib.parse.urlsplit(mesh["openai"])
     body = json.dumps(
-        {"model": mesh["model"], "messages": [{"role": "user", "content": PROMPT}], "max_tokens": MAX_TOKENS, "temperature": 0}
+        {
+            "model": mesh["model"],
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+        }
     ).encode()
     head = (
         f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"

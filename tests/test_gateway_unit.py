@@ -43,7 +43,9 @@ def abort_rich(context: grpc.ServicerContext, code: grpc.StatusCode, message: st
     detail = any_pb2.Any()
     detail.Pack(error_details_pb2.ErrorInfo(reason=reason, domain="vlmesh.dev"))
     status = rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=[detail]))
-    context.abort_with_status(_Status(status.code, status.details, (*status.trailing_metadata, ("vlmesh-trace-id", TRACE_ID))))
+    context.abort_with_status(
+        _Status(status.code, status.details, (*status.trailing_metadata, ("vlmesh-trace-id", TRACE_ID)))
+    )
 
 
 class FakeCoordinator(pb_grpc.CoordinatorServiceServicer):
@@ -63,7 +65,9 @@ class FakeCoordinator(pb_grpc.CoordinatorServiceServicer):
         self._check_key(context)
         prompt = request.messages[-1].content[-1].text
         if prompt == "quota":
-            abort_rich(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "quota of concurrent requests reached", "QUOTA_EXCEEDED")
+            abort_rich(
+                context, grpc.StatusCode.RESOURCE_EXHAUSTED, "quota of concurrent requests reached", "QUOTA_EXCEEDED"
+            )
         if prompt == "down":
             abort_rich(context, grpc.StatusCode.UNAVAILABLE, "stage 127.0.0.1:1 is down", "STAGE_UNAVAILABLE")
         if prompt == "sleep":
@@ -98,7 +102,20 @@ def _serve_fake() -> tuple[grpc.Server, FakeCoordinator, health.HealthServicer, 
 def _start_gateway(coordinator: str, *flags: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "serve", "gateway", "--coordinator", coordinator, "--port", str(port), "--host", "127.0.0.1", *flags],
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "serve",
+            "gateway",
+            "--coordinator",
+            coordinator,
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            *flags,
+        ],
         # The gateway's own environment holds a key: it must never stand in for a caller's.
         env={**os.environ, "VLMESH_API_KEY": "gateway-secret"},
         stdout=subprocess.DEVNULL,
@@ -163,7 +180,9 @@ def test_keys_travel_on_and_the_gateway_has_none(gateway: tuple[FakeCoordinator,
     assert fake.metadata[-1]["authorization"] == "Bearer k2"
 
 
-def test_usage_counts_the_cached_tokens_in_the_prompt(gateway: tuple[FakeCoordinator, health.HealthServicer, str]) -> None:
+def test_usage_counts_the_cached_tokens_in_the_prompt(
+    gateway: tuple[FakeCoordinator, health.HealthServicer, str],
+) -> None:
     _, _, url = gateway
     _, _, body = call(url + "/v1/chat/completions", chat("hi"))
     assert body["usage"] == {
@@ -185,7 +204,12 @@ def test_usage_counts_the_cached_tokens_in_the_prompt(gateway: tuple[FakeCoordin
     ],
 )
 def test_coordinator_statuses_become_http_statuses(
-    gateway: tuple[FakeCoordinator, health.HealthServicer, str], prompt: str, headers: dict[str, str], status: int, kind: str, code: str
+    gateway: tuple[FakeCoordinator, health.HealthServicer, str],
+    prompt: str,
+    headers: dict[str, str],
+    status: int,
+    kind: str,
+    code: str,
 ) -> None:
     _, _, url = gateway
     got, response_headers, body = call(url + "/v1/chat/completions", chat(prompt), headers)
@@ -195,8 +219,15 @@ def test_coordinator_statuses_become_http_statuses(
     if prompt != "sleep":
         assert response_headers.get("vlmesh-trace-id") == TRACE_ID
     # The same through the SDK's own exception classes.
-    sdk = openai.OpenAI(base_url=url + "/v1", api_key=headers.get("Authorization", "Bearer ok").split()[1], max_retries=0)
-    expected = {401: openai.AuthenticationError, 429: openai.RateLimitError, 503: openai.InternalServerError, 504: openai.InternalServerError}
+    sdk = openai.OpenAI(
+        base_url=url + "/v1", api_key=headers.get("Authorization", "Bearer ok").split()[1], max_retries=0
+    )
+    expected = {
+        401: openai.AuthenticationError,
+        429: openai.RateLimitError,
+        503: openai.InternalServerError,
+        504: openai.InternalServerError,
+    }
     with pytest.raises(expected[status]) as info:
         sdk.chat.completions.create(**chat(prompt))
     assert info.value.status_code == status
@@ -217,10 +248,14 @@ def test_gateway_refusals(gateway: tuple[FakeCoordinator, health.HealthServicer,
     conn.close()
 
 
-def test_error_after_the_stream_started_is_an_event(gateway: tuple[FakeCoordinator, health.HealthServicer, str]) -> None:
+def test_error_after_the_stream_started_is_an_event(
+    gateway: tuple[FakeCoordinator, health.HealthServicer, str],
+) -> None:
     _, _, url = gateway
     req = urllib.request.Request(
-        url + "/v1/chat/completions", data=json.dumps(chat("mid-error", stream=True)).encode(), headers={"Content-Type": "application/json"}
+        url + "/v1/chat/completions",
+        data=json.dumps(chat("mid-error", stream=True)).encode(),
+        headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(req, timeout=30) as resp:
         assert resp.status == 200
@@ -250,7 +285,121 @@ def test_mesh_down_is_503() -> None:
     try:
         status, _, body = call(url + "/health")
         assert status == 503 and body["error"]["type"] == "server_error"
-        status, _, body = call(url + "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        status, _, body = call(
+            url + "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        )
         assert status == 503 and body["error"]["code"] == "unavailable"
     finally:
         _stop(proc)
+
+
+# ---------------------------------------------------------------------------------------------
+# The request parser on its own
+# ---------------------------------------------------------------------------------------------
+
+
+def test_request_options_map_to_the_client_library() -> None:
+    from services.gateway.request import parse_chat_request
+
+    req = parse_chat_request(
+        {
+            "model": "m",
+            "messages": [
+                {"role": "developer", "content": "be brief"},
+                {
+                    "role": "user",
+                    "name": "ann",
+                    "content": [
+                        {"type": "text", "text": "hi"},
+                        {"type": "image_url", "image_url": {"url": "https://x/y.png", "detail": "low"}},
+                    ],
+                },
+                {"role": "assistant", "content": "hello", "refusal": None},
+            ],
+            "max_tokens": 5,
+            "max_completion_tokens": 7,  # wins over max_tokens, as in OpenAI's API
+            "seed": -1,
+            "stop": "\n",
+            "logprobs": True,
+            "top_logprobs": 0,
+            "top_k": -1,
+            # Accepted, without effect:
+            "user": "u1",
+            "metadata": {"a": "b"},
+            "store": False,
+            "tool_choice": "none",
+            "tools": [],
+            "response_format": {"type": "text"},
+            "n": 1,
+            "frequency_penalty": 0,
+        }
+    )
+    assert [m["role"] for m in req.messages] == ["system", "user", "assistant"]
+    assert req.messages[1]["content"][1] == {"type": "image_url", "image_url": {"url": "https://x/y.png"}}
+    assert req.options == {
+        "max_tokens": 7,
+        "temperature": 1.0,  # OpenAI's default: sampling
+        "top_p": 1.0,
+        "top_k": 0,
+        "repetition_penalty": 1.0,
+        "seed": 2**64 - 1,  # the same 64 bits
+        "stop": ["\n"],
+        "logprobs": 1,  # the mesh sends a token's logprob with at least one alternative
+    }
+    assert (req.top_logprobs, req.user, req.stream) == (0, "u1", False)
+    greedy = parse_chat_request({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": 0})
+    assert (greedy.options["temperature"], greedy.options["top_p"]) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
+        ({"stream": True, "stream_options": {"include_usage": True, "x": 1}}, "stream_options"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"seed": 2**64}, "seed"),
+        ({"stop": [""]}, "stop"),
+        ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"logit_bias": {"1": 5}}, "logit_bias"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"user": 5}, "user"),
+        ({"stream": "yes"}, "stream"),
+    ],
+)
+def test_request_refusals(extra: dict[str, Any], param: str) -> None:
+    from services.gateway.errors import ApiError
+    from services.gateway.request import parse_chat_request
+
+    with pytest.raises(ApiError) as info:
+        parse_chat_request({"model": "m", "messages": [{"role": "user", "content": "x"}], **extra})
+    assert (info.value.status, info.value.param) == (400, param)
+
+
+@pytest.mark.parametrize(
+    "message, param",
+    [
+        ({"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}, "messages[0].content[0].type"),
+        (
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]},
+            "messages[0].content[0].image_url.url",
+        ),
+        (
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,", "x": 1}}]},
+            "messages[0].content[0].image_url",
+        ),
+        ({"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}, "messages[0].tool_calls"),
+        ({"role": "user", "content": []}, "messages[0].content"),
+        ({"role": "user", "content": "x", "audio": {}}, "messages[0]"),
+        ({"role": "robot", "content": "x"}, "messages[0].role"),
+    ],
+)
+def test_message_refusals(message: dict[str, Any], param: str) -> None:
+    from services.gateway.errors import ApiError
+    from services.gateway.request import parse_chat_request
+
+    with pytest.raises(ApiError) as info:
+        parse_chat_request({"model": "m", "messages": [message]})
+    assert (info.value.status, info.value.param) == (400, param)

@@ -93,7 +93,12 @@ class Reply:
             "model": self.model,
             "system_fingerprint": None,
             "choices": [
-                {"index": 0, "delta": delta, "logprobs": self._logprobs(entries), "finish_reason": finish_reason(finish)}
+                {
+                    "index": 0,
+                    "delta": delta,
+                    "logprobs": self._logprobs(entries),
+                    "finish_reason": finish_reason(finish),
+                }
             ],
         }
         if with_usage:

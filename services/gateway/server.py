@@ -49,7 +49,9 @@ class GatewayConfig(ServiceConfig):
         "checkpoint directory: its name is the model id, its tokenizer.json gives logprobs their token "
         "strings and bytes (nothing else is read)",
     )
-    served_model_name: str = field("", "model id to serve under (default: the --model directory's name, else the model type)")
+    served_model_name: str = field(
+        "", "model id to serve under (default: the --model directory's name, else the model type)"
+    )
     request_timeout: float = field(600.0, "seconds a request may take at the coordinator (0 = no limit); past it: 504")
     max_request_mb: int = field(64, "largest request body, in MB (images travel inside as data URLs)")
     allow_private_urls: str = field(
@@ -126,7 +128,10 @@ def _api_key(request: Request) -> str:
     scheme, _, key = header.strip().partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise ApiError(
-            401, "the Authorization header must be 'Bearer <API key>'", type="authentication_error", code="invalid_api_key"
+            401,
+            "the Authorization header must be 'Bearer <API key>'",
+            type="authentication_error",
+            code="invalid_api_key",
         )
     return key.strip()
 
@@ -184,7 +189,9 @@ async def _events(
             yield sse(err.body())
             return
         if last is None:
-            yield sse(ApiError(502, "the coordinator ended the stream without a finish reason", type="server_error").body())
+            yield sse(
+                ApiError(502, "the coordinator ended the stream without a finish reason", type="server_error").body()
+            )
             return
         if usage_too and last.usage is not None:
             yield sse(reply.usage_chunk(last.usage))
@@ -225,7 +232,9 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        message = f"Unknown request URL: {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
+        message = (
+            f"Unknown request URL: {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
+        )
         return _error_response(ApiError(exc.status_code, message))
 
     @app.exception_handler(Exception)
@@ -261,7 +270,13 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
     async def model(model: str, request: Request) -> dict[str, Any]:
         found = await model_object(request)
         if model != found["id"]:
-            raise ApiError(404, f"The model '{model}' does not exist", type="not_found_error", param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"The model '{model}' does not exist",
+                type="not_found_error",
+                param="model",
+                code="model_not_found",
+            )
         return found
 
     @app.post("/v1/chat/completions")
@@ -295,12 +310,16 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
 
 def main(argv: list[str] | None = None) -> int:
     """`vlmesh serve gateway`: config from flags and environment, serve until SIGTERM."""
-    parser = argparse.ArgumentParser(prog="vlmesh serve gateway", description="OpenAI-compatible HTTP gateway of a coordinator.")
+    parser = argparse.ArgumentParser(
+        prog="vlmesh serve gateway", description="OpenAI-compatible HTTP gateway of a coordinator."
+    )
     add_config_arguments(parser, GatewayConfig)
     cfg = config_from_args(GatewayConfig, parser.parse_args(argv))
     setup_logging(cfg.log_level, cfg.log_format)
     app = create_app(cfg)
     log.info("serving the OpenAI API on http://%s:%d/v1 for coordinator %s", cfg.host, cfg.port, cfg.coordinator)
     # log_config=None: uvicorn logs through the handlers setup_logging installed.
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_config=None, log_level=cfg.log_level.lower(), timeout_graceful_shutdown=5)
+    uvicorn.run(
+        app, host=cfg.host, port=cfg.port, log_config=None, log_level=cfg.log_level.lower(), timeout_graceful_shutdown=5
+    )
     return 0

@@ -165,7 +165,9 @@ def _left(deadline: float, timeout: float) -> float:
     return left
 
 
-def _body(resp: http.client.HTTPResponse, sock: socket.socket, max_bytes: int, deadline: float, timeout: float) -> bytes:
+def _body(
+    resp: http.client.HTTPResponse, sock: socket.socket, max_bytes: int, deadline: float, timeout: float
+) -> bytes:
     length = resp.getheader("Content-Length")
     if length is not None and length.strip().isdigit() and int(length) > max_bytes:
         raise ValueError(f"it is {int(length)} bytes, more than the {max_bytes}-byte limit")
