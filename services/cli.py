@@ -15,13 +15,14 @@ DEMO_IMAGE = Path(__file__).parent / "assets" / "demo.png"  # data.demo_scene(),
 DEFAULT_TINY = Path(os.environ.get("VLMESH_HOME", Path.home() / ".cache" / "vlmesh")) / "tiny-qwen2-vl"
 
 
-SERVICES = ("vision", "stage", "coordinator")
-SERVE_USAGE = """usage: vlmesh serve {vision,stage,coordinator} [options]
+SERVICES = ("vision", "stage", "coordinator", "gateway")
+SERVE_USAGE = """usage: vlmesh serve {vision,stage,coordinator,gateway} [options]
 
 Run one service of the mesh (one process; every flag also reads VLMESH_<FLAG> from the environment):
   vision        the vision encoder
   stage         a contiguous range of decoder layers and the KV cache of its sessions
   coordinator   the public API: sessions, the step loop, sampling
+  gateway       an OpenAI-compatible HTTP API in front of a coordinator
 
 `vlmesh serve SERVICE --help` lists a service's options."""
 
@@ -88,7 +89,7 @@ def _serve(argv: list[str]) -> int:
         print(SERVE_USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] not in SERVICES:
-        print(f"vlmesh serve: error: unknown service {argv[0]!r} (choose vision, stage or coordinator)", file=sys.stderr)
+        print(f"vlmesh serve: error: unknown service {argv[0]!r} (choose {', '.join(SERVICES)})", file=sys.stderr)
         return 2
     service, rest = argv[0], argv[1:]
     try:
@@ -98,6 +99,8 @@ def _serve(argv: list[str]) -> int:
             from services.vision.server import main
         elif service == "stage":
             from services.stage.server import main
+        elif service == "gateway":
+            from services.gateway.server import main
         else:
             from services.coordinator.server import main
         return main(rest)
@@ -205,14 +208,19 @@ def _up(args: argparse.Namespace) -> int:
         extra_args=common,
         service_args=per_service,
         progress=_progress,
+        openai_port=args.openai_port,
     )
     _start_mesh(mesh, args.timeout)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        print(json.dumps({"coordinator": mesh.address, "vision": mesh.vision_address, "stages": mesh.stage_addresses}))
-        print(f"mesh ready: coordinator at {mesh.address} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        addresses = {"coordinator": mesh.address, "vision": mesh.vision_address, "stages": mesh.stage_addresses}
+        if mesh.openai_url:
+            addresses["openai"] = mesh.openai_url
+        print(json.dumps(addresses))
+        openai = f", OpenAI API at {mesh.openai_url}" if mesh.openai_url else ""
+        print(f"mesh ready: coordinator at {mesh.address}{openai} (Ctrl-C to stop)", file=sys.stderr, flush=True)
         sys.stdout.flush()
         while not stop.wait(0.5):
             dead = [(n, p) for n, p in zip(mesh.names, mesh.procs, strict=True) if p.poll() is not None]
@@ -288,6 +296,7 @@ def _add_up_arguments(up: argparse.ArgumentParser) -> None:
     up.add_argument("--otlp-endpoint", help="OTLP gRPC collector for --trace-exporter otlp, e.g. http://127.0.0.1:4317")
     up.add_argument("--log-dir", help="write each service's log here instead of the terminal")
     up.add_argument("--timeout", type=float, default=600, help="seconds to wait for the services to be healthy")
+    up.add_argument("--openai-port", type=int, default=None, help="also start the OpenAI-compatible gateway on this port (0 = any free one)")
 
 
 def _run_guarded(name: str, fn, args: argparse.Namespace) -> int:
@@ -311,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(argv[1:])
     parser = argparse.ArgumentParser(prog="vlmesh", description="Qwen vision-language models as a gRPC mesh.")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("serve", help="run one service: vlmesh serve {vision,stage,coordinator} --help")
+    sub.add_parser("serve", help="run one service: vlmesh serve {vision,stage,coordinator,gateway} --help")
 
     up = sub.add_parser("up", help="run the whole mesh locally as child processes")
     _add_up_arguments(up)

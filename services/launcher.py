@@ -12,6 +12,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -98,6 +100,8 @@ class LocalMesh:
     stage_addresses: list[str] = field(default_factory=list)
     vision_address: str = ""
     certs: str | None = None  # directory of `vlmesh certs` output; None: throwaway ones
+    openai_port: int | None = None  # start the OpenAI-compatible gateway too (0 = any free port)
+    openai_url: str = ""
 
     def _tls_args(self, service: str) -> list[str]:
         d = self.certs
@@ -190,6 +194,8 @@ class LocalMesh:
             )
             self._say(f"loading coordinator on {self.address}")
             self._wait({"coordinator": self.address}, timeout, total, done=total - 1)
+            if self.openai_port is not None:
+                self._start_gateway(self.openai_port or free_port(), timeout)
         except BaseException:
             self.stop()
             raise
@@ -220,6 +226,22 @@ class LocalMesh:
             if pending and now > next_note:
                 self._say(f"still loading: {', '.join(pending)} ({now - t0:.0f} s)")
                 next_note = now + 15
+
+    def _start_gateway(self, port: int, timeout: float) -> None:
+        self._spawn("gateway", ["gateway", "--coordinator", self.address, "--model", self.model, "--port", str(port)])
+        self.openai_url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + timeout
+        while True:
+            dead = [p for p in self.procs if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"a mesh process exited with code {dead[0].returncode} (see its log)")
+            try:
+                with urllib.request.urlopen(f"{self.openai_url}/health", timeout=2.0):
+                    return
+            except (urllib.error.URLError, OSError):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"gateway at {self.openai_url} not healthy after {timeout:.0f}s") from None
+                time.sleep(0.1)
 
     def stop(self, grace: float = 10.0) -> None:
         for p in reversed(self.procs):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
+import contextlib
 import http.server
 import io
 import socket
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -21,6 +24,10 @@ from pathlib import Path
 import grpc
 import pytest
 import vlmesh
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 from PIL import Image
 from vlmesh import _messages, chat_cli
 from vlmesh._messages import load_image, to_proto_messages
@@ -62,10 +69,37 @@ def only_image(messages: list[pb.Message]) -> bytes:
 
 class _ImageHandler(http.server.BaseHTTPRequestHandler):
     user_agents: list[str] = []
+    #: (Host header, path) of every request, across both servers.
+    seen: list[tuple[str, str]] = []
+
+    def handle(self) -> None:
+        # Clients that stop reading early (size and time limits) are part of the tests.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            super().handle()
 
     def do_GET(self) -> None:  # noqa: N802 (http.server API)
         type(self).user_agents.append(self.headers.get("User-Agent", ""))
-        if self.path == "/cat.png":
+        type(self).seen.append((self.headers.get("Host", ""), self.path))
+        if self.path.startswith("/redirect?to="):
+            self.send_response(302)
+            self.send_header("Location", urllib.parse.unquote(self.path[len("/redirect?to=") :]))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif self.path == "/loop":
+            self.send_response(301)
+            self.send_header("Location", "/loop")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif self.path == "/drip":  # a byte now and then: each read is quick, the whole is not
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            for byte in PNG[:40]:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.1)
+            self.close_connection = True
+        elif self.path == "/cat.png":
             self._send(200, PNG, "image/png")
         elif self.path == "/big":  # over the (patched) cap, honest Content-Length
             self._send(200, PNG + b"\0" * 4096, "image/png")
@@ -94,15 +128,25 @@ class _ImageHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(scope="module")
-def http_base() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
+def _serve_http(host: str) -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer((host, 0), _ImageHandler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
+    yield f"http://{host}:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture(scope="module")
+def http_base() -> Iterator[str]:
+    yield from _serve_http("127.0.0.1")
+
+
+@pytest.fixture(scope="module")
+def http_other() -> Iterator[str]:
+    """A second server on another loopback address (all of 127.0.0.0/8 is local on Linux)."""
+    yield from _serve_http("127.0.0.2")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,23 +249,33 @@ def test_image_from_pil_mode_png_cannot_hold() -> None:
 
 def test_image_from_http_url(http_base: str) -> None:
     _ImageHandler.user_agents.clear()
-    assert load_image(f"{http_base}/cat.png") == PNG
+    assert load_image(f"{http_base}/cat.png", allow_private_urls=True) == PNG
     assert _ImageHandler.user_agents and _ImageHandler.user_agents[-1].startswith("vlmesh-client/")
 
 
 def test_image_http_failures(http_base: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def load(path: str, timeout: float | None = None) -> bytes:
+        return load_image(f"{http_base}{path}", timeout=timeout, allow_private_urls=True)
+
     with pytest.raises(ValueError, match="HTTP 404"):
-        load_image(f"{http_base}/missing.png")
+        load("/missing.png")
     with pytest.raises(ValueError, match="not a recognised image"):
-        load_image(f"{http_base}/page.html")
+        load("/page.html")
     with pytest.raises(ValueError, match="timed out"):
-        load_image(f"{http_base}/slow", timeout=0.2)
+        load("/slow", timeout=0.2)
     monkeypatch.setattr(_messages, "MAX_IMAGE_BYTES", len(PNG) + 100)
-    assert load_image(f"{http_base}/cat.png") == PNG
+    assert load("/cat.png") == PNG
     with pytest.raises(ValueError, match="limit"):
-        load_image(f"{http_base}/big")
+        load("/big")
     with pytest.raises(ValueError, match="limit"):
-        load_image(f"{http_base}/big-no-length")
+        load("/big-no-length")
+
+
+def test_image_http_time_limit_covers_the_whole_body(http_base: str) -> None:
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="timed out"):
+        load_image(f"{http_base}/drip", timeout=0.5, allow_private_urls=True)
+    assert time.monotonic() - start < 2.0  # the body alone would take 4 s
 
 
 def test_image_http_connection_refused() -> None:
@@ -229,7 +283,97 @@ def test_image_http_connection_refused() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(ValueError, match="could not download"):
-        load_image(f"http://127.0.0.1:{port}/x.png")
+        load_image(f"http://127.0.0.1:{port}/x.png", allow_private_urls=True)
+
+
+# Addresses that are refused before any connection is made (so none is ever contacted).
+@pytest.mark.parametrize(
+    "host, kind",
+    [
+        ("127.0.0.1", "loopback"),
+        ("localhost", "loopback"),
+        ("[::1]", "loopback"),
+        ("[::ffff:127.0.0.1]", "loopback"),  # IPv4-mapped IPv6 reaches the IPv4 address
+        ("169.254.169.254", "link-local"),  # cloud metadata
+        ("[fe80::1]", "link-local"),
+        ("10.1.2.3", "private"),
+        ("192.168.0.1", "private"),
+        ("[fd00::1]", "private"),
+        ("[64:ff9b::a01:203]", "private"),  # NAT64 of 10.1.2.3
+        ("224.0.0.1", "multicast"),
+        ("0.0.0.0", "unspecified"),
+        ("240.0.0.1", "reserved"),
+        ("100.64.0.1", "non-global"),  # carrier NAT
+    ],
+)
+def test_url_to_non_public_address_refused_by_default(host: str, kind: str) -> None:
+    before = len(_ImageHandler.seen)
+    with pytest.raises(ValueError, match=f"a {kind} address"):
+        load_image(f"http://{host}:9/x.png")
+    assert len(_ImageHandler.seen) == before
+
+
+def test_private_urls_allowed_by_option(http_base: str) -> None:
+    url = f"{http_base}/cat.png"
+    with pytest.raises(ValueError, match="loopback address"):
+        load_image(url)
+    assert load_image(url, allow_private_urls=True) == PNG
+    assert load_image(url, allow_private_urls=["127.0.0.1/32"]) == PNG
+    assert load_image(url, allow_private_urls="10.0.0.0/8, 127.0.0.0/8") == PNG
+    with pytest.raises(ValueError, match="loopback address"):
+        load_image(url, allow_private_urls=["127.0.0.2"])
+    with pytest.raises(ValueError, match="allow_private_urls"):
+        load_image(url, allow_private_urls=["not-a-network"])
+    msgs = to_proto_messages(
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}], allow_private_urls=True
+    )
+    assert only_image(msgs) == PNG
+    with pytest.raises(ValueError, match="loopback"):
+        to_proto_messages([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
+
+
+def test_redirects_are_checked_hop_by_hop(http_base: str, http_other: str) -> None:
+    allow_first = ["127.0.0.1/32"]  # the first server may be reached, the second may not
+
+    def via(target: str) -> str:
+        return f"{http_base}/redirect?to={urllib.parse.quote(target, safe='')}"
+
+    assert load_image(via(f"{http_base}/cat.png"), allow_private_urls=allow_first) == PNG
+    assert load_image(via("/cat.png"), allow_private_urls=allow_first) == PNG  # relative Location
+    before = len(_ImageHandler.seen)
+    with pytest.raises(ValueError, match="127.0.0.2 is a loopback address"):
+        load_image(via(f"{http_other}/cat.png"), allow_private_urls=allow_first)
+    with pytest.raises(ValueError, match="169.254.169.254 is a link-local address"):
+        load_image(via("http://169.254.169.254/latest/meta-data/"), allow_private_urls=allow_first)
+    with pytest.raises(ValueError, match="scheme 'file'"):
+        load_image(via("file:///etc/passwd"), allow_private_urls=True)
+    hosts = [host for host, _ in _ImageHandler.seen[before:]]
+    assert hosts and all(h == http_base.removeprefix("http://") for h in hosts), hosts  # none to the second
+    with pytest.raises(ValueError, match="more than 5 redirects"):
+        load_image(f"{http_base}/loop", allow_private_urls=True)
+    # Both servers allowed: the redirect is followed.
+    assert load_image(via(f"{http_other}/cat.png"), allow_private_urls=True) == PNG
+
+
+def test_connection_goes_to_the_address_that_was_checked(http_base: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DNS rebinding: a name that answers an allowed address first and a refused one after must
+    be looked up once, connected to at the checked address, and asked for by its name."""
+    port = int(http_base.rsplit(":", 1)[1])
+    real = socket.getaddrinfo
+    answers = iter(["127.0.0.1", "127.0.0.2", "127.0.0.2"])
+    lookups: list[str] = []
+
+    def getaddrinfo(host: str, *args: object, **kwargs: object) -> list:
+        if host != "rebind.test":
+            return real(host, *args, **kwargs)  # type: ignore[arg-type]
+        lookups.append(host)
+        return real(next(answers), *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    before = len(_ImageHandler.seen)
+    assert load_image(f"http://rebind.test:{port}/cat.png", allow_private_urls=["127.0.0.1"]) == PNG
+    assert lookups == ["rebind.test"]
+    assert _ImageHandler.seen[before:] == [(f"rebind.test:{port}", "/cat.png")]
 
 
 def test_openai_and_transformers_image_parts(http_base: str, tmp_path: Path) -> None:
@@ -244,7 +388,7 @@ def test_openai_and_transformers_image_parts(http_base: str, tmp_path: Path) -> 
         {"image": str(path)},  # qwen-vl-utils leaves "type" out
         {"type": "image", "image": Image.open(path)},
     ):
-        msgs = to_proto_messages([{"role": "user", "content": [part, "and text"]}])
+        msgs = to_proto_messages([{"role": "user", "content": [part, "and text"]}], allow_private_urls=True)
         with Image.open(io.BytesIO(only_image(msgs))) as img:
             assert img.convert("RGB").tobytes() == Image.open(path).convert("RGB").tobytes(), part
         assert msgs[0].content[1].text == "and text"
@@ -297,10 +441,29 @@ def _last_text(request: pb.GenerateRequest) -> str:
     return texts[-1] if texts else ""
 
 
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+
+
+class _Status(collections.namedtuple("_Status", ("code", "details", "trailing_metadata")), grpc.Status):
+    pass
+
+
+def abort_rich(context: grpc.ServicerContext, code: grpc.StatusCode, message: str, reason: str) -> None:
+    """Abort as the coordinator does: a google.rpc.Status with an ErrorInfo in the details trailer,
+    and the trace id in its own trailer."""
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.ErrorInfo(reason=reason, domain="vlmesh.dev", metadata={"quota": "requests"}))
+    status = rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=[detail]))
+    trailers = (*status.trailing_metadata, ("vlmesh-trace-id", TRACE_ID))
+    context.abort_with_status(_Status(status.code, status.details, trailers))
+
+
 class FakeCoordinator(pb_grpc.CoordinatorServiceServicer):
     """Replies REPLY to everything; a few magic prompts trigger errors and slow paths."""
 
     def __init__(self) -> None:
+        self.api_key: str | None = None  # when set, every call must carry it
+        self.model_info_error = False
         self.requests: list[pb.GenerateRequest] = []
         self.metadata: list[dict[str, str]] = []
         self.sessions: dict[str, int] = {}  # id -> cached tokens
@@ -310,9 +473,15 @@ class FakeCoordinator(pb_grpc.CoordinatorServiceServicer):
         self._next = 0
         self._lock = threading.Lock()
 
+    def _authorize(self, context: grpc.ServicerContext) -> None:
+        got = dict(context.invocation_metadata()).get("authorization")
+        if self.api_key is not None and got != f"Bearer {self.api_key}":
+            abort_rich(context, grpc.StatusCode.UNAUTHENTICATED, "missing or unknown API key", "UNAUTHENTICATED")
+
     def Generate(self, request, context):  # noqa: N802 (gRPC API)
         self.requests.append(request)
         self.metadata.append({k: v for k, v in context.invocation_metadata()})
+        self._authorize(context)
         sid = request.session_id
         if sid and sid not in self.sessions:
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session {sid}")
@@ -325,7 +494,9 @@ class FakeCoordinator(pb_grpc.CoordinatorServiceServicer):
                 yield pb.GenerateResponse(text="tick ")
                 time.sleep(0.01)
             return
-        n = 2 if prompt == "exhaust" else len(REPLY)
+        if prompt == "quota":
+            abort_rich(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "quota of concurrent requests", "QUOTA_EXCEEDED")
+        n = 2 if prompt in ("exhaust", "quota-mid") else len(REPLY)
         for i, delta in enumerate(REPLY[:n]):
             details = []
             if request.logprobs:
@@ -343,6 +514,8 @@ class FakeCoordinator(pb_grpc.CoordinatorServiceServicer):
             )
         if prompt == "exhaust":
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "KV cache full")
+        if prompt == "quota-mid":
+            abort_rich(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "KV budget full", "KV_BUDGET_FULL")
         if prompt == "no-finish":
             return
         cached = self.sessions.get(sid, 0)
@@ -379,20 +552,36 @@ class FakeCoordinator(pb_grpc.CoordinatorServiceServicer):
             yield pb.GetKVLogResponse(delta=tensor_pb2.KVDelta(layer=layer, start_position=0, key=key, value=key))
 
     def GetModelInfo(self, request, context):  # noqa: N802
+        self._authorize(context)
+        if self.model_info_error:
+            abort_rich(context, grpc.StatusCode.UNAVAILABLE, "stage 1 is down", "STAGE_UNAVAILABLE")
         return pb.GetModelInfoResponse(
             model_type="qwen2_vl", num_layers=28, stage_layers=["0:14", "14:28"], max_sequence_length=32768
         )
 
 
-@pytest.fixture
-def coordinator() -> Iterator[tuple[FakeCoordinator, str]]:
-    fake = FakeCoordinator()
+def _fake_server(fake: FakeCoordinator) -> tuple[grpc.Server, health.HealthServicer]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     pb_grpc.add_CoordinatorServiceServicer_to_server(fake, server)
+    health_servicer = health.HealthServicer()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    return server, health_servicer
+
+
+@pytest.fixture
+def coordinator_health() -> Iterator[tuple[FakeCoordinator, str, health.HealthServicer]]:
+    fake = FakeCoordinator()
+    server, health_servicer = _fake_server(fake)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    yield fake, f"127.0.0.1:{port}"
+    yield fake, f"127.0.0.1:{port}", health_servicer
     server.stop(None)
+
+
+@pytest.fixture
+def coordinator(coordinator_health: tuple[FakeCoordinator, str, health.HealthServicer]) -> tuple[FakeCoordinator, str]:
+    return coordinator_health[0], coordinator_health[1]
 
 
 def _free_port() -> int:
@@ -754,3 +943,203 @@ def test_cli_interactive_recovers_from_lost_session(
     out, err = capsys.readouterr()
     assert "error: NOT_FOUND: unknown session s1" in err and out == "Hello world\n"
     assert [r.session_id for r in fake.requests] == ["s1", "s2"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Error details, API keys, TLS, health
+# ---------------------------------------------------------------------------------------------
+
+
+def test_error_reason_and_trace_id(coordinator: tuple[FakeCoordinator, str]) -> None:
+    fake, address = coordinator
+    with vlmesh.Client(address) as client:
+        with pytest.raises(vlmesh.ResourceExhausted) as info:
+            client.chat("quota")
+        assert (info.value.reason, info.value.trace_id) == ("QUOTA_EXCEEDED", TRACE_ID)
+        assert info.value.details == "quota of concurrent requests"
+        got: list[str] = []
+        with pytest.raises(vlmesh.ResourceExhausted) as info:
+            got.extend(client.stream("quota-mid"))  # after streamed deltas
+        assert got == ["Hel"] and (info.value.reason, info.value.trace_id) == ("KV_BUDGET_FULL", TRACE_ID)
+        fake.model_info_error = True
+        with pytest.raises(vlmesh.Unavailable) as info:
+            client.model_info()  # unary
+        assert (info.value.reason, info.value.trace_id) == ("STAGE_UNAVAILABLE", TRACE_ID)
+        # A status without details has neither.
+        with pytest.raises(vlmesh.ResourceExhausted) as info:
+            client.chat("exhaust")
+        assert (info.value.reason, info.value.trace_id) == (None, None)
+
+    async def main() -> None:
+        async with vlmesh.AsyncClient(address) as aclient:
+            with pytest.raises(vlmesh.ResourceExhausted) as ainfo:
+                await aclient.chat("quota")
+            assert (ainfo.value.reason, ainfo.value.trace_id) == ("QUOTA_EXCEEDED", TRACE_ID)
+            with pytest.raises(vlmesh.ResourceExhausted) as ainfo:
+                async for _ in aclient.stream("quota-mid"):
+                    pass
+            assert (ainfo.value.reason, ainfo.value.trace_id) == ("KV_BUDGET_FULL", TRACE_ID)
+            with pytest.raises(vlmesh.Unavailable) as ainfo:
+                await aclient.model_info()
+            assert (ainfo.value.reason, ainfo.value.trace_id) == ("STAGE_UNAVAILABLE", TRACE_ID)
+            with pytest.raises(vlmesh.NotFound) as ainfo:
+                await aclient.chat("hi", session_id="nope")
+            assert (ainfo.value.reason, ainfo.value.trace_id) == (None, None)
+
+    asyncio.run(main())
+
+
+def test_api_key(coordinator: tuple[FakeCoordinator, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    fake, address = coordinator
+    fake.api_key = "k1"
+    monkeypatch.delenv("VLMESH_API_KEY", raising=False)
+    with vlmesh.Client(address) as client, pytest.raises(vlmesh.Unauthenticated) as info:
+        client.chat("hi")
+    assert info.value.code == grpc.StatusCode.UNAUTHENTICATED and info.value.reason == "UNAUTHENTICATED"
+    assert "authorization" not in fake.metadata[-1]
+
+    with vlmesh.Client(address, api_key="k1", metadata={"x-user": "ann"}) as client:
+        assert client.chat("hi").text == "Hello world"
+        assert fake.metadata[-1]["authorization"] == "Bearer k1" and fake.metadata[-1]["x-user"] == "ann"
+        assert client.model_info().num_layers == 28  # unary calls carry it too
+        other = client.with_options(api_key="k2")  # same channel, another caller's key
+        with pytest.raises(vlmesh.Unauthenticated):
+            other.chat("hi")
+        assert fake.metadata[-1]["authorization"] == "Bearer k2" and fake.metadata[-1]["x-user"] == "ann"
+        with pytest.raises(vlmesh.Unauthenticated):
+            client.with_options(api_key="").chat("hi")  # "" = no key
+        assert "authorization" not in fake.metadata[-1]
+        other.close()  # a copy does not close the shared channel
+        assert client.chat("hi").text == "Hello world"
+
+    monkeypatch.setenv("VLMESH_API_KEY", "k1")
+    with vlmesh.Client(address) as client:
+        assert client.chat("hi").text == "Hello world"
+        with pytest.raises(vlmesh.Unauthenticated):
+            vlmesh.Client(address, api_key="").chat("hi")
+    # Explicit authorization metadata wins over the environment.
+    with vlmesh.Client(address, metadata={"authorization": "Bearer k1"}) as client:
+        client.chat("hi")
+    with pytest.raises(ValueError, match="printable ASCII"):
+        vlmesh.Client(address, api_key="a b")
+    with pytest.raises(ValueError, match="not both"):
+        vlmesh.Client(address, api_key="k1", metadata={"authorization": "Bearer k1"})
+
+    async def main() -> None:
+        async with vlmesh.AsyncClient(address, api_key="k1") as aclient:
+            assert (await aclient.chat("hi")).text == "Hello world"
+            with pytest.raises(vlmesh.Unauthenticated) as ainfo:
+                await aclient.with_options(api_key="k2", timeout=5).chat("hi")
+            assert ainfo.value.reason == "UNAUTHENTICATED"
+            assert (await aclient.model_info()).num_layers == 28
+
+    asyncio.run(main())
+
+
+def _self_signed() -> tuple[bytes, bytes]:
+    """(certificate, key) PEM for localhost / 127.0.0.1, valid for a day."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def test_tls(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VLMESH_API_KEY", raising=False)
+    cert, key = _self_signed()
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(cert)
+    fake = FakeCoordinator()
+    fake.api_key = "k1"
+    server, _ = _fake_server(fake)
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key, cert)]))
+    server.start()
+    address = f"localhost:{port}"
+    try:
+        for roots in (cert, str(ca_file), ca_file):
+            with vlmesh.Client(address, api_key="k1", root_certificates=roots, timeout=10) as client:
+                assert client.chat("hi").text == "Hello world"
+        assert fake.metadata[-1]["authorization"] == "Bearer k1"
+        # The system's roots do not know this CA; a plaintext client cannot talk TLS.
+        with vlmesh.Client(address, api_key="k1", tls=True, timeout=10) as client, pytest.raises(vlmesh.Unavailable):
+            client.chat("hi")
+        with vlmesh.Client(address, api_key="k1", timeout=10) as client, pytest.raises(vlmesh.Unavailable):
+            client.chat("hi")
+        with pytest.raises(ValueError, match="not both"):
+            vlmesh.Client(address, tls=True, credentials=grpc.ssl_channel_credentials())
+        with pytest.raises(ValueError, match="cannot read root certificates"):
+            vlmesh.Client(address, root_certificates=tmp_path / "missing.pem")
+
+        async def main() -> str:
+            async with vlmesh.AsyncClient(address, api_key="k1", root_certificates=cert, timeout=10) as aclient:
+                return (await aclient.chat("hi")).text
+
+        assert asyncio.run(main()) == "Hello world"
+
+        args = _cli_args("--address", address, "--ca-cert", str(ca_file), "--api-key", "k1", "hi")
+        assert chat_cli.run(args) == 0
+        assert capsys.readouterr().out == "Hello world\n"
+        monkeypatch.setenv("VLMESH_API_KEY", "k1")  # --api-key defaults to it
+        assert chat_cli.run(_cli_args("--address", address, "--ca-cert", str(ca_file), "hi")) == 0
+        assert capsys.readouterr().out == "Hello world\n"
+        assert chat_cli.run(_cli_args("--address", address, "--ca-cert", str(ca_file), "--api-key", "bad", "hi")) == 1
+        assert capsys.readouterr().err == "error: UNAUTHENTICATED: missing or unknown API key\n"
+        assert chat_cli.run(_cli_args("--address", address, "--tls", "hi")) == 1
+        assert capsys.readouterr().err.startswith("error: UNAVAILABLE: ")
+    finally:
+        server.stop(None)
+
+
+def test_health(coordinator_health: tuple[FakeCoordinator, str, health.HealthServicer]) -> None:
+    _, address, health_servicer = coordinator_health
+    with vlmesh.Client(address, timeout=5) as client:
+        assert client.health() == "SERVING"
+        health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert client.health() == "NOT_SERVING"
+        with pytest.raises(vlmesh.NotFound):
+            client.health("no.such.Service")
+
+    async def main() -> str:
+        async with vlmesh.AsyncClient(address, timeout=5) as aclient:
+            return await aclient.health()
+
+    assert asyncio.run(main()) == "NOT_SERVING"
+    with vlmesh.Client(f"127.0.0.1:{_free_port()}", timeout=5) as client, pytest.raises(vlmesh.Unavailable):
+        client.health()
+
+
+def test_cli_private_urls(
+    coordinator: tuple[FakeCoordinator, str], http_base: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake, address = coordinator
+    url = f"{http_base}/cat.png"
+    assert chat_cli.run(_cli_args("--address", address, "--image", url, "hi")) == 1
+    assert "loopback address" in capsys.readouterr().err and fake.requests == []
+    assert chat_cli.run(_cli_args("--address", address, "--image", url, "--allow-private-urls", "hi")) == 0
+    assert only_image(list(fake.requests[0].messages)) == PNG

@@ -5,7 +5,8 @@
     with Client("127.0.0.1:50051") as client:
         print(client.chat("Hello!").text)
 
-Depends only on grpcio, protobuf and pillow (no torch, no transformers).
+Depends only on grpcio (with its health and status packages), protobuf and pillow (no torch,
+no transformers).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ _EXPORTS = {
     "InvalidArgument": ".errors",
     "NotFound": ".errors",
     "ResourceExhausted": ".errors",
+    "Unauthenticated": ".errors",
     "Unavailable": ".errors",
     "VlmeshError": ".errors",
 }
@@ -51,6 +53,7 @@ if TYPE_CHECKING:
         InvalidArgument,
         NotFound,
         ResourceExhausted,
+        Unauthenticated,
         Unavailable,
         VlmeshError,
     )
@@ -92,4 +95,5 @@ __all__ = [
     "Unavailable",
     "DeadlineExceeded",
     "Cancelled",
+    "Unauthenticated",
 ]

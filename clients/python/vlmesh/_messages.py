@@ -19,17 +19,18 @@ Roles: system, user, assistant. An image X is a filesystem path (str or os.PathL
 ``PIL.Image.Image``. A video V is a path, a ``file://``, ``http(s)://`` or ``data:`` URL or raw
 bytes of a video file (the vision service reads MP4, MOV, M4V and AVI), or a list of frames, each an image
 X, with the ``fps`` they were taken at (optional). Everything is turned into encoded bytes here,
-on the client: the coordinator never fetches anything.
+on the client: the coordinator never fetches anything. http(s) URLs may name public hosts only,
+unless the caller allows more (`_urls`).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import io
 import os
 import re
-import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -40,6 +41,8 @@ from PIL import Image, UnidentifiedImageError
 
 from vlmesh.v1 import coordinator_pb2 as pb
 from vlmesh.v1 import tensor_pb2
+
+from ._urls import AllowPrivate, download
 
 __all__ = [
     "ImageSource",
@@ -64,7 +67,7 @@ MessagesLike = str | Mapping[str, Any] | pb.Message | Sequence[Mapping[str, Any]
 MAX_IMAGE_BYTES = 50 * 1024 * 1024
 #: Largest video accepted from an http(s) URL.
 MAX_VIDEO_BYTES = 512 * 1024 * 1024
-#: Connect/read timeout of an image download, in seconds.
+#: Time limit of one download (connect, redirects and body), in seconds.
 HTTP_TIMEOUT_S = 30.0
 
 _ROLES = {
@@ -80,7 +83,7 @@ def _user_agent() -> str:
         version = _metadata.version("vlmesh-client")
     except _metadata.PackageNotFoundError:
         version = "dev"
-    return f"vlmesh-client/{version} (+python-urllib)"
+    return f"vlmesh-client/{version}"
 
 
 def _describe(source: object) -> str:
@@ -162,33 +165,17 @@ def _read_file(path: str | os.PathLike[str], source: object, kind: str = "image"
         raise ValueError(f"cannot read {kind} file {_describe(source)}: {e}") from e
 
 
-def _download(url: str, timeout: float, max_bytes: int, kind: str = "image") -> bytes:
-    request = urllib.request.Request(
-        url, headers={"User-Agent": _user_agent(), "Accept": f"{kind}/*,*/*;q=0.5"}
-    )
+def _download(url: str, timeout: float, max_bytes: int, kind: str, allow_private: AllowPrivate) -> bytes:
+    headers = {"User-Agent": _user_agent(), "Accept": f"{kind}/*,*/*;q=0.5"}
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            length = resp.headers.get("Content-Length")
-            if length is not None and length.isdigit() and int(length) > max_bytes:
-                raise ValueError(
-                    f"{kind} at {_describe(url)} is {int(length)} bytes, more than the {max_bytes}-byte limit"
-                )
-            # Read one byte past the cap so an over-long body without Content-Length is caught.
-            data: bytes = resp.read(max_bytes + 1)
-    except urllib.error.HTTPError as e:
-        raise ValueError(f"could not download {kind} {_describe(url)}: HTTP {e.code} {e.reason}") from e
-    except urllib.error.URLError as e:
-        raise ValueError(f"could not download {kind} {_describe(url)}: {e.reason}") from e
+        return download(url, timeout=timeout, max_bytes=max_bytes, allow_private=allow_private, headers=headers)
     except TimeoutError as e:  # socket.timeout is TimeoutError since 3.10
         raise ValueError(f"could not download {kind} {_describe(url)}: timed out after {timeout} s") from e
-    except OSError as e:  # connection reset mid-body, ...
+    except (ValueError, OSError, http.client.HTTPException) as e:  # refused, HTTP status, reset, ...
         raise ValueError(f"could not download {kind} {_describe(url)}: {e}") from e
-    if len(data) > max_bytes:
-        raise ValueError(f"{kind} at {_describe(url)} is larger than the {max_bytes}-byte limit")
-    return data
 
 
-def _fetch(source: str, kind: str, max_bytes: int, timeout: float | None) -> bytes:
+def _fetch(source: str, kind: str, max_bytes: int, timeout: float | None, allow_private: AllowPrivate) -> bytes:
     """The bytes a path or a file/http(s)/data URL names (an image or a video file)."""
     text = source.strip()
     if text[:5].lower() == "data:":
@@ -200,23 +187,30 @@ def _fetch(source: str, kind: str, max_bytes: int, timeout: float | None) -> byt
     if scheme == "file":
         return _read_file(_file_url_path(text), source, kind)
     if scheme in ("http", "https"):
-        return _download(text, HTTP_TIMEOUT_S if timeout is None else timeout, max_bytes, kind)
+        return _download(text, HTTP_TIMEOUT_S if timeout is None else timeout, max_bytes, kind, allow_private)
     raise ValueError(
         f"unsupported {kind} URL scheme {scheme!r} in {_describe(source)}; use file, http, https or data"
     )
 
 
-def load_image(source: ImageSource, *, timeout: float | None = None) -> bytes:
+def load_image(
+    source: ImageSource, *, timeout: float | None = None, allow_private_urls: AllowPrivate = False
+) -> bytes:
     """Encoded image bytes (PNG, JPEG, ...) for any supported image source.
 
     Args:
         source: a path (str or os.PathLike), a ``file://``, ``http(s)://`` or ``data:`` URL,
             raw encoded bytes, or a ``PIL.Image.Image`` (encoded as PNG, losslessly).
-        timeout: download timeout for http(s) URLs in seconds (default `HTTP_TIMEOUT_S`).
+        timeout: time limit of an http(s) download in seconds, redirects and body included
+            (default `HTTP_TIMEOUT_S`).
+        allow_private_urls: let http(s) URLs reach loopback, private, link-local and other
+            non-public addresses: True for all, or networks (``["10.0.0.0/8"]``) for those.
+            By default such URLs are refused before any connection is made.
 
     Raises:
-        ValueError: the source is of an unsupported kind, cannot be read or downloaded, is
-            larger than `MAX_IMAGE_BYTES` (downloads), or is not an image file.
+        ValueError: the source is of an unsupported kind, cannot be read or downloaded (a
+            refused address included), is larger than `MAX_IMAGE_BYTES` (downloads), or is not
+            an image file.
     """
     if isinstance(source, Image.Image):
         return _encode_pil(source)
@@ -229,28 +223,31 @@ def load_image(source: ImageSource, *, timeout: float | None = None) -> bytes:
             f"unsupported image source of type {type(source).__name__}; expected a path, "
             "a file/http(s)/data URL, bytes, or a PIL.Image.Image"
         )
-    return _check_image(_fetch(source, "image", MAX_IMAGE_BYTES, timeout), source)
+    return _check_image(_fetch(source, "image", MAX_IMAGE_BYTES, timeout, allow_private_urls), source)
 
 
-def load_video(source: VideoSource, *, timeout: float | None = None) -> bytes:
+def load_video(
+    source: VideoSource, *, timeout: float | None = None, allow_private_urls: AllowPrivate = False
+) -> bytes:
     """Bytes of a video file for any supported video source (the vision service decodes them).
 
     Args:
         source: a path (str or os.PathLike), a ``file://``, ``http(s)://`` or ``data:`` URL, or
             raw bytes of a video file. The vision service reads containers that record their
             frame count: MP4, MOV, M4V, AVI (not WebM or MKV: send those as frames).
-        timeout: download timeout for http(s) URLs in seconds (default `HTTP_TIMEOUT_S`).
+        timeout: time limit of an http(s) download in seconds (default `HTTP_TIMEOUT_S`).
+        allow_private_urls: as for `load_image`.
 
     Raises:
-        ValueError: the source is of an unsupported kind, cannot be read or downloaded, is
-            empty, or is larger than `MAX_VIDEO_BYTES` (downloads).
+        ValueError: the source is of an unsupported kind, cannot be read or downloaded (a
+            refused address included), is empty, or is larger than `MAX_VIDEO_BYTES` (downloads).
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
     elif isinstance(source, os.PathLike):
         data = _read_file(source, source, "video")
     elif isinstance(source, str):
-        data = _fetch(source, "video", MAX_VIDEO_BYTES, timeout)
+        data = _fetch(source, "video", MAX_VIDEO_BYTES, timeout, allow_private_urls)
     else:
         raise ValueError(
             f"unsupported video source of type {type(source).__name__}; expected a path, "
@@ -284,10 +281,10 @@ def _source(item: Mapping[str, Any], index: str, kind: str) -> Any:
     return source
 
 
-def _video_part(item: Mapping[str, Any], index: str) -> pb.Content:
+def _video_part(item: Mapping[str, Any], index: str, allow: AllowPrivate) -> pb.Content:
     ref = _url_ref(item, index, "video")
     if ref is not None:
-        return pb.Content(video=load_video(ref))
+        return pb.Content(video=load_video(ref, allow_private_urls=allow))
     source = _source(item, index, "video")
     if isinstance(source, (list, tuple)):
         fps = item.get("fps", 0.0)
@@ -295,17 +292,18 @@ def _video_part(item: Mapping[str, Any], index: str) -> pb.Content:
             raise ValueError(f"{index}: 'fps' must be a number >= 0, got {fps!r}")
         if not source:
             raise ValueError(f"{index}: a video given as frames needs at least one frame")
-        frames = [load_image(f) for f in source]
+        frames = [load_image(f, allow_private_urls=allow) for f in source]
         return pb.Content(video_frames=tensor_pb2.VideoFrames(frames=frames, fps=float(fps)))
-    return pb.Content(video=load_video(source))
+    return pb.Content(video=load_video(source, allow_private_urls=allow))
 
 
-def _image_part(item: Mapping[str, Any], index: str) -> pb.Content:
+def _image_part(item: Mapping[str, Any], index: str, allow: AllowPrivate) -> pb.Content:
     ref = _url_ref(item, index, "image")
-    return pb.Content(image=load_image(ref if ref is not None else _source(item, index, "image")))
+    source = ref if ref is not None else _source(item, index, "image")
+    return pb.Content(image=load_image(source, allow_private_urls=allow))
 
 
-def _content_part(item: Any, index: str) -> pb.Content:
+def _content_part(item: Any, index: str, allow: AllowPrivate) -> pb.Content:
     if isinstance(item, str):
         return pb.Content(text=item)
     if isinstance(item, pb.Content):
@@ -322,15 +320,15 @@ def _content_part(item: Any, index: str) -> pb.Content:
             raise ValueError(f"{index}: 'text' part needs a string 'text', got {type(text).__name__}")
         return pb.Content(text=text)
     if kind in ("image", "image_url"):
-        return _image_part(item, index)
+        return _image_part(item, index, allow)
     if kind in ("video", "video_url"):
-        return _video_part(item, index)
+        return _video_part(item, index, allow)
     raise ValueError(
         f"{index}: unsupported content type {kind!r}; supported: 'text', 'image', 'image_url', 'video', 'video_url'"
     )
 
 
-def _message(msg: Any, index: str) -> pb.Message:
+def _message(msg: Any, index: str, allow: AllowPrivate) -> pb.Message:
     if isinstance(msg, pb.Message):
         return msg
     if not isinstance(msg, Mapping):
@@ -344,7 +342,7 @@ def _message(msg: Any, index: str) -> pb.Message:
     if isinstance(content, str):
         parts = [pb.Content(text=content)]
     elif isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray)):
-        parts = [_content_part(item, f"{index}.content[{j}]") for j, item in enumerate(content)]
+        parts = [_content_part(item, f"{index}.content[{j}]", allow) for j, item in enumerate(content)]
     else:
         raise ValueError(
             f"{index}: 'content' must be a string or a list of parts, got {type(content).__name__}"
@@ -352,11 +350,12 @@ def _message(msg: Any, index: str) -> pb.Message:
     return pb.Message(role=_ROLES[role], content=parts)
 
 
-def to_proto_messages(messages: MessagesLike) -> list[pb.Message]:
+def to_proto_messages(messages: MessagesLike, *, allow_private_urls: AllowPrivate = False) -> list[pb.Message]:
     """Wire messages for a conversation (or a session turn).
 
     `messages` is a list of message dicts (or `vlmesh.v1` Message protos), a single message
-    dict, or a plain string meaning one user text message. Images and videos are loaded here.
+    dict, or a plain string meaning one user text message. Images and videos are loaded here;
+    `allow_private_urls` as for `load_image`.
 
     Raises:
         ValueError: unknown role or content type, malformed message, or an unloadable image or video.
@@ -364,10 +363,10 @@ def to_proto_messages(messages: MessagesLike) -> list[pb.Message]:
     if isinstance(messages, str):
         return [pb.Message(role=pb.ROLE_USER, content=[pb.Content(text=messages)])]
     if isinstance(messages, (Mapping, pb.Message)):
-        return [_message(messages, "messages[0]")]
+        return [_message(messages, "messages[0]", allow_private_urls)]
     if not isinstance(messages, Sequence):
         raise ValueError(f"messages must be a list of messages or a string, got {type(messages).__name__}")
-    out = [_message(m, f"messages[{i}]") for i, m in enumerate(messages)]
+    out = [_message(m, f"messages[{i}]", allow_private_urls) for i, m in enumerate(messages)]
     if not out:
         raise ValueError("messages is empty")
     return out

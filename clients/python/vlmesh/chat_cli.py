@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
 from ._messages import load_image, load_video
-from .client import DEFAULT_ADDRESS, Client, GenerateOptions, Session
+from .client import API_KEY_ENV, DEFAULT_ADDRESS, Client, GenerateOptions, Session
 from .errors import NotFound, VlmeshError
 
 __all__ = ["add_arguments", "run", "main"]
@@ -34,6 +34,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--address",
         default=None,
         help=f"coordinator address (default: $VLMESH_ADDRESS or {DEFAULT_ADDRESS})",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help=f"API key, sent as 'authorization: Bearer KEY' (default: ${API_KEY_ENV})",
+    )
+    parser.add_argument("--tls", action="store_true", help="connect over TLS (system root certificates)")
+    parser.add_argument(
+        "--ca-cert", metavar="FILE", default=None, help="verify the coordinator against this CA (PEM); implies --tls"
+    )
+    parser.add_argument(
+        "--allow-private-urls",
+        action="store_true",
+        help="let image/video URLs name loopback, private and link-local addresses (refused by default)",
     )
     parser.add_argument(
         "--image",
@@ -181,7 +195,8 @@ def _interactive(client: Client, args: argparse.Namespace, images: list[dict[str
                 elif command in ("/image", "/video"):
                     kind = command[1:]
                     try:
-                        data = load_image(rest.strip()) if kind == "image" else load_video(rest.strip())
+                        load = load_image if kind == "image" else load_video
+                        data = load(rest.strip(), allow_private_urls=client.allow_private_urls)
                         pending.append({"type": kind, kind: data})
                         print(f"({kind} attached: {rest.strip()})", file=sys.stderr)
                     except ValueError as e:
@@ -220,13 +235,24 @@ def _interactive(client: Client, args: argparse.Namespace, images: list[dict[str
 def run(args: argparse.Namespace) -> int:
     """Run `vlmesh chat` with parsed `args`; returns the exit status."""
     address = args.address or os.environ.get("VLMESH_ADDRESS") or DEFAULT_ADDRESS
+    allow = bool(args.allow_private_urls)
     try:
-        images = [{"type": "image", "image": load_image(path)} for path in args.image or []]
-        images += [{"type": "video", "video": load_video(path)} for path in getattr(args, "video", None) or []]
+        images = [{"type": "image", "image": load_image(path, allow_private_urls=allow)} for path in args.image or []]
+        images += [
+            {"type": "video", "video": load_video(path, allow_private_urls=allow)}
+            for path in getattr(args, "video", None) or []
+        ]
+        client = Client(
+            address,
+            api_key=args.api_key,
+            tls=bool(args.tls),
+            root_certificates=args.ca_cert,
+            allow_private_urls=allow,
+        )
     except ValueError as e:
         _report(e)
         return 1
-    with Client(address) as client:
+    with client:
         if args.prompt is not None:
             return _one_shot(client, args, images)
         return _interactive(client, args, images)

@@ -1,19 +1,24 @@
 """Sync and async clients of the vlmesh coordinator (CoordinatorService).
 
-Only grpcio, protobuf, pillow and the standard library are used here: this module must stay
-importable without torch or transformers.
+Only grpcio (with grpcio-health-checking and grpcio-status), protobuf, pillow and the standard
+library are used here: this module must stay importable without torch or transformers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
+import enum
+import os
+import re
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 import grpc
 import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vlmesh.v1 import coordinator_pb2 as pb
 from vlmesh.v1 import coordinator_pb2_grpc as pb_grpc
@@ -31,6 +36,7 @@ from ._results import (
     event_from_response,
     model_info_from_response,
 )
+from ._urls import AllowPrivate, allowed_networks
 from .errors import (
     Cancelled,
     DeadlineExceeded,
@@ -38,6 +44,7 @@ from .errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
     VlmeshError,
     from_rpc_error,
@@ -69,10 +76,14 @@ __all__ = [
     "Unavailable",
     "DeadlineExceeded",
     "Cancelled",
+    "Unauthenticated",
+    "API_KEY_ENV",
     "build_request",
 ]
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+#: Environment variable the API key is read from when a client is given none.
+API_KEY_ENV = "VLMESH_API_KEY"
 
 #: gRPC call metadata: a mapping or (key, value) pairs; keys must be lowercase.
 Metadata = Mapping[str, str | bytes] | Sequence[tuple[str, str | bytes]]
@@ -86,6 +97,14 @@ _DEFAULT_CHANNEL_OPTIONS: dict[str, Any] = {
 }
 _INT32_MAX = 2**31 - 1
 _T = TypeVar("_T")
+# RFC 6750 bearer tokens are visible ASCII; anything else would break or smuggle metadata.
+_API_KEY = re.compile(r"[\x21-\x7e]+")
+
+
+class _Keep(enum.Enum):
+    """`with_options` default: keep the value of the client it derives from."""
+
+    KEEP = 0
 
 
 class GenerateOptions(TypedDict, total=False):
@@ -115,10 +134,12 @@ def build_request(
     stop: str | Sequence[str] | None = None,
     logprobs: int = 0,
     include_stop_token_text: bool = False,
+    allow_private_urls: AllowPrivate = False,
 ) -> pb.GenerateRequest:
     """The GenerateRequest for a conversation and options (see `Client.chat`).
 
     Everything is validated here, before any RPC, so a bad argument costs no round trip.
+    `allow_private_urls` as for `vlmesh.load_image`.
 
     Raises:
         ValueError: bad messages, unloadable image, or an out-of-range option.
@@ -150,7 +171,7 @@ def build_request(
         sampling.seed = seed
     return pb.GenerateRequest(
         session_id=session_id or "",
-        messages=to_proto_messages(messages),
+        messages=to_proto_messages(messages, allow_private_urls=allow_private_urls),
         sampling=sampling,
         max_tokens=max_tokens or 0,
         stop=stops,
@@ -164,6 +185,59 @@ def _normalize_metadata(metadata: Metadata | None) -> tuple[tuple[str, str | byt
         return None
     items = metadata.items() if isinstance(metadata, Mapping) else metadata
     return tuple((str(k), v) for k, v in items)
+
+
+def _user_metadata(metadata: Metadata | None, api_key: str | None) -> tuple[tuple[str, str | bytes], ...]:
+    """`metadata` without its authorization entry when the key is given separately."""
+    items = _normalize_metadata(metadata) or ()
+    if api_key is None:
+        return items
+    if any(k.lower() == "authorization" for k, _ in items):
+        raise ValueError("give the API key either as api_key or as 'authorization' metadata, not both")
+    return items
+
+
+def _resolve_api_key(metadata: Metadata | None, api_key: str | None) -> str:
+    """The key to send: `api_key`, else $VLMESH_API_KEY unless `metadata` authorizes already."""
+    if api_key is None:
+        items = _normalize_metadata(metadata) or ()
+        if any(k.lower() == "authorization" for k, _ in items):
+            return ""
+        api_key = os.environ.get(API_KEY_ENV, "")
+    if api_key and not _API_KEY.fullmatch(api_key):
+        raise ValueError("api_key must be printable ASCII without spaces")
+    return api_key
+
+
+def _call_metadata(
+    user: tuple[tuple[str, str | bytes], ...], api_key: str
+) -> tuple[tuple[str, str | bytes], ...] | None:
+    items = (*user, ("authorization", f"Bearer {api_key}")) if api_key else user
+    return items or None
+
+
+def _channel_credentials(
+    credentials: grpc.ChannelCredentials | None,
+    tls: bool,
+    root_certificates: bytes | str | os.PathLike[str] | None,
+) -> grpc.ChannelCredentials | None:
+    if not tls and root_certificates is None:
+        return credentials
+    if credentials is not None:
+        raise ValueError("give either credentials or tls / root_certificates, not both")
+    pem = root_certificates
+    if pem is not None and not isinstance(pem, bytes):
+        try:
+            with open(os.path.expanduser(os.fspath(pem)), "rb") as f:
+                pem = f.read()
+        except OSError as e:
+            raise ValueError(f"cannot read root certificates {os.fspath(pem)!r}: {e}") from e
+    # None: the system's (gRPC's bundled) roots.
+    return grpc.ssl_channel_credentials(root_certificates=pem)
+
+
+def _health_status(resp: health_pb2.HealthCheckResponse) -> str:
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
 
 def _channel_options(options: Sequence[tuple[str, Any]] | None) -> list[tuple[str, Any]]:
@@ -186,16 +260,28 @@ class Client:
 
     Example::
 
-        with Client("127.0.0.1:50051") as client:
+        with Client("127.0.0.1:50051", api_key="...") as client:
             print(client.chat("Hello!").text)
 
     Args:
         address: the coordinator's ``host:port`` (any gRPC target string works).
         timeout: deadline of every RPC in seconds (for a Generate stream: the whole reply);
             None = no deadline.
-        metadata: gRPC metadata sent with every RPC (e.g. auth headers added by a proxy).
-        credentials: TLS channel credentials; None = plaintext.
+        metadata: gRPC metadata sent with every RPC (e.g. headers a proxy wants).
+        api_key: sent as ``authorization: Bearer <api_key>`` metadata with every RPC; None =
+            ``$VLMESH_API_KEY`` if set (unless `metadata` has an authorization entry), "" = none.
+        tls: connect over TLS, verifying the server against the system's root certificates.
+        root_certificates: PEM bytes, or the path of a PEM file, of the CA(s) to verify the
+            server against (implies `tls`).
+        credentials: ready-made channel credentials, instead of `tls` / `root_certificates`;
+            None and no `tls` = plaintext.
         options: extra gRPC channel options, overriding the client's defaults.
+        allow_private_urls: let image and video URLs reach non-public addresses (see
+            `vlmesh.load_image`); by default they may only name public hosts.
+
+    Raises:
+        ValueError: a malformed `api_key`, an unreadable `root_certificates` file, or
+            `credentials` together with `tls` / `root_certificates`.
 
     A Client is thread-safe; a `Session` is not (one turn at a time).
     """
@@ -206,18 +292,44 @@ class Client:
         *,
         timeout: float | None = None,
         metadata: Metadata | None = None,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | str | os.PathLike[str] | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] | None = None,
+        allow_private_urls: AllowPrivate = False,
     ) -> None:
         self.address = address
         self.timeout = timeout
-        self._metadata = _normalize_metadata(metadata)
+        self.allow_private_urls = allow_private_urls
+        allowed_networks(allow_private_urls)  # a bad network fails here, not on the first URL
+        self._user_metadata = _user_metadata(metadata, api_key)
+        self._api_key = _resolve_api_key(metadata, api_key)
+        self._metadata = _call_metadata(self._user_metadata, self._api_key)
+        creds = _channel_credentials(credentials, tls, root_certificates)
         opts = _channel_options(options)
-        if credentials is None:
+        if creds is None:
             self._channel = grpc.insecure_channel(address, options=opts)
         else:
-            self._channel = grpc.secure_channel(address, credentials, options=opts)
+            self._channel = grpc.secure_channel(address, creds, options=opts)
+        self._owns_channel = True
         self._stub = pb_grpc.CoordinatorServiceStub(self._channel)
+
+    def with_options(self, *, api_key: str | None = None, timeout: float | None | _Keep = _Keep.KEEP) -> Client:
+        """A client on this one's channel that sends another API key and/or has another timeout.
+
+        Cheap (no new connection): for a server that calls the coordinator with each of its
+        own callers' keys. `api_key` None keeps this client's key, "" sends none. Closing the
+        copy leaves the shared channel open.
+        """
+        derived = copy.copy(self)
+        derived._owns_channel = False
+        if api_key is not None:
+            derived._api_key = _resolve_api_key(None, api_key)
+            derived._metadata = _call_metadata(self._user_metadata, derived._api_key)
+        if not isinstance(timeout, _Keep):
+            derived.timeout = timeout
+        return derived
 
     def __enter__(self) -> Self:
         return self
@@ -226,8 +338,9 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        """Close the channel; in-flight calls are cancelled."""
-        self._channel.close()
+        """Close the channel; in-flight calls are cancelled (a `with_options` copy closes nothing)."""
+        if self._owns_channel:
+            self._channel.close()
 
     def _unary(self, method: Callable[..., _T], request: object) -> _T:
         try:
@@ -294,6 +407,7 @@ class Client:
             stop=stop,
             logprobs=logprobs,
             include_stop_token_text=include_stop_token_text,
+            allow_private_urls=self.allow_private_urls,
         )
         acc = _result(request)
         for event in self._events(request):
@@ -309,7 +423,10 @@ class Client:
         validated (and images loaded) here, before iteration starts. Stopping iteration early
         cancels the generation.
         """
-        return self._events(build_request(messages, session_id=session_id, **options))
+        request = build_request(
+            messages, session_id=session_id, allow_private_urls=self.allow_private_urls, **options
+        )
+        return self._events(request)
 
     def stream(
         self, messages: MessagesLike, *, session_id: str | None = None, **options: Unpack[GenerateOptions]
@@ -349,6 +466,16 @@ class Client:
             return [r.delta for r in call]
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
+
+    def health(self, service: str = "") -> str:
+        """The coordinator's grpc.health.v1 status: "SERVING", "NOT_SERVING", ... ("" = the
+        server as a whole; "vlmesh.v1.CoordinatorService" = the API).
+
+        Raises:
+            VlmeshError: `Unavailable` when it cannot be reached, `NotFound` for an unknown service.
+        """
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        return _health_status(self._unary(stub.Check, health_pb2.HealthCheckRequest(service=service)))
 
 
 def _texts(events: Iterator[ChatEvent]) -> Iterator[str]:
@@ -440,6 +567,41 @@ class Session:
 # ----------------------------------------------------------------------------------------------
 
 
+class _AioChannel:
+    """An aio channel opened on first use, shared by an AsyncClient and its `with_options` copies."""
+
+    def __init__(
+        self, address: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]
+    ) -> None:
+        self.address = address
+        self.credentials = credentials
+        self.options = options
+        self.channel: grpc.aio.Channel | None = None
+        self._stub: CoordinatorServiceAsyncStub | None = None
+
+    def open(self) -> grpc.aio.Channel:
+        # Created lazily: an aio channel binds to the event loop current at creation, and
+        # users often construct clients before asyncio.run().
+        if self.channel is None:
+            if self.credentials is None:
+                self.channel = grpc.aio.insecure_channel(self.address, options=self.options)
+            else:
+                self.channel = grpc.aio.secure_channel(self.address, self.credentials, options=self.options)
+            self._stub = None
+        return self.channel
+
+    def stub(self) -> CoordinatorServiceAsyncStub:
+        channel = self.open()
+        if self._stub is None:
+            self._stub = pb_grpc.CoordinatorServiceStub(channel)  # type: ignore[assignment]
+        return self._stub  # type: ignore[return-value]
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            channel, self.channel, self._stub = self.channel, None, None
+            await channel.close()
+
+
 class AsyncClient:
     """asyncio client of a vlmesh coordinator (grpc.aio); same surface as `Client`.
 
@@ -459,30 +621,41 @@ class AsyncClient:
         *,
         timeout: float | None = None,
         metadata: Metadata | None = None,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | str | os.PathLike[str] | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] | None = None,
+        allow_private_urls: AllowPrivate = False,
     ) -> None:
         self.address = address
         self.timeout = timeout
-        self._metadata = _normalize_metadata(metadata)
-        self._credentials = credentials
-        self._options = _channel_options(options)
-        self._channel: grpc.aio.Channel | None = None
-        self._stub_: CoordinatorServiceAsyncStub | None = None
+        self.allow_private_urls = allow_private_urls
+        allowed_networks(allow_private_urls)
+        self._user_metadata = _user_metadata(metadata, api_key)
+        self._api_key = _resolve_api_key(metadata, api_key)
+        self._metadata = _call_metadata(self._user_metadata, self._api_key)
+        creds = _channel_credentials(credentials, tls, root_certificates)
+        self._conn = _AioChannel(address, creds, _channel_options(options))
+        self._owns_channel = True
+
+    def with_options(
+        self, *, api_key: str | None = None, timeout: float | None | _Keep = _Keep.KEEP
+    ) -> AsyncClient:
+        """A client on this one's channel with another API key and/or timeout (see
+        `Client.with_options`)."""
+        derived = copy.copy(self)
+        derived._owns_channel = False
+        if api_key is not None:
+            derived._api_key = _resolve_api_key(None, api_key)
+            derived._metadata = _call_metadata(self._user_metadata, derived._api_key)
+        if not isinstance(timeout, _Keep):
+            derived.timeout = timeout
+        return derived
 
     @property
     def _stub(self) -> CoordinatorServiceAsyncStub:
-        # Created lazily: an aio channel binds to the event loop current at creation, and
-        # users often construct clients before asyncio.run().
-        if self._stub_ is None:
-            if self._credentials is None:
-                self._channel = grpc.aio.insecure_channel(self.address, options=self._options)
-            else:
-                self._channel = grpc.aio.secure_channel(
-                    self.address, self._credentials, options=self._options
-                )
-            self._stub_ = pb_grpc.CoordinatorServiceStub(self._channel)
-        return self._stub_
+        return self._conn.stub()
 
     async def __aenter__(self) -> Self:
         return self
@@ -491,10 +664,9 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close the channel; in-flight calls are cancelled."""
-        if self._channel is not None:
-            channel, self._channel, self._stub_ = self._channel, None, None
-            await channel.close()
+        """Close the channel; in-flight calls are cancelled (a `with_options` copy closes nothing)."""
+        if self._owns_channel:
+            await self._conn.close()
 
     async def _unary(self, method: Callable[..., Awaitable[_T]], request: object) -> _T:
         try:
@@ -506,7 +678,9 @@ class AsyncClient:
         self, messages: MessagesLike, session_id: str | None, options: GenerateOptions
     ) -> pb.GenerateRequest:
         # Loading images may read files or download URLs: keep that off the event loop.
-        return await asyncio.to_thread(build_request, messages, session_id=session_id, **options)
+        return await asyncio.to_thread(
+            build_request, messages, session_id=session_id, allow_private_urls=self.allow_private_urls, **options
+        )
 
     async def _events(self, request: pb.GenerateRequest) -> AsyncGenerator[ChatEvent, None]:
         call = self._stub.Generate(request, timeout=self.timeout, metadata=self._metadata)
@@ -605,6 +779,11 @@ class AsyncClient:
             return [r.delta async for r in call]
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
+
+    async def health(self, service: str = "") -> str:
+        """The coordinator's grpc.health.v1 status (see `Client.health`)."""
+        stub = health_pb2_grpc.HealthStub(self._conn.open())
+        return _health_status(await self._unary(stub.Check, health_pb2.HealthCheckRequest(service=service)))
 
 
 class AsyncSession:

@@ -1,0 +1,257 @@
+"""A chat completions request body, checked and turned into the client library's arguments.
+
+Everything OpenAI's API defines is either honoured, accepted because it changes nothing here
+(`user`, `metadata`, `store`, ... and "off" values such as ``n: 1`` or ``tools: []``), or refused
+with a 400 that names it (tools, JSON output, penalties, n > 1, audio, ...). Names OpenAI does not
+define are refused as OpenAI refuses them, except vLLM's `top_k` and `repetition_penalty`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from vlmesh import GenerateOptions
+
+from .errors import invalid
+
+#: Most alternatives `top_logprobs` may ask for (OpenAI's limit).
+MAX_TOP_LOGPROBS = 20
+
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# Accepted and without effect on the reply.
+_IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier"}
+# Parameters that would change the reply in ways this server cannot honour, with the values
+# that mean "not used" (those are accepted).
+_OFF_VALUES: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "logit_bias": (None, {}),
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "response_format": (None, {"type": "text"}),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "verbosity": (None,),
+    "web_search_options": (None,),
+}
+_HANDLED = {
+    "model",
+    "messages",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "logprobs",
+    "top_logprobs",
+    "n",
+    "top_k",
+    "repetition_penalty",
+}
+_MESSAGE_KEYS = {"role", "content", "name"}
+_URL_SCHEMES = ("data:", "http://", "https://")
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A checked request: what to ask the mesh and how to answer."""
+
+    model: str
+    #: The conversation in the client library's format (OpenAI-style parts, roles mapped).
+    messages: list[dict[str, Any]]
+    options: GenerateOptions
+    stream: bool
+    #: Streams end with a usage chunk (stream_options.include_usage).
+    include_usage: bool
+    #: Alternatives per token when logprobs were asked for (0..20); None = no logprobs.
+    top_logprobs: int | None
+    user: str | None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _number(body: Mapping[str, Any], name: str, low: float, high: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not _is_number(value) or not low <= value <= high:
+        raise invalid(f"'{name}' must be a number from {low:g} to {high:g}, got {value!r}", name)
+    return float(value)
+
+
+def _integer(body: Mapping[str, Any], name: str, low: int, high: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+        bound = f"from {low} to {high}" if high is not None else f">= {low}"
+        raise invalid(f"'{name}' must be an integer {bound}, got {value!r}", name)
+    return value
+
+
+def _boolean(body: Mapping[str, Any], name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise invalid(f"'{name}' must be true or false, got {value!r}", name)
+    return value
+
+
+def _url(part: Mapping[str, Any], key: str, param: str) -> str:
+    ref = part.get(key)
+    url = ref.get("url") if isinstance(ref, Mapping) else ref
+    if not isinstance(url, str) or not url:
+        raise invalid(f"'{key}' parts need {key}.url", f"{param}.{key}.url")
+    # Only URLs: the client library would also read paths and file:// URLs, which must not
+    # reach this server's own disk.
+    if not url[:8].lower().startswith(_URL_SCHEMES):
+        raise invalid(f"{key}.url must be a data: URL or an http(s) URL", f"{param}.{key}.url")
+    if isinstance(ref, Mapping):
+        extra = set(ref) - {"url", "detail"}  # detail: a hint; the model's processor sizes images
+        if extra:
+            raise invalid(f"unknown field '{min(extra)}' in {key}", f"{param}.{key}")
+    return url
+
+
+def _part(part: Any, param: str) -> dict[str, Any]:
+    if not isinstance(part, Mapping):
+        raise invalid("content parts must be objects", param)
+    kind = part.get("type")
+    if kind == "text":
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise invalid("'text' parts need a string 'text'", f"{param}.text")
+        return {"type": "text", "text": text}
+    if kind in ("image_url", "video_url"):
+        return {"type": kind, kind: {"url": _url(part, kind, param)}}
+    raise invalid(
+        f"content part type {kind!r} is not supported; supported: 'text', 'image_url' (and 'video_url')",
+        f"{param}.type",
+    )
+
+
+def _message(message: Any, i: int) -> dict[str, Any]:
+    param = f"messages[{i}]"
+    if not isinstance(message, Mapping):
+        raise invalid("messages must be objects with 'role' and 'content'", param)
+    role = message.get("role")
+    if role in ("tool", "function"):
+        raise invalid(f"role '{role}' is not supported (no tool calling)", f"{param}.role")
+    if role not in _ROLES:
+        raise invalid(f"unknown role {role!r}; supported: system, developer, user, assistant", f"{param}.role")
+    if message.get("tool_calls") or message.get("function_call"):
+        raise invalid("tool calls are not supported", f"{param}.tool_calls")
+    extra = set(message) - _MESSAGE_KEYS - {"tool_calls", "function_call", "refusal"}
+    if extra:
+        raise invalid(f"unknown field '{min(extra)}' in a message", param)
+    content = message.get("content")
+    if isinstance(content, str):
+        return {"role": _ROLES[role], "content": content}
+    if isinstance(content, list) and content:
+        return {"role": _ROLES[role], "content": [_part(p, f"{param}.content[{j}]") for j, p in enumerate(content)]}
+    raise invalid("'content' must be a string or a non-empty list of parts", f"{param}.content")
+
+
+def _stop(body: Mapping[str, Any]) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise invalid("'stop' must be a non-empty string or a list of them", "stop")
+    return stops
+
+
+def _check_unsupported(body: Mapping[str, Any]) -> None:
+    for name in body:
+        if name in _HANDLED or name in _IGNORED:
+            continue
+        if name in _OFF_VALUES:
+            if body[name] not in _OFF_VALUES[name]:
+                raise invalid(f"'{name}' is not supported by this server", name, "unsupported_parameter")
+            continue
+        raise invalid(f"Unrecognized request argument supplied: {name}", name, "unsupported_parameter")
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise invalid(f"only n=1 is supported, got {n!r}", "n", "unsupported_parameter")
+
+
+def parse_chat_request(body: Any) -> ChatRequest:
+    """The checked request.
+
+    Raises:
+        ApiError: 400 naming the first problem (its `param` says where).
+    """
+    if not isinstance(body, Mapping):
+        raise invalid("the request body must be a JSON object")
+    _check_unsupported(body)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise invalid("'model' is required", "model")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid("'messages' must be a non-empty list", "messages")
+    stream = _boolean(body, "stream")
+    stream_options = body.get("stream_options")
+    include_usage = False
+    if stream_options is not None:
+        if not stream:
+            raise invalid("'stream_options' is only allowed when 'stream' is true", "stream_options")
+        if not isinstance(stream_options, Mapping) or set(stream_options) - {"include_usage"}:
+            raise invalid("'stream_options' takes only 'include_usage'", "stream_options")
+        include_usage = _boolean(stream_options, "include_usage")
+
+    max_tokens = _integer(body, "max_completion_tokens", 1)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", 1)
+    temperature = _number(body, "temperature", 0.0, 2.0)
+    top_p = _number(body, "top_p", 0.0, 1.0)
+    if top_p == 0.0:
+        # OpenAI: only the most likely token survives, i.e. greedy. (0 means "off" on the wire.)
+        temperature, top_p = 0.0, 1.0
+    seed = _integer(body, "seed", -(2**63), 2**64 - 1)
+    top_k = _integer(body, "top_k", -1)  # vLLM's extension; -1 (and 0) = off
+    repetition_penalty = _number(body, "repetition_penalty", 0.0, 100.0)
+    logprobs = _boolean(body, "logprobs")
+    top_logprobs = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if top_logprobs is not None and not logprobs:
+        raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise invalid("'user' must be a string", "user")
+
+    options: GenerateOptions = {
+        "max_tokens": max_tokens,
+        # OpenAI's default temperature is 1 (sampling); send 0 for greedy.
+        "temperature": 1.0 if temperature is None else temperature,
+        "top_p": 1.0 if top_p is None else top_p,
+        "top_k": max(top_k or 0, 0),
+        "repetition_penalty": 1.0 if repetition_penalty is None else repetition_penalty,
+        # OpenAI's seeds are signed 64-bit; the mesh's are unsigned: same bits, same seed.
+        "seed": None if seed is None else seed % 2**64,
+        "stop": _stop(body),
+        # The mesh returns a token's logprob only with at least one alternative.
+        "logprobs": max(top_logprobs or 0, 1) if logprobs else 0,
+    }
+    return ChatRequest(
+        model=model,
+        messages=[_message(m, i) for i, m in enumerate(messages)],
+        options=options,
+        stream=stream,
+        include_usage=include_usage,
+        top_logprobs=(top_logprobs or 0) if logprobs else None,
+        user=user,
+    )

@@ -1,0 +1,123 @@
+"""OpenAI's response objects: chat.completion, chat.completion.chunk, usage and logprobs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from vlmesh import ChatResult, TokenLogprobs, Usage
+
+from .tokens import TokenPieces
+
+
+def finish_reason(reason: str | None) -> str | None:
+    """OpenAI's name: an end-of-turn token and a stop string are both "stop"."""
+    if reason is None:
+        return None
+    return "length" if reason == "length" else "stop"
+
+
+def usage(u: Usage) -> dict[str, Any]:
+    # The mesh counts only the tokens it had to feed as prompt_tokens and the reused ones as
+    # cached_tokens; OpenAI's prompt_tokens is the whole prompt, cached part included.
+    prompt = u.prompt_tokens + u.cached_tokens
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": prompt + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    }
+
+
+def logprobs(entries: Sequence[TokenLogprobs], pieces: TokenPieces, top: int) -> list[dict[str, Any]]:
+    """OpenAI's logprobs.content: per token its string, logprob, bytes and `top` alternatives."""
+    out = []
+    for entry in entries:
+        text, data = pieces.piece(entry.token_id)
+        alternatives = []
+        for alt in entry.top[:top]:
+            alt_text, alt_data = pieces.piece(alt.token_id)
+            alternatives.append({"token": alt_text, "logprob": alt.logprob, "bytes": list(alt_data)})
+        out.append({"token": text, "logprob": entry.logprob, "bytes": list(data), "top_logprobs": alternatives})
+    return out
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What every object of one response shares."""
+
+    id: str
+    created: int
+    model: str
+    #: Alternatives per token, when logprobs were asked for; None = no logprobs.
+    top_logprobs: int | None
+    pieces: TokenPieces | None
+
+    def _logprobs(self, entries: Sequence[TokenLogprobs] | None) -> dict[str, Any] | None:
+        if self.top_logprobs is None or self.pieces is None or entries is None:
+            return None
+        return {"content": logprobs(entries, self.pieces, self.top_logprobs), "refusal": None}
+
+    def completion(self, result: ChatResult) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.text, "refusal": None},
+                    "logprobs": self._logprobs(result.logprobs),
+                    "finish_reason": finish_reason(result.finish_reason),
+                }
+            ],
+            "usage": usage(result.usage),
+        }
+
+    def chunk(
+        self,
+        delta: dict[str, Any],
+        *,
+        entries: Sequence[TokenLogprobs] | None = None,
+        finish: str | None = None,
+        with_usage: bool = False,
+    ) -> dict[str, Any]:
+        chunk: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": delta,
+                    "logprobs": self._logprobs(entries),
+                    "finish_reason": finish_reason(finish),
+                }
+            ],
+        }
+        if with_usage:
+            chunk["usage"] = None  # OpenAI: null on every chunk but the last when usage is asked for
+        return chunk
+
+    def usage_chunk(self, u: Usage) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": [],
+            "usage": usage(u),
+        }
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    """One server-sent event."""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
