@@ -215,7 +215,7 @@ def _up(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        addresses = {"coordinator": mesh.address, "vision": mesh.vision_address, "stages": mesh.stage_addresses}
+        addresses = {"coordinator": mesh.address, "vision": mesh.vision_address, "stages": mesh.stage_addresses, "certs": mesh.certs}
         if mesh.openai_url:
             addresses["openai"] = mesh.openai_url
         print(json.dumps(addresses))
@@ -348,6 +348,14 @@ def main(argv: list[str] | None = None) -> int:
 
     tiny.add_arguments(sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint in the HF layout"))
 
+    from services import status
+    from services.common import certs
+    from services.coordinator import auth
+
+    status.add_arguments(sub.add_parser("status", help="print the running mesh: replicas, health, KV use, sessions, vision cache"))
+    certs.add_arguments(sub.add_parser("certs", help="make a CA and certificates for the mesh's mutual TLS"))
+    auth.add_arguments(sub.add_parser("keys", help="make API keys for the coordinator's --api-keys-file"))
+
     args = parser.parse_args(argv)
     if args.cmd == "up":
         if args.replicas < 1:
@@ -363,6 +371,12 @@ def main(argv: list[str] | None = None) -> int:
         return shapes_eval.run(args)
     if args.cmd == "make-tiny":
         return tiny.run(args)
+    if args.cmd == "status":
+        return status.run(args)
+    if args.cmd == "certs":
+        return certs.run(args)
+    if args.cmd == "keys":
+        return auth.run(args)
     parser.error(f"unknown command {args.cmd}")
     return 2
 

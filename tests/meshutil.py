@@ -37,17 +37,18 @@ def mesh_tls_kw(service: str) -> dict:
     return {"mesh_ca": f"{d}/ca.crt", "mesh_cert": f"{d}/{service}.crt", "mesh_key": f"{d}/{service}.key"}
 
 
-def coordinator_tls() -> MeshTLS:
-    """What the coordinator presents inside the mesh: a test calling a stage or vision directly
-    uses it (a caller without it is refused)."""
-    kw = mesh_tls_kw("coordinator")
-    with open(kw["mesh_ca"], "rb") as ca, open(kw["mesh_cert"], "rb") as cert, open(kw["mesh_key"], "rb") as key:
+def coordinator_tls(certs: str | None = None) -> MeshTLS:
+    """What the coordinator presents inside the mesh (from `certs`, e.g. the directory `vlmesh up`
+    reports, else the tests' own): a test calling a stage or vision directly uses it (a caller
+    without it is refused)."""
+    d = certs or certs_dir()
+    with open(f"{d}/ca.crt", "rb") as ca, open(f"{d}/coordinator.crt", "rb") as cert, open(f"{d}/coordinator.key", "rb") as key:
         return MeshTLS(ca.read(), cert.read(), key.read())
 
 
-def internal_channel(address: str):
+def internal_channel(address: str, certs: str | None = None):
     """A blocking channel to a stage or vision service, as the coordinator dials it."""
-    return sync_mesh_channel(address, coordinator_tls())
+    return sync_mesh_channel(address, coordinator_tls(certs))
 
 
 @dataclass
@@ -302,10 +303,10 @@ def forward_once(address: str, step):
     return out[0].outputs[0]
 
 
-def stage_info(address: str):
+def stage_info(address: str, certs: str | None = None):
     from vlmesh.internal.v1 import stage_pb2, stage_pb2_grpc
 
-    with internal_channel(address) as ch:
+    with internal_channel(address, certs) as ch:
         return stage_pb2_grpc.StageServiceStub(ch).GetInfo(stage_pb2.GetInfoRequest(), timeout=10)
 
 

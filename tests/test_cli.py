@@ -213,14 +213,10 @@ def up_with_flags(tmp_path_factory):
 
 
 def test_up_flags_reach_the_services(up_with_flags):
-    from services.common.server import channel
-    from vlmesh.v1 import stage_pb2, stage_pb2_grpc
+    from meshutil import stage_info
 
     proc, addresses, sink = up_with_flags
-    infos = []
-    for addr in addresses["stages"]:
-        with channel(addr) as ch:
-            infos.append(stage_pb2_grpc.StageServiceStub(ch).GetInfo(stage_pb2.GetInfoRequest(), timeout=10))
+    infos = [stage_info(addr, addresses["certs"]) for addr in addresses["stages"]]
     assert [(i.layer_start, i.layer_end) for i in infos] == [(0, 1), (1, 4)]
     assert {i.kv_budget_bytes for i in infos} == {24 << 20}
     assert {i.dtype for i in infos} == {"float32"}
@@ -231,8 +227,9 @@ def test_up_flags_reach_the_services(up_with_flags):
         answer = client.chat([{"role": "user", "content": [{"type": "image", "image": str(DEMO_PNG)},
                                                            {"type": "text", "text": "What is in this picture?"}]}], max_tokens=16)
     assert answer.text
-    # Every service exported its spans to the OTLP endpoint `vlmesh up` was given.
-    wanted = {"vlmesh-vision", "vlmesh-stage", "vlmesh-coordinator"}
+    # Every service exported its spans to the OTLP endpoint `vlmesh up` was given, each under its
+    # own service.name (a stage's names its layer range).
+    wanted = {"vlmesh-vision", "vlmesh-stage-0-1", "vlmesh-stage-1-4", "vlmesh-coordinator"}
     assert wanted <= sink.wait_for("service.name", wanted)
 
 

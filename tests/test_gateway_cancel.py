@@ -5,6 +5,7 @@ shapes model of test_gateway.py ends its answers within a few tokens)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -26,12 +27,14 @@ PROMPT = "Tell me about shapes and colours."
 MAX_TOKENS = 800
 
 
+CERTS: dict[str, str] = {}  # stage address -> the certificates `vlmesh up` made for its mesh
+
+
 def stage_kv_used_bytes(address: str) -> int:
     """KV bytes a stage holds, from its GetInfo: the one place this test speaks the stage protocol."""
-    from vlmesh.v1 import stage_pb2, stage_pb2_grpc
+    from meshutil import stage_info
 
-    with grpc.insecure_channel(address) as channel:
-        return stage_pb2_grpc.StageServiceStub(channel).GetInfo(stage_pb2.GetInfoRequest(), timeout=10).kv_used_bytes
+    return stage_info(address, CERTS[address]).kv_used_bytes
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +59,18 @@ def mesh(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Finished requests give their KV back at once (no prefix caching), so "freed" means
+        # "back to what the stages held before the request".
+        env={**os.environ, "VLMESH_PREFIX_CACHE_SESSIONS": "0"},
     )
     assert proc.stdout is not None and proc.stderr is not None
     line = proc.stdout.readline()
     if not line:
         proc.wait(30)
         pytest.fail(f"vlmesh up exited: {proc.stderr.read()}")
-    yield {**json.loads(line), "model": model.name}
+    addresses = json.loads(line)
+    CERTS.update({a: addresses["certs"] for a in addresses["stages"]})
+    yield {**addresses, "model": model.name}
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(60)

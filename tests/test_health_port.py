@@ -1,16 +1,22 @@
-"""services.common.health_port: the plaintext grpc.health.v1 port kubelet's gRPC probes use."""
+"""--health-port: the plaintext grpc.health.v1 port kubelet's gRPC probes use (they speak no TLS,
+and the service's own port takes only mesh clients)."""
 
 from __future__ import annotations
+
+import threading
+import time
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.health_port import start_health_port
-from services.common.ports import PortInUse
+from meshutil import mesh_tls_kw
+from services.common.server import ThreadedServer
 from services.launcher import free_port
+from services.vision.server import VisionConfig
+from services.vision.server import start as start_vision
 
-STAGE = "vlmesh.v1.StageService"
+VISION = "vlmesh.internal.v1.VisionService"
 
 
 def check(port: int, service: str = "") -> int:
@@ -18,30 +24,46 @@ def check(port: int, service: str = "") -> int:
         return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
 
-def test_health_port_follows_the_service_and_serves_nothing_else():
-    hp = start_health_port("127.0.0.1", free_port(), [STAGE])
+def ready(port: int) -> bool:
     try:
-        assert check(hp.port, STAGE) == health_pb2.HealthCheckResponse.NOT_SERVING  # loading
-        hp.set_serving(True)
-        assert check(hp.port) == check(hp.port, STAGE) == health_pb2.HealthCheckResponse.SERVING
+        return check(port, VISION) == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.UNAVAILABLE  # closed: kubelet's probe fails too
+        return False
+
+
+def test_health_port_follows_the_service_and_serves_nothing_else(tiny_models):
+    port = free_port()
+    server = ThreadedServer(start_vision, VisionConfig(model=str(tiny_models["a"]), port=0, health_port=port, **mesh_tls_kw("vision")))
+    stopped = threading.Event()
+    try:
+        assert check(port) == check(port, VISION) == health_pb2.HealthCheckResponse.SERVING
         with pytest.raises(grpc.RpcError) as err:
-            check(hp.port, "vlmesh.v1.VisionService")
+            check(port, "vlmesh.internal.v1.StageService")
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
-        with grpc.insecure_channel(f"127.0.0.1:{hp.port}") as ch:  # no model RPC answers here
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:  # no model RPC answers here
             with pytest.raises(grpc.RpcError) as err:
-                ch.unary_unary(f"/{STAGE}/GetInfo")(b"", timeout=5)
+                ch.unary_unary(f"/{VISION}/GetStats")(b"", timeout=5)
             assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        hp.set_serving(False)  # draining on SIGTERM
-        assert check(hp.port, STAGE) == health_pb2.HealthCheckResponse.NOT_SERVING
+        # Draining on SIGTERM: from then on the probe port says NOT_SERVING (or is closed), never
+        # SERVING, so readiness fails at once.
+        stopper = threading.Thread(target=lambda: (server.stop(grace=3.0), stopped.set()))
+        stopper.start()
+        deadline = time.monotonic() + 5
+        while ready(port):
+            assert time.monotonic() < deadline, "the health port never reported the drain"
+            time.sleep(0.05)
+        stopper.join(10)
     finally:
-        hp.stop()
+        if not stopped.is_set():
+            server.stop()
 
 
-def test_health_port_off_and_in_use():
-    assert start_health_port("127.0.0.1", 0, [STAGE]) is None
-    hp = start_health_port("127.0.0.1", free_port(), [STAGE], serving=True)
+def test_health_port_in_use_is_an_error_naming_it(tiny_models):
+    port = free_port()
+    first = ThreadedServer(start_vision, VisionConfig(model=str(tiny_models["a"]), port=0, health_port=port, **mesh_tls_kw("vision")))
     try:
-        with pytest.raises(PortInUse, match=f"health port {hp.port}"):
-            start_health_port("127.0.0.1", hp.port, [STAGE])
+        with pytest.raises(OSError, match=f"health port 127.0.0.1:{port}"):
+            ThreadedServer(start_vision, VisionConfig(model=str(tiny_models["a"]), port=0, health_port=port, **mesh_tls_kw("vision")))
     finally:
-        hp.stop()
+        first.stop()

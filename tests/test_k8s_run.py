@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import shlex
 import signal
 import subprocess
@@ -172,10 +171,13 @@ def mesh(tmp_path_factory):
     assert made.returncode == 0, f"`vlmesh certs --out DIR` makes the Secret vlmesh-mesh-tls's files: {made.stderr[-2000:]}"
     for key in ("ca.crt", "tls.crt", "tls.key"):  # the keys of the Secret, as the README creates it
         assert (certs / key).is_file(), f"vlmesh certs wrote no {key}"
-    key = "k8s-run-" + secrets.token_hex(8)
     api_keys = tmp / "api-keys"
     api_keys.mkdir()
-    (api_keys / "api-keys").write_text(key + "\n")
+    made = subprocess.run(  # as the README makes the Secret vlmesh-api-keys's file
+        [sys.executable, "-m", "services.cli", "keys", "new", "--name", "k8s-run", "--file", str(api_keys / "api-keys")],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    key = made.stdout.strip()
     pods = local_pods(docs, tmp, sink.port, certs, api_keys)
     try:
         for order in sorted(set(START_ORDER.values())):

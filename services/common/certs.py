@@ -3,8 +3,9 @@
     vlmesh certs --out DIR [--public-host api.example.com ...] [--days 365]
 
 DIR gets ca.crt (give it to every service: --mesh-ca), ca.key (keep it offline: it makes new
-certificates), and for each of coordinator, stage, vision a NAME.crt and NAME.key (--mesh-cert,
---mesh-key). Every mesh certificate names the DNS name the mesh's clients check
+certificates), for each of coordinator, stage, vision a NAME.crt and NAME.key (--mesh-cert,
+--mesh-key), and tls.crt / tls.key, one certificate every service may share (what the
+Kubernetes Secret `vlmesh-mesh-tls` holds). Every mesh certificate names the DNS name the mesh's clients check
 (services.common.server.MESH_SERVER_NAME), so replicas are reachable at any address. With
 --public-host, public.crt / public.key are a server certificate for the coordinator's public
 port (--public-tls-cert / --public-tls-key); a real deployment would rather use one from its own
@@ -105,6 +106,7 @@ def make_certs(out: str | Path, public_hosts: list[str] = (), days: int = 365) -
 
     for name in SERVICES:
         issue(name, [MESH_SERVER_NAME, "localhost"], ["127.0.0.1"], client=True)
+    issue("tls", [MESH_SERVER_NAME, "localhost"], ["127.0.0.1"], client=True)  # shared by every service
     if public_hosts:
         dns = [h for h in public_hosts if not _is_ip(h)]
         ips = [h for h in public_hosts if _is_ip(h)]

@@ -23,8 +23,11 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from prometheus_client import CollectorRegistry, Counter
+
 from .config import ServiceConfig
 from .errors import STATUS_DETAILS_KEY, VlmeshError
+from .metrics import MetricsServer, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +143,9 @@ async def abort(context: grpc.aio.ServicerContext, err: VlmeshError, trace_id: s
     await context.abort(err.code, str(err), trailing_metadata=error_trailers(err, trace_id))
 
 
-async def _abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+async def _abort_with(context: grpc.aio.ServicerContext, exc: BaseException, errors: Counter | None = None) -> None:
+    if errors is not None:
+        errors.labels(exc.code.name if isinstance(exc, VlmeshError) else "INTERNAL").inc()
     if isinstance(exc, VlmeshError):
         await abort(context, exc, getattr(exc, "trace_id", ""))
     log.error("unexpected error", exc_info=exc)
@@ -149,7 +154,10 @@ async def _abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps our exception types to gRPC statuses in one place, for every RPC shape of our own
-    services (health and reflection are left as they are)."""
+    services (health and reflection are left as they are), and counts them by code."""
+
+    def __init__(self, errors: Counter | None = None):
+        self.errors = errors
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -163,7 +171,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
                 except Exception as exc:  # noqa: BLE001 - every error becomes a status
-                    await _abort_with(context, exc)
+                    await _abort_with(context, exc, self.errors)
 
             return wrapper
 
@@ -175,7 +183,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
                 except Exception as exc:  # noqa: BLE001
-                    await _abort_with(context, exc)
+                    await _abort_with(context, exc, self.errors)
 
             return wrapper
 
@@ -202,6 +210,9 @@ class RunningServer:
     health: health.aio.HealthServicer
     service_names: list[str]
     on_stop: Callable[[], Awaitable[None]] | None = None
+    health_server: grpc.aio.Server | None = None  # the plaintext --health-port, when asked for
+    health_port: int = 0
+    metrics_server: MetricsServer | None = None  # Prometheus /metrics on --metrics-port
 
     @property
     def address(self) -> str:
@@ -212,6 +223,10 @@ class RunningServer:
         for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         if self.on_stop is not None:
             await self.on_stop()
 
@@ -228,12 +243,15 @@ async def start_server(
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
     on_stop: Callable[[], Awaitable[None]] | None = None,
+    metrics: CollectorRegistry | None = None,
+    errors: Counter | None = None,
 ) -> RunningServer:
     """`register` holds (add_XServicer_to_server, servicer, full service name) triples. An
     internal service (stage, vision) takes only mesh clients (mutual TLS unless --insecure);
-    a public one (the coordinator) takes `credentials` (TLS) or plaintext."""
+    a public one (the coordinator) takes `credentials` (TLS) or plaintext. `metrics` is served
+    on --metrics-port; `errors` counts the statuses our handlers end with."""
     server = grpc.aio.server(
-        interceptors=[*interceptors, ErrorInterceptor()],
+        interceptors=[*interceptors, ErrorInterceptor(errors)],
         options=grpc_options(cfg.max_message_mb << 20),
     )
     names = []
@@ -254,11 +272,25 @@ async def start_server(
         bound = 0
     if bound == 0:
         raise OSError(f"cannot bind {address}: the port is in use (or the address is not this host's)")
+    health_server, health_bound = None, 0
+    if cfg.health_port:
+        # The same health state on a second, plaintext port that serves nothing else: probes
+        # that speak no TLS (kubelet's) see exactly what the service reports, drain included.
+        health_server = grpc.aio.server(options=grpc_options(1 << 20))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        try:
+            health_bound = health_server.add_insecure_port(f"{cfg.host}:{cfg.health_port}")
+        except RuntimeError:
+            health_bound = 0
+        if health_bound == 0:
+            raise OSError(f"cannot bind the health port {cfg.host}:{cfg.health_port}: the port is in use")
+        await health_server.start()
+    metrics_server = serve_metrics(metrics, cfg.metrics_port, cfg.host) if metrics is not None else None
     await server.start()
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s on %s:%d (%s)", ", ".join(names), cfg.host, bound, "TLS" if credentials else "plaintext")
-    return RunningServer(server, bound, health_servicer, names, on_stop)
+    return RunningServer(server, bound, health_servicer, names, on_stop, health_server, health_bound, metrics_server)
 
 
 # ----------------------------------------------------------------------------------------------

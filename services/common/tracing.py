@@ -25,14 +25,14 @@ EXPORTERS = ("none", "console", "otlp")
 
 
 def setup_tracing(service: str, exporter: str = "none", endpoint: str = "", *, extra: SpanExporter | None = None) -> None:
-    """Install the process-wide tracer provider once. A second call (several services in one
+    """Install the process-wide tracer provider once; `service` is its service.name. A second call (several services in one
     process, as in tests) keeps the first provider, so all their spans reach one exporter."""
     current = trace.get_tracer_provider()
     if isinstance(current, TracerProvider):
         if extra is not None:
             current.add_span_processor(SimpleSpanProcessor(extra))
         return
-    provider = TracerProvider(resource=Resource.create({"service.name": f"vlmesh-{service}"}))
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
     if exporter == "console":
         provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
     elif exporter == "otlp":

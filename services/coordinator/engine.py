@@ -22,11 +22,12 @@ import torch
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from services.common.errors import Cancelled, Conflict, DeadlineExceeded, InvalidInput, StageDown, UnknownSession, VlmeshError, short
+from services.common.errors import Cancelled, Conflict, DeadlineExceeded, InvalidInput, KVBudgetFull, StageDown, UnknownSession, VlmeshError, short
 from services.common.tracing import metadata, tracer
 from vlmesh.internal.v1 import stage_pb2, vision_pb2
 from vlmesh.v1 import coordinator_pb2, tensor_pb2
 
+from .auth import Quota
 from .detokenizer import IncrementalDetokenizer
 from .kv_log import KVLog
 from .prefix import PrefixCache
@@ -56,6 +57,7 @@ class EngineConfig:
     session_ttl: float = 1800.0
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     prefix_cache_sessions: int = 64  # finished one-shot sessions kept with their KV (0 = off)
+    quotas: dict[str, Quota] = field(default_factory=dict)  # API key name -> its quotas
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,8 @@ class Request:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     first_token_at: float | None = None
+    last_token_at: float | None = None  # (metrics: inter-token latency)
+    finish: int | None = None  # how it ended, when it ended well
     started_at: float | None = None  # first step scheduled
     span: trace.Span | None = None
 
@@ -147,6 +151,8 @@ class Engine:
         store: SessionStore | None,
         runner: Runner,
         deepstack_layers: int,
+        kv_heads: int = 0,
+        head_dim: int = 0,
     ):
         self.cfg = cfg
         self.mesh = mesh
@@ -160,6 +166,7 @@ class Engine:
         self.store = store
         self.runner = runner
         self.deepstack_layers = deepstack_layers
+        self.kv_heads, self.head_dim = kv_heads, head_dim
         self.scheduler = Scheduler(cfg.scheduler)
         self.sessions: dict[str, Session] = {}
         self.requests: dict[str, Request] = {}
@@ -186,6 +193,10 @@ class Engine:
 
     def create_session(self, owner: str) -> Session:
         """A new persistent session (no other state is touched: safe to do inline)."""
+        quota = self.cfg.quotas.get(owner, Quota())
+        live = sum(1 for x in self.sessions.values() if x.persistent and x.owner == owner)
+        if quota.max_sessions and live >= quota.max_sessions:
+            raise KVBudgetFull(f"quota max_sessions of key {owner!r}: {live} live sessions", reason="QUOTA_EXCEEDED")
         s = Session.new(owner, persistent=True)
         self.sessions[s.id] = s
         self._spawn(self._save(s))
@@ -263,6 +274,10 @@ class Engine:
                 self.sessions[s.id] = s
             if len(r.inputs) > self.cfg.max_images:
                 raise InvalidInput(f"{len(r.inputs)} images and videos in one request; the limit is {self.cfg.max_images}")
+            quota = self.cfg.quotas.get(r.owner, Quota())
+            running = sum(1 for x in self.requests.values() if x.owner == r.owner and x.session is not None)
+            if quota.max_requests and running >= quota.max_requests:
+                raise KVBudgetFull(f"quota max_requests of key {r.owner!r}: {running} requests in flight", reason="QUOTA_EXCEEDED")
         except VlmeshError as err:
             self._end(r, error=err)
             return
@@ -291,18 +306,18 @@ class Engine:
         s = r.session
         assert s is not None and r.turn is not None
         try:
-            deadline = self._vision_deadline(r)
             history_msgs = s.messages
             last = s.token_ids[-1] if s.token_ids else None
-            text = self.prompts.closing(last) + self.prompts.new_text(history_msgs, r.messages)
+            prompt = self.prompts.new_text(history_msgs, r.messages)
+            prompt.text = self.prompts.closing(last) + prompt.text
             # Embeddings are needed for every visual with rows still to feed: the new ones, and
             # old ones when the session's KV must be rebuilt.
             first_row = s.visual_rows_from(s.cached)
             k0 = s.visual_index_of_row(first_row)
             old = s.visuals[k0:]
-            embeddings = await self._encode([v.source for v in old] + list(r.inputs), deadline, r.trace_context)
+            embeddings = await self._encode([v.source for v in old] + list(r.inputs), r.deadline, r.trace_context)
             new_visuals = [Visual.from_encoding(src, e) for src, e in zip(r.inputs, embeddings[len(old) :])]
-            new_ids = await asyncio.to_thread(self.prompts.tokenize, text, new_visuals, not s.token_ids)
+            new_ids = await asyncio.to_thread(self.prompts.tokenize, prompt, new_visuals, not s.token_ids)
             history = s.token_ids + new_ids
             if len(history) >= self.max_positions:
                 raise InvalidInput(f"prompt of {len(history)} tokens leaves no room within the model's limit of {self.max_positions}")
@@ -343,18 +358,52 @@ class Engine:
         r.detok = IncrementalDetokenizer(self.tokenizer, list(r.params.stop))
         if not s.persistent:
             self._adopt_prefix(r)
+        try:
+            self._check_kv_quota(r)
+        except VlmeshError as err:
+            self._end(r, error=err)
+            return
         r.cached_tokens = s.cached
         r.prompt_tokens = len(history) - s.cached
         r.phase = Phase.READY
         self.scheduler.add(r)
         self._wake.set()
 
-    def _vision_deadline(self, r: Request) -> float:
-        own = time.monotonic() + self.cfg.vision_timeout
-        return own if r.deadline is None else min(own, r.deadline)
+    def kv_bytes_per_token(self) -> int:
+        """K and V of every layer for one position, at the stages' dtypes."""
+        total = 0
+        for g in self.mesh.ranges:
+            info = next((x.info for x in g.replicas if x.info is not None), None)
+            if info is not None:
+                itemsize = 2 if info.dtype in ("bfloat16", "float16") else 4
+                total += 2 * (g.end - g.start) * self.kv_heads * self.head_dim * itemsize
+        return total
+
+    def _check_kv_quota(self, r: Request) -> None:
+        """Before any memory is spent on it: the turn's KV (prompt and max_tokens) fits the key's
+        quota, once the key's own parked prefixes have made room."""
+        quota = self.cfg.quotas.get(r.owner, Quota())
+        s = r.session
+        if not quota.max_kv_mb or s is None:
+            return
+        bpt = self.kv_bytes_per_token()
+        need = (len(s.token_ids) - s.cached + r.max_tokens) * bpt
+
+        def held() -> int:
+            mine = [x for x in [*self.sessions.values(), *self.prefix.sessions()] if x.owner == r.owner and x is not s]
+            return (sum(x.cached for x in mine) + s.cached) * bpt
+
+        while held() + need > quota.max_kv_mb << 20:
+            old = self.prefix.evict_of(r.owner)
+            if old is None:
+                raise KVBudgetFull(
+                    f"quota max_kv_mb of key {r.owner!r}: the key's sessions hold {held() >> 20} MiB and this turn needs up to {need >> 20} MiB more",
+                    reason="QUOTA_EXCEEDED",
+                )
+            self._release(old)
 
     async def _encode(
-        self, inputs: list[vision_pb2.VisualInput], deadline: float, ctx: otel_context.Context | None
+        self, inputs: list[vision_pb2.VisualInput], deadline: float | None, ctx: otel_context.Context | None
     ) -> list[vision_pb2.VisualEmbedding]:
         if not inputs:
             return []
@@ -367,7 +416,7 @@ class Engine:
             kind=trace.SpanKind.CLIENT,
             attributes={"rpc.system": "grpc", "rpc.service": "vlmesh.internal.v1.VisionService", "rpc.method": "Encode", "vlmesh.inputs": len(inputs)},
         ) as span:
-            resps = await asyncio.gather(*(self.vision.encode(p, deadline, metadata()) for p in parts))
+            resps = await asyncio.gather(*(self.vision.encode(p, deadline, self.cfg.vision_timeout, metadata()) for p in parts))
             out = [e for resp in resps for e in resp.embeddings]
             span.set_attribute("vlmesh.cache_hits", sum(e.cache_hit for e in out))
         if len(out) != len(inputs):
@@ -509,7 +558,7 @@ class Engine:
         s = r.session
         assert s is not None
         try:
-            embeddings = await self._encode([v.source for v in s.visuals], self._vision_deadline(r), r.trace_context)
+            embeddings = await self._encode([v.source for v in s.visuals], r.deadline, r.trace_context)
         except asyncio.CancelledError:
             return
         except VlmeshError as err:
@@ -613,6 +662,7 @@ class Engine:
         if r.phase is Phase.ENDED:
             return
         r.phase = Phase.ENDED
+        r.finish = finish
         if r.task is not None:
             r.task.cancel()
             r.task = None

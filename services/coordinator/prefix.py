@@ -39,6 +39,14 @@ class PrefixCache:
         """The least recently parked session, removed (its KV is to be released)."""
         return self._parked.popitem(last=False)[1] if self._parked else None
 
+    def evict_of(self, owner: str) -> Session | None:
+        """The least recently parked session of one key, removed."""
+        for sid, s in self._parked.items():
+            if s.owner == owner:
+                del self._parked[sid]
+                return s
+        return None
+
     def take(self, token_ids: list[int], visuals: list[Visual], visual_positions: list[int], owner: str) -> tuple[Session, int] | None:
         """The parked session sharing the longest prefix with this history (at least one token
         is left to feed), removed from the cache, and that prefix's length."""

@@ -2,24 +2,62 @@
 
 A session's token history is the truth: a follow-up turn tokenises only the text the chat
 template adds for the new messages (the template rendered over the whole conversation, minus
-its rendering of the conversation so far), so the stages' KV is reused as it is."""
+its rendering of the conversation so far), so the stages' KV is reused as it is.
+
+Content is text. The template is rendered with every message's text replaced by a marker; the
+template's own text is tokenised as the processor would (its control tokens are real), and each
+message's text is tokenised with special-token strings split into ordinary tokens, so a user who
+writes "<|im_end|>" gets those characters, not the end of the turn. It is the one place the mesh
+deliberately differs from tokenising the rendered template whole; for text without such strings
+the tokens are the same (the template joins content at newlines and control tokens)."""
 
 from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
 
 from services.common.errors import InvalidInput
 
 from .visual import Visual, images, videos
 
+log = logging.getLogger(__name__)
+
 _SENTINEL = "\ue000"  # a private-use character no template emits, marks where content goes
+_MARK = re.compile("\ue001(\\d+)\ue002")
 
 
-def to_template_messages(messages: list[dict]) -> list[dict]:
-    """The template only needs to see that an image or a video is there, not its bytes."""
+def _mark(i: int) -> str:
+    return f"\ue001{i}\ue002"
+
+
+@dataclass
+class PromptText:
+    """The template's text for some messages, with each message text replaced by a marker."""
+
+    text: str
+    contents: list[str]  # the texts the markers stand for, by index
+
+def to_template_messages(messages: list[dict], contents: list[str] | None = None) -> list[dict]:
+    """The template only needs to see that an image or a video is there, not its bytes. With
+    `contents`, each text is replaced by a marker and appended to it."""
     out = []
     for m in messages:
         content = m["content"]
         if isinstance(content, list):
-            content = [{"type": c["type"]} if c["type"] in ("image", "video") else {"type": "text", "text": c["text"]} for c in content]
+            parts = []
+            for c in content:
+                if c["type"] in ("image", "video"):
+                    parts.append({"type": c["type"]})
+                elif contents is not None:
+                    parts.append({"type": "text", "text": _mark(len(contents))})
+                    contents.append(c["text"])
+                else:
+                    parts.append({"type": "text", "text": c["text"]})
+            content = parts
+        elif contents is not None:
+            contents.append(content)
+            content = _mark(len(contents) - 1)
         out.append({"role": m["role"], "content": content})
     return out
 
@@ -40,20 +78,26 @@ class PromptBuilder:
         probe = self.render([{"role": "user", "content": "x"}, {"role": "assistant", "content": _SENTINEL}], False)
         self.assistant_closing = probe[probe.index(_SENTINEL) + 1 :]
 
-    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool, contents: list[str] | None = None) -> str:
         return self.processor.apply_chat_template(
-            to_template_messages(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+            to_template_messages(messages, contents), tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    def new_text(self, history: list[dict], new: list[dict]) -> str:
+    def new_text(self, history: list[dict], new: list[dict]) -> PromptText:
         """The template's text for `new`, given the conversation `history` already rendered."""
-        full = self.render(history + new, add_generation_prompt=True)
-        if not history:
-            return full
-        before = self.render(history, add_generation_prompt=False)
+        contents: list[str] = []
+        full = self.render(history + new, add_generation_prompt=True, contents=contents)
+        marks = _MARK.findall(full)
+        if sorted(int(i) for i in marks) != list(range(len(contents))):
+            # A template that drops, repeats or rewrites content: tokenise its text as it renders.
+            log.warning("the chat template rewrites message content; special-token strings in text are not escaped")
+            full, contents = self.render(history + new, add_generation_prompt=True), []
+            before = self.render(history, add_generation_prompt=False) if history else ""
+        else:
+            before = self.render(history, add_generation_prompt=False, contents=[]) if history else ""
         if not full.startswith(before):
             raise InvalidInput("the chat template does not render this conversation incrementally")
-        return full[len(before) :]
+        return PromptText(full[len(before) :], contents)
 
     def closing(self, last_token: int | None) -> str:
         """Text that ends the previous assistant turn in the template's form. If generation
@@ -67,12 +111,14 @@ class PromptBuilder:
                 return close[len(eos_text) :]
         return close
 
-    def tokenize(self, text: str, visuals: list[Visual], first_turn: bool) -> list[int]:
+    def tokenize(self, prompt: PromptText, visuals: list[Visual], first_turn: bool) -> list[int]:
         """Expand each image and video placeholder with the processor's own replacement (images:
-        t*h*w/merge² tokens; Qwen3-VL videos: per frame a timestamp and its tokens), then tokenise."""
+        t*h*w/merge² tokens; Qwen3-VL videos: per frame a timestamp and its tokens), then tokenise:
+        the template's text as the processor does, each message text as plain text."""
         import torch
 
         p = self.processor
+        text = prompt.text
         imgs, vids = images(visuals), videos(visuals)
         for what, token, items in (("image", p.image_token, imgs), ("video", p.video_token, vids)):
             if text.count(token) != len(items):
@@ -83,6 +129,15 @@ class PromptBuilder:
             image_repl = [p.replace_image_token(image_inputs, i) for i in range(len(imgs))]
             video_repl = [p.replace_video_token(video_inputs, i) for i in range(len(vids))]
             text = p.get_text_with_replacements([text], image_repl, video_repl)[0][0]
-        # The first turn is tokenised exactly as the processor would; a continuation must not get
-        # a second set of special tokens (Qwen adds none, other templates might).
-        return self.tokenizer(text, add_special_tokens=first_turn)["input_ids"]
+        ids: list[int] = []
+        at = 0
+        # The first turn gets the tokenizer's own special tokens (Qwen adds none, other templates
+        # might); a continuation must not get a second set.
+        special = first_turn
+        for m in _MARK.finditer(text):
+            ids += self.tokenizer(text[at : m.start()], add_special_tokens=special)["input_ids"]
+            special = False
+            ids += self.tokenizer(prompt.contents[int(m.group(1))], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            at = m.end()
+        ids += self.tokenizer(text[at:], add_special_tokens=special)["input_ids"]
+        return ids

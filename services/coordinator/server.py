@@ -21,12 +21,15 @@ from services.common import tensors
 from services.common.checkpoint import Checkpoint, open_checkpoint
 from services.common.config import ServiceConfig, field
 from services.common.errors import Cancelled, InvalidInput, UnknownSession, VlmeshError
+from services.common.metrics import CoordinatorMetrics
 from services.common.server import MeshTLS, RunningServer, abort, prepare_process, serve_main, start_server
 from services.common.tracing import extract, trace_id_hex, tracer
 from vlmesh.internal.v1 import vision_pb2
 from vlmesh.v1 import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2
 
+from .auth import Keyring
 from .engine import Engine, EngineConfig, GenerateParams, Request
+from .telemetry import FINISH_NAMES, EngineMetrics
 from .kv_log import KVLog
 from .prompt import PromptBuilder
 from .rope import RopeIndex
@@ -72,13 +75,20 @@ class CoordinatorConfig(ServiceConfig):
     vision_timeout: float = field(300.0, "seconds the vision service may take for one request")
     health_interval: float = field(1.0, "seconds between health probes of each replica")
     startup_timeout: float = field(600.0, "seconds to wait for the stages and vision at start")
+    api_keys_file: str = field("", "API keys (hashed) and their quotas, see `vlmesh keys new`; empty = no keys")
+    public_tls_cert: str = field("", "PEM certificate of the public port (TLS); empty = plaintext")
+    public_tls_key: str = field("", "PEM private key of --public-tls-cert")
+    max_prompt_chars: int = field(0, "most characters of text in one request, checked before tokenising (0 = 8 x the model's context)")
 
 
-def parse_messages(messages) -> tuple[list[dict], list[vision_pb2.VisualInput]]:
+def parse_messages(messages, max_chars: int = 1 << 30) -> tuple[list[dict], list[vision_pb2.VisualInput]]:
     """Template messages (images and videos as bare {"type": ...} parts) and the vision inputs,
-    in prompt order."""
+    in prompt order. Text longer than max_chars in all is refused before anything tokenises it."""
     if not messages:
         raise InvalidInput("a request needs at least one message")
+    chars = sum(len(c.text) for m in messages for c in m.content if c.WhichOneof("kind") == "text")
+    if chars > max_chars:
+        raise InvalidInput(f"the request holds {chars} characters of text; the limit is {max_chars}")
     out, inputs = [], []
     for i, m in enumerate(messages):
         role = _ROLES.get(m.role)
@@ -134,8 +144,12 @@ def parse_params(request: coordinator_pb2.GenerateRequest) -> GenerateParams:
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
-    def __init__(self, cfg: CoordinatorConfig, ckpt: Checkpoint, engine: Engine, kv_log: KVLog, mesh: Mesh, vision: VisionPool):
+    def __init__(
+        self, cfg: CoordinatorConfig, ckpt: Checkpoint, engine: Engine, kv_log: KVLog, mesh: Mesh, vision: VisionPool, keys: Keyring
+    ):
         self.cfg = cfg
+        self.keys = keys
+        self.max_chars = cfg.max_prompt_chars or 8 * ckpt.text_config.max_position_embeddings
         self.ckpt = ckpt
         self.engine = engine
         self.kv_log = kv_log
@@ -143,7 +157,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self.vision = vision
 
     def owner(self, context: grpc.aio.ServicerContext) -> str:
-        return ""
+        """The caller's API key name; UNAUTHENTICATED without a known key (when keys are set)."""
+        return self.keys.identify(context.invocation_metadata())
 
     async def Generate(self, request, context):
         span = _tracer.start_span(
@@ -158,7 +173,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         first = True
         try:
             owner = self.owner(context)
-            messages, inputs = parse_messages(request.messages)
+            messages, inputs = parse_messages(request.messages, self.max_chars)
             params = parse_params(request)
             left = context.time_remaining()
             req = Request(
@@ -262,6 +277,23 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 def _close_span(span: trace.Span, req: Request | None, err: VlmeshError | None) -> None:
     if not span.is_recording():
         return
+    trace_id = trace_id_hex(span)
+    outcome = err.code.name if err is not None else FINISH_NAMES.get(req.finish or 0, "stop") if req is not None else "?"
+    if req is not None:
+        s = req.session
+        log.info(
+            "generate %s: %s, %d prompt + %d cached -> %d tokens, session %s, trace %s",
+            req.id[:12],
+            outcome,
+            req.prompt_tokens,
+            req.cached_tokens,
+            len(req.generated),
+            s.id[:12] if s is not None and s.persistent else "-",
+            trace_id,
+            extra={"trace_id": trace_id},
+        )
+        if req.finish is not None:
+            span.set_attribute("vlmesh.finish_reason", FINISH_NAMES.get(req.finish, "stop"))
     if req is not None:
         s = req.session
         if s is not None:
@@ -287,12 +319,17 @@ async def start(cfg: CoordinatorConfig) -> RunningServer:
     prepare_process("coordinator", cfg)
     ckpt = open_checkpoint(cfg.model)
     tls = MeshTLS.from_config(cfg)
+    keys = Keyring.load(cfg.api_keys_file)
+    public = _public_credentials(cfg)
+    if not keys.enabled and cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("no API keys (--api-keys-file) and bound to %s: anyone who reaches the port can use the mesh", cfg.host)
     processor = await asyncio.to_thread(AutoProcessor.from_pretrained, cfg.model)
     try:
         eos = GenerationConfig.from_pretrained(cfg.model).eos_token_id
     except OSError:
         eos = ckpt.text_config.eos_token_id
     eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
+    tc = ckpt.text_config
     kv_log = KVLog(cfg.kv_log_mb << 20)
     state_dir = cfg.state_dir or _default_state_dir(cfg.port)
     store = None if state_dir == "none" else await asyncio.to_thread(SessionStore, state_dir)
@@ -307,6 +344,7 @@ async def start(cfg: CoordinatorConfig) -> RunningServer:
         session_ttl=cfg.session_ttl,
         scheduler=SchedulerConfig(max_batch=cfg.max_batch, chunk_tokens=cfg.chunk_tokens, pipeline_depth=depth),
         prefix_cache_sessions=cfg.prefix_cache_sessions,
+        quotas=keys.quotas,
     )
     runner = Runner(mesh, cfg.hop_timeout, cfg.hop_timeout_per_token)
     engine = Engine(
@@ -322,9 +360,13 @@ async def start(cfg: CoordinatorConfig) -> RunningServer:
         store,
         runner,
         ckpt.family.deepstack_layers(ckpt.config),
+        kv_heads=tc.num_key_value_heads,
+        head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads,
     )
+    metrics = CoordinatorMetrics.create()
+    engine.observers.append(EngineMetrics(metrics, engine))
     engine.start()
-    servicer = CoordinatorServicer(cfg, ckpt, engine, kv_log, mesh, vision)
+    servicer = CoordinatorServicer(cfg, ckpt, engine, kv_log, mesh, vision, keys)
 
     async def on_stop() -> None:
         await engine.stop()
@@ -337,8 +379,23 @@ async def start(cfg: CoordinatorConfig) -> RunningServer:
         cfg,
         cfg.port,
         internal=False,
+        credentials=public,
         on_stop=on_stop,
+        metrics=metrics.registry,
+        errors=metrics.request_errors,
     )
+
+
+def _public_credentials(cfg: CoordinatorConfig) -> grpc.ServerCredentials | None:
+    if bool(cfg.public_tls_cert) != bool(cfg.public_tls_key):
+        raise ValueError("--public-tls-cert and --public-tls-key go together")
+    if not cfg.public_tls_cert:
+        return None
+    try:
+        cert, key = Path(cfg.public_tls_cert).read_bytes(), Path(cfg.public_tls_key).read_bytes()
+    except OSError as err:
+        raise ValueError(f"public TLS: {err.filename}: {err.strerror}") from None
+    return grpc.ssl_server_credentials([(key, cert)])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -90,14 +90,19 @@ class VisionPool:
         insts = insts[self._next :] + insts[: self._next]
         return [i for i in insts if i.health.up] + [i for i in insts if not i.health.up]
 
-    async def encode(self, inputs: list[vision_pb2.VisualInput], deadline: float | None, metadata) -> vision_pb2.EncodeResponse:
-        """Encode on an up instance; on UNAVAILABLE or a missed deadline try the next. `deadline`
-        is a time.monotonic() value (the client's, or the coordinator's own)."""
+    async def encode(
+        self, inputs: list[vision_pb2.VisualInput], deadline: float | None, attempt_timeout: float, metadata
+    ) -> vision_pb2.EncodeResponse:
+        """Encode on an up instance; on UNAVAILABLE, or no answer within attempt_timeout (a stalled
+        instance), try the next. `deadline` (time.monotonic(); None = none) bounds all attempts."""
         last: Exception | None = None
         for inst in self._order():
-            timeout = None if deadline is None else deadline - time.monotonic()
-            if timeout is not None and timeout <= 0:
-                raise DeadlineExceeded("the request's deadline passed while encoding its images")
+            timeout = attempt_timeout
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DeadlineExceeded("the request's deadline passed while encoding its images")
+                timeout = min(timeout, left)
             try:
                 return await inst.stub.Encode(vision_pb2.EncodeRequest(inputs=inputs), timeout=timeout, metadata=metadata)
             except grpc.RpcError as err:

@@ -20,6 +20,7 @@ from services.common.checkpoint import open_checkpoint
 from services.common.config import ServiceConfig, field
 from services.common.devices import resolve_device
 from services.common.errors import InvalidInput, VlmeshError, short
+from services.common.metrics import StageMetrics
 from services.common.server import RunningServer, prepare_process, serve_main, start_server
 from services.common.tracing import extract, tracer
 from vlmesh.internal.v1 import stage_pb2, stage_pb2_grpc
@@ -269,6 +270,8 @@ async def start(cfg: StageConfig) -> RunningServer:
     )
     servicer = StageServicer(backend, ckpt.config.model_type)
     expiry = asyncio.create_task(servicer.expire_loop())
+    metrics = StageMetrics.create()
+    metrics.track_kv(servicer.layers, used=lambda: backend.kv.used, budget=backend.kv.budget, sessions=lambda: len(backend.kv))
 
     async def on_stop() -> None:
         expiry.cancel()
@@ -280,6 +283,8 @@ async def start(cfg: StageConfig) -> RunningServer:
         cfg.port,
         internal=True,
         on_stop=on_stop,
+        metrics=metrics.registry,
+        errors=metrics.request_errors,
     )
 
 

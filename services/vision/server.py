@@ -19,7 +19,8 @@ from services.common.checkpoint import open_checkpoint
 from services.common.config import ServiceConfig
 from services.common.config import field as flag
 from services.common.devices import resolve_device
-from services.common.errors import InvalidInput, KVBudgetFull, VlmeshError
+from services.common.errors import InvalidInput, KVBudgetFull
+from services.common.metrics import VisionMetrics
 from services.common.server import RunningServer, prepare_process, serve_main, start_server
 from services.common.tracing import extract, tracer
 from vlmesh.internal.v1 import vision_pb2, vision_pb2_grpc
@@ -148,6 +149,7 @@ class EncodeBatcher:
 
 class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
     def __init__(self, encoder: VisionEncoder, model_type: str, cfg: VisionConfig):
+        self.metrics = VisionMetrics.create()
         self.encoder = encoder
         self.model_type = model_type
         self.max_images = cfg.max_images
@@ -167,12 +169,12 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             if pixels > self.max_request_pixels:
                 raise InvalidInput(f"the request's images and frames hold {pixels} pixels in all; the limit is {self.max_request_pixels}")
             span.set_attribute("vlmesh.videos", sum(it.kind != "image" for it in items))
-            try:
-                out = await self.batcher.encode(items, pixels)
-            except VlmeshError:
-                raise
-            span.set_attribute("vlmesh.cache_hits", sum(e.cache_hit for e in out))
-            span.set_attribute("vlmesh.cache_misses", sum(not e.cache_hit for e in out))
+            out = await self.batcher.encode(items, pixels)
+            hits = sum(e.cache_hit for e in out)
+            self.metrics.cache_hits.inc(hits)
+            self.metrics.cache_misses.inc(len(out) - hits)
+            span.set_attribute("vlmesh.cache_hits", hits)
+            span.set_attribute("vlmesh.cache_misses", len(out) - hits)
             return vision_pb2.EncodeResponse(embeddings=[encode_result(e) for e in out])
 
     async def GetStats(self, request, context):
@@ -198,13 +200,19 @@ async def start(cfg: VisionConfig) -> RunningServer:
         None, lambda: VisionEncoder(ckpt, ckpt.dtype(cfg.dtype, device), cfg.cache_mb << 20, cfg.max_image_pixels, videos, device)
     )
     servicer = VisionServicer(encoder, ckpt.config.model_type, cfg)
-    return await start_server(
-        [(vision_pb2_grpc.add_VisionServiceServicer_to_server, servicer, "vlmesh.internal.v1.VisionService")],
-        cfg,
-        cfg.port,
-        internal=True,
-        on_stop=servicer.batcher.close,
-    )
+    try:
+        return await start_server(
+            [(vision_pb2_grpc.add_VisionServiceServicer_to_server, servicer, "vlmesh.internal.v1.VisionService")],
+            cfg,
+            cfg.port,
+            internal=True,
+            on_stop=servicer.batcher.close,
+            metrics=servicer.metrics.registry,
+            errors=servicer.metrics.request_errors,
+        )
+    except BaseException:
+        await servicer.batcher.close()
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
