@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from conftest import png
-from meshutil import images_of, reference, to_proto
+from meshutil import images_of, reference, stage_info, to_proto
 from procmesh import ProcMesh
 from vlmesh.v1 import coordinator_pb2 as cpb
 
@@ -158,3 +158,103 @@ def test_vision_instance_lost_mid_request(chaos_mesh):
                 assert len(ids) == 2
         finally:
             mesh.restart("vision0")
+
+
+def three_turns(ref, images) -> tuple[list[list[dict]], list[list[int]]]:
+    """A 3-turn conversation with an image and generate()'s answer to each turn."""
+    turns = [
+        [{"role": "user", "content": [{"type": "image", "image": images["tall"]}, {"type": "text", "text": "What is it?"}]}],
+        [{"role": "user", "content": "And what colour is it?"}],
+        [{"role": "user", "content": "Say more."}],
+    ]
+    expected, history, ids, pics = [], [], [], []
+    for i, new in enumerate(turns):
+        ids = ref.prompt_ids(new) if i == 0 else ids + ref.continuation_ids(history, new, ids[-1])
+        pics += images_of(new)
+        out = ref.generate_ids(ids, pics, 12)[0]
+        expected.append(out)
+        ids = ids + out
+        history += new + [{"role": "assistant", "content": ref.processor.tokenizer.decode(out, skip_special_tokens=True)}]
+    return turns, expected
+
+
+def test_coordinator_killed_between_turns_loses_nothing(tiny_models, images):
+    """kill -9 of the coordinator after turn 1: restarted on the same state directory, the
+    session's next turns equal the undisturbed conversation; the KV the dead coordinator left on
+    the stages is released when its leases run out (seconds here, a minute by default)."""
+    ref = reference(tiny_models["a"])
+    turns, expected = three_turns(ref, images)
+    mesh = ProcMesh(str(tiny_models["a"]), [(0, 2), (2, 4)], stage_args=["--lease-seconds", "3"]).start()
+    try:
+        ch, stub = mesh.stub()
+        with ch:
+            sid = stub.CreateSession(cpb.CreateSessionRequest()).session_id
+            got, _ = generate(stub, turns[0], session_id=sid, max_tokens=12)
+            assert got == expected[0]
+            generate(stub, [{"role": "user", "content": "a one-shot request"}], max_tokens=4)  # parked prefix KV
+        stages = [c.address for n, c in mesh.children.items() if n.startswith("stage")]
+        from meshutil import stage_holds
+
+        assert all(stage_holds(a, sid) for a in stages)
+        mesh.kill("coordinator")
+        # Nobody renews the dead coordinator's leases: its sessions' KV goes within the lease.
+        deadline = time.monotonic() + 15
+        while any(stage_info(a).num_sessions for a in stages):
+            assert time.monotonic() < deadline, "the stages kept the dead coordinator's KV"
+            time.sleep(0.2)
+        mesh.spawn("coordinator")
+        mesh.wait("coordinator")
+        ch, stub = mesh.stub()
+        with ch:
+            for t in (1, 2):
+                got, _ = generate(stub, turns[t], session_id=sid, max_tokens=12)
+                assert got == expected[t], f"turn {t + 1} after the restart"
+    finally:
+        mesh.stop()
+
+
+def test_restarted_stage_serves_the_next_request_and_idle_sessions_continue(tiny_models, images):
+    """One replica per range: a stage is killed while a session is idle between turns and
+    restarted on its port. The very next request works, and the idle session's next turn is
+    token-exact (its KV is restored from the log onto the new process)."""
+    ref = reference(tiny_models["a"])
+    turns, expected = three_turns(ref, images)
+    mesh = ProcMesh(str(tiny_models["a"]), [(0, 2), (2, 4)], coord_args=["--health-interval", "0.3"]).start()
+    try:
+        ch, stub = mesh.stub()
+        with ch:
+            sid = stub.CreateSession(cpb.CreateSessionRequest()).session_id
+            assert generate(stub, turns[0], session_id=sid, max_tokens=12)[0] == expected[0]
+            mesh.restart("stage1.0")
+            ids, _ = generate(stub, [{"role": "user", "content": "hello again"}], max_tokens=4)
+            assert len(ids) == 4
+            for t in (1, 2):
+                assert generate(stub, turns[t], session_id=sid, max_tokens=12)[0] == expected[t]
+    finally:
+        mesh.stop()
+
+
+def test_replay_without_a_kv_log_equals_the_undisturbed_run(tiny_models, images):
+    """With the KV log off, a lost replica's sessions are rebuilt by feeding their tokens again."""
+    ref = reference(tiny_models["a"])
+    turns, expected = three_turns(ref, images)
+    mesh = ProcMesh(
+        str(tiny_models["a"]), [(0, 2), (2, 4)], replicas=2, coord_args=["--kv-log-mb", "0", "--health-interval", "0.3", "--prefix-cache-sessions", "0"]
+    ).start()
+    try:
+        ch, stub = mesh.stub()
+        with ch:
+            sid = stub.CreateSession(cpb.CreateSessionRequest()).session_id
+            assert generate(stub, turns[0], session_id=sid, max_tokens=12)[0] == expected[0]
+            chaos = Chaos(mesh, random.Random(1))
+
+            def strike(n: int) -> None:
+                if n == 3:
+                    chaos.strike("kill")
+
+            assert generate(stub, turns[1], strike, session_id=sid, max_tokens=12)[0] == expected[1]
+            assert chaos.failovers == 1
+            assert generate(stub, turns[2], session_id=sid, max_tokens=12)[0] == expected[2]
+            chaos.heal()
+    finally:
+        mesh.stop()

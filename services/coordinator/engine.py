@@ -359,6 +359,7 @@ class Engine:
         if not s.persistent:
             self._adopt_prefix(r)
         try:
+            self._check_fits(len(history))
             self._check_kv_quota(r)
         except VlmeshError as err:
             self._end(r, error=err)
@@ -369,15 +370,27 @@ class Engine:
         self.scheduler.add(r)
         self._wake.set()
 
+    def _range_kv(self) -> list[tuple[str, int, int]]:
+        """(layers, K+V bytes one position takes there, the smallest replica budget) per range."""
+        out = []
+        for g in self.mesh.ranges:
+            infos = [x.info for x in g.replicas if x.info is not None]
+            if infos:
+                itemsize = 2 if infos[0].dtype in ("bfloat16", "float16") else 4
+                out.append((g.label, 2 * (g.end - g.start) * self.kv_heads * self.head_dim * itemsize, min(i.kv_budget_bytes for i in infos)))
+        return out
+
     def kv_bytes_per_token(self) -> int:
         """K and V of every layer for one position, at the stages' dtypes."""
-        total = 0
-        for g in self.mesh.ranges:
-            info = next((x.info for x in g.replicas if x.info is not None), None)
-            if info is not None:
-                itemsize = 2 if info.dtype in ("bfloat16", "float16") else 4
-                total += 2 * (g.end - g.start) * self.kv_heads * self.head_dim * itemsize
-        return total
+        return sum(bpt for _, bpt, _ in self._range_kv())
+
+    def _check_fits(self, positions: int) -> None:
+        """A session that could never fit a stage's whole KV budget is refused before any step."""
+        for label, bpt, budget in self._range_kv():
+            if positions * bpt > budget:
+                raise KVBudgetFull(
+                    f"the conversation needs {positions} positions; layers {label} hold at most {budget // bpt} (KV budget {budget >> 20} MiB)"
+                )
 
     def _check_kv_quota(self, r: Request) -> None:
         """Before any memory is spent on it: the turn's KV (prompt and max_tokens) fits the key's
@@ -496,6 +509,12 @@ class Engine:
             rep = self.mesh.replicas.get(addr) if addr else None
             if rep is not None and rep.up:
                 continue
+            if not rng.up() or (rep is not None and not rep.up):
+                await self.mesh.refresh(i)  # down a moment ago may be up again now
+                addr = s.replicas.get(i)  # (a restart seen by the probe drops the pin)
+                rep = self.mesh.replicas.get(addr) if addr else None
+                if rep is not None and rep.up:
+                    continue
             if s.cached == 0:
                 s.replicas[i] = self.mesh.pick(i, load=self._load).address
                 continue
@@ -530,6 +549,8 @@ class Engine:
     async def recover(self, plan: StepPlan, index: int, dead: StageReplica | None) -> StageReplica | None:
         """The runner lost a hop of this session's step on range `index`."""
         s = plan.session
+        if not self.mesh.ranges[index].up():
+            await self.mesh.refresh(index)
         if plan.start == 0:  # nothing to restore: any up replica starts it afresh
             rng = self.mesh.ranges[index]
             up = [x for x in rng.up() if dead is None or x.address != dead.address] or rng.up()

@@ -279,6 +279,15 @@ class Mesh:
             if again and self.on_restart is not None:
                 self.on_restart(r)
 
+    async def refresh(self, index: int) -> None:
+        """Probe range `index`'s replicas now instead of at the next watch round: a replica
+        that restarted a moment ago serves the very next request."""
+        reps = self.ranges[index].replicas
+        restarted = await asyncio.gather(*(r.probe(self.probe_timeout) for r in reps))
+        for r, again in zip(reps, restarted):
+            if again and self.on_restart is not None:
+                self.on_restart(r)
+
     def pick(self, index: int, exclude: set[str] = frozenset(), load: Callable[[StageReplica], int] | None = None) -> StageReplica:
         """An up replica of range `index` for a new session: the least loaded."""
         g = self.ranges[index]
