@@ -49,12 +49,18 @@ def _default_model(model: str | None) -> str:
 def _up(args: argparse.Namespace) -> int:
     from services.common.checkpoint import open_checkpoint
     from services.launcher import LocalMesh, split_layers
+    from services.stage.quant import per_stage
 
     model = _default_model(args.model)
     layers = open_checkpoint(model).text_config.num_hidden_layers
     ranges = split_layers(layers, args.stages)
+    try:
+        quantize = per_stage(args.quantize, len(ranges))
+    except ValueError as e:
+        print(f"up: error: {e}", file=sys.stderr)
+        return 2
     print(f"starting vision + {args.stages} stage(s) {ranges} + coordinator for {model}", file=sys.stderr)
-    mesh = LocalMesh(model, ranges, port=args.port, log_dir=args.log_dir)
+    mesh = LocalMesh(model, ranges, port=args.port, log_dir=args.log_dir, quantize=quantize)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -112,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--port", type=int, default=50051, help="coordinator port")
     up.add_argument("--log-dir", help="write each service's log here instead of the terminal")
     up.add_argument("--timeout", type=float, default=600, help="seconds to wait for the services to be healthy")
+    up.add_argument("--quantize", default="auto",
+                    help="stages' decoder-layer linears: auto, int8 or none, or a comma list with one per stage (e.g. int8,none)")
 
     demo = sub.add_parser("demo", help="start a mesh, ask about an image, print the streamed answer, stop")
     demo.add_argument("--model", help="checkpoint directory (default: the shipped shapes model)")
@@ -126,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     chat_cli.add_arguments(sub.add_parser("chat", help="chat with a running mesh (one-shot or interactive)"))
 
     from services import plan as planner
-    from services import tiny
+    from services import quantize, tiny
     from services.shapes import eval as shapes_eval
 
     planner.add_arguments(sub.add_parser("plan", help="split a model's layers over N stages, balancing memory (config only)"))
@@ -134,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     shapes_eval.add_arguments(sub.add_parser("eval", help="score a checkpoint on held-out shapes questions (transformers and mesh)"))
 
     tiny.add_arguments(sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint in the HF layout"))
+
+    quantize.add_arguments(sub.add_parser("quantize", help="SmoothQuant-calibrate a checkpoint and write it as compressed-tensors W8A8 int8"))
 
     args = parser.parse_args(argv)
     if args.cmd == "up":
@@ -148,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         return shapes_eval.run(args)
     if args.cmd == "make-tiny":
         return tiny.run(args)
+    if args.cmd == "quantize":
+        return quantize.run(args)
     parser.error(f"unknown command {args.cmd}")
     return 2
 

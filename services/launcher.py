@@ -51,6 +51,7 @@ class LocalMesh:
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     log_dir: str | None = None
+    quantize: list[str] = field(default_factory=list)  # per stage: --quantize auto|int8|none (empty: the stages' default)
     procs: list[subprocess.Popen] = field(default_factory=list)
     address: str = ""
     stage_addresses: list[str] = field(default_factory=list)
@@ -82,7 +83,8 @@ class LocalMesh:
             for i, (a, b) in enumerate(self.ranges):
                 addr = f"127.0.0.1:{free_port()}"
                 self.stage_addresses.append(addr)
-                self._spawn(f"stage{i}", ["stage", "--model", self.model, "--layers", f"{a}:{b}", "--port", addr.rsplit(":", 1)[1]])
+                quantize = ["--quantize", self.quantize[i]] if self.quantize else []
+                self._spawn(f"stage{i}", ["stage", "--model", self.model, "--layers", f"{a}:{b}", "--port", addr.rsplit(":", 1)[1], *quantize])
             for addr in [self.vision_address, *self.stage_addresses]:
                 self._wait(addr, timeout)
             port = self.port or free_port()

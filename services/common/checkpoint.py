@@ -158,11 +158,19 @@ class Checkpoint:
             for file, keys in by_file.items():
                 with safe_open(file, framework="pt") as f:
                     for key in keys:
-                        out[wanted[key][0]] = f.get_tensor(key).to(dtype)
+                        out[wanted[key][0]] = _cast(f.get_tensor(key), key, dtype)
                         bar.update(1)
         size = sum(t.numel() * t.element_size() for t in out.values())
         log.info("%s: %d tensors, %.1f MiB in %.1fs from %s", desc, len(out), size / 2**20, time.monotonic() - began, self.path)
         return out
+
+
+def _cast(t: torch.Tensor, key: str, dtype: torch.dtype) -> torch.Tensor:
+    # A W8A8 checkpoint's int8 weights stay int8, and their scales keep the precision they were
+    # stored in (services/stage/quant.py applies them in float32).
+    if not t.is_floating_point() or key.endswith(".weight_scale"):
+        return t
+    return t.to(dtype)
 
 
 _KEY_RULES = [

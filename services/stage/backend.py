@@ -57,9 +57,11 @@ class _SamplerState:
 
 
 class StageBackend:
-    def __init__(self, ckpt: Checkpoint, start: int, end: int, dtype: torch.dtype, kv_budget_bytes: int, max_batch: int = 32):
+    def __init__(
+        self, ckpt: Checkpoint, start: int, end: int, dtype: torch.dtype, kv_budget_bytes: int, max_batch: int = 32, quantize: str = "auto"
+    ):
         self.ckpt = ckpt
-        self.model = StageModel(ckpt, start, end, dtype)
+        self.model = StageModel(ckpt, start, end, dtype, quantize)
         tc = ckpt.text_config
         self.dtype = dtype
         self.hidden_size = tc.hidden_size

@@ -13,13 +13,14 @@ from torch import nn
 
 from services.common.checkpoint import Checkpoint, build_on_meta, load_weights
 
+from . import quant
 from .kv_cache import BatchKV
 
 log = logging.getLogger(__name__)
 
 
 class StageModel(nn.Module):
-    def __init__(self, ckpt: Checkpoint, start: int, end: int, dtype: torch.dtype):
+    def __init__(self, ckpt: Checkpoint, start: int, end: int, dtype: torch.dtype, quantize: str = "auto"):
         super().__init__()
         tc = ckpt.text_config
         n = tc.num_hidden_layers
@@ -47,6 +48,8 @@ class StageModel(nn.Module):
         state = ckpt.read(self._select(ckpt.tied), dtype, desc=f"stage {start}:{end} weights")
         if self.is_first and self.is_last and ckpt.tied:
             state["lm_head.weight"] = state["embed_tokens.weight"]  # one stage: share, as HF ties
+        # int8 W8A8 decoder-layer linears where the checkpoint has them or --quantize asks ("none"/"w8a8-int8").
+        self.quantization = quant.prepare_stage(self, state, quantize, dtype, ckpt.config)
         load_weights(self, state, f"{ckpt.path} stage {start}:{end}", ckpt.family.transposed_on_load)
         self.eval()
 
