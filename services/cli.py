@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tiny.add_arguments(sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint in the HF layout"))
 
-    quantize.add_arguments(sub.add_parser("quantize", help="SmoothQuant-calibrate a checkpoint and write it as compressed-tensors W8A8 int8"))
+    quantize.add_arguments(sub.add_parser("quantize", help="SmoothQuant-calibrate a checkpoint, write it as compressed-tensors W8A8"))
 
     args = parser.parse_args(argv)
     if args.cmd == "up":

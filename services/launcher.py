@@ -84,7 +84,8 @@ class LocalMesh:
                 addr = f"127.0.0.1:{free_port()}"
                 self.stage_addresses.append(addr)
                 quantize = ["--quantize", self.quantize[i]] if self.quantize else []
-                self._spawn(f"stage{i}", ["stage", "--model", self.model, "--layers", f"{a}:{b}", "--port", addr.rsplit(":", 1)[1], *quantize])
+                stage_port = addr.rsplit(":", 1)[1]
+                self._spawn(f"stage{i}", ["stage", "--model", self.model, "--layers", f"{a}:{b}", "--port", stage_port, *quantize])
             for addr in [self.vision_address, *self.stage_addresses]:
                 self._wait(addr, timeout)
             port = self.port or free_port()

@@ -31,6 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from safetensors import safe_open
@@ -126,8 +127,9 @@ def activation_maxima(ckpt: Checkpoint, samples: list[Sample]) -> dict[str, torc
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(ckpt.path)
-    model = ckpt.family.for_generation.from_pretrained(ckpt.path, dtype=ckpt.dtype()).eval()
-    text = next(m for m in model.modules() if isinstance(m, ckpt.family.text_model))
+    generation: Any = ckpt.family.for_generation
+    model = generation.from_pretrained(ckpt.path, dtype=ckpt.dtype()).eval()
+    text = cast(torch.nn.Module, next(m for m in model.modules() if isinstance(m, ckpt.family.text_model)))
     maxima: dict[str, torch.Tensor] = {}
 
     def hook(name: str):
@@ -365,7 +367,7 @@ def quantize(model: str | Path, out: str | Path, alpha: float = DEFAULT_ALPHA, c
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     config = json.loads((ckpt.path / "config.json").read_text())
-    config["quantization_config"] = quantization_config(ckpt.config.model_type)
+    config["quantization_config"] = quantization_config(ckpt.config.model_type)  # type: ignore[attr-defined]
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for pattern in COPIED:
         for f in ckpt.path.glob(pattern):
@@ -389,7 +391,8 @@ def quantize(model: str | Path, out: str | Path, alpha: float = DEFAULT_ALPHA, c
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, type=Path, help="float checkpoint directory (HF layout)")
     parser.add_argument("--out", required=True, type=Path, help="directory to write the W8A8 checkpoint to")
-    parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="SmoothQuant migration strength in [0, 1]: how much of the activations' range moves into the weights")
+    parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
+                        help="SmoothQuant migration strength in [0, 1]: how much of the activations' range moves into the weights")
     parser.add_argument("--calibration", default="shapes",
                         help=f"'shapes' (pictures and questions of the shapes task) or a directory (see {CALIBRATION_FILE} in the README)")
     parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="calibration prompts")
@@ -404,6 +407,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"quantize: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(record, indent=2))
-    print(f"wrote {args.out}: {record['quantized_linears']} int8 linears ({record['smoothed_linears']} smoothed) in {record['total_s']:.1f}s",
-          file=sys.stderr)
+    linears, smoothed = record["quantized_linears"], record["smoothed_linears"]
+    print(f"wrote {args.out}: {linears} int8 linears ({smoothed} smoothed) in {record['total_s']:.1f}s", file=sys.stderr)
     return 0

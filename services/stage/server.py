@@ -31,7 +31,7 @@ class StageConfig(ServiceConfig):
     layers: str = field(help="layer range START:END this stage owns (END exclusive)")
     port: int = field(50061, "port to bind (0 = any free port)")
     dtype: str = field("auto", "parameter dtype: auto (the checkpoint's), float32, bfloat16, float16")
-    quantize: str = field("auto", "decoder-layer linears: auto (as the checkpoint is), int8 (W8A8; quantize a float checkpoint at load), none (dequantize an int8 one)")
+    quantize: str = field("auto", "decoder-layer linears: auto (as the checkpoint), int8 (W8A8, quantizing a float one), none (dequantize)")
     kv_budget_mb: int = field(2048, "KV cache budget in MiB; steps beyond it get RESOURCE_EXHAUSTED")
     max_batch: int = field(32, "most session steps in one request")
     session_ttl: float = field(3600.0, "drop a session's KV after this many idle seconds")
