@@ -172,6 +172,86 @@ def bench_accuracy(count: int) -> dict:
     for name, r in results.items():
         same = sum(a == b for a, b in zip(r.answers, ref))
         out["rows"].append({"config": name, **r.summary(), "same_as_float32": same, "mistakes": r.mistakes()[:5]})
+    bm.log("accuracy: teacher-forced logits of the int8 models against float32's")
+    out["logit_count"] = min(count, 200)
+    out["logits"] = logit_agreement(examples[: out["logit_count"]], ref, quantized)
+    return out
+
+
+def _int8_transformers(quantized: Path | None):
+    """The shipped model in transformers with its decoder-layer linears replaced by Int8Linear:
+    from the `vlmesh quantize` checkpoint (SmoothQuant folded into its norms and rows), or, with
+    None, quantized from the float weights without smoothing."""
+    from torch import nn
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from services.common.checkpoint import canonical_key
+    from services.shapes import SHIPPED_MODEL
+    from services.stage import quant
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(SHIPPED_MODEL).eval()
+    text = model.model.language_model
+    state = {}
+    if quantized is not None:
+        from safetensors import safe_open
+
+        with safe_open(quantized / "model.safetensors", "pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                part, name = canonical_key(key)
+                if part == "text":
+                    state[name] = f.get_tensor(key)
+    for name, lin in quant.targets(text).items():
+        if quantized is None:
+            new = quant.Int8Linear.from_float(lin)
+        else:
+            new = quant.Int8Linear(lin.in_features, lin.out_features, lin.bias is not None)
+            weight, scale = (state.pop(f"{name}.{k}") for k in ("weight", "weight_scale"))
+            new.weight, new.weight_scale = nn.Parameter(weight, requires_grad=False), nn.Parameter(scale, requires_grad=False)
+            if lin.bias is not None:
+                new.bias = nn.Parameter(state.pop(f"{name}.bias"), requires_grad=False)
+        parent, _, attr = name.rpartition(".")
+        setattr(text.get_submodule(parent), attr, new)
+    if state:
+        text.load_state_dict(state, strict=False)  # the norms with SmoothQuant folded in
+    return model
+
+
+def logit_agreement(examples, answers: list[str], quantized: Path) -> list[dict]:
+    """Teacher-forced on the float32 answers: how far each int8 model's next-token distribution is
+    from float32's, at every position of the conversation (image, question, answer) and at the
+    answer's positions alone (finer than whether greedy answers match)."""
+    import torch
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from services.shapes import SHIPPED_MODEL
+
+    processor = AutoProcessor.from_pretrained(SHIPPED_MODEL)
+    models = {"float32": Qwen2VLForConditionalGeneration.from_pretrained(SHIPPED_MODEL).eval(),
+              "int8 SmoothQuant": _int8_transformers(quantized), "int8 without SmoothQuant": _int8_transformers(None)}
+    logits: dict[str, list] = {name: [] for name in models}
+    answer_rows = []  # [positions] bool: the position predicts an answer token
+    for ex, answer in zip(examples, answers):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ex.question}]}]
+        prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        inputs = processor(text=[prompt + answer], images=[ex.scene.render()], return_tensors="pt")
+        start = len(processor(text=[prompt], images=[ex.scene.render()])["input_ids"][0]) - 1
+        n = inputs["input_ids"].shape[1]
+        answer_rows.append((torch.arange(n) >= start) & (torch.arange(n) < n - 1))
+        with torch.inference_mode():
+            for name, model in models.items():
+                logits[name].append(model(**inputs).logits[0].float())
+    ref, on_answer = torch.cat(logits["float32"]), torch.cat(answer_rows)
+    out = []
+    for name in list(models)[1:]:
+        full = torch.cat(logits[name])
+        for where, rows in (("all positions", slice(None)), ("answer positions", on_answer)):
+            got, want = full[rows], ref[rows]
+            kl = torch.nn.functional.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+            agree = (got.argmax(-1) == want.argmax(-1)).float().mean()
+            out.append({"model": name, "where": where, "positions": int(want.shape[0]), "mean_kl": float(kl.mean()),
+                        "max_kl": float(kl.max()), "logit_rel_error": float((got - want).norm() / want.norm()), "top1_agree": float(agree)})
+            numbers = ", ".join(f"{k} {v:.4g}" for k, v in out[-1].items() if k not in ("model", "where"))
+            bm.log(f"accuracy: logits {name}, {where}: {numbers}")
     return out
 
 
@@ -183,6 +263,12 @@ def accuracy_table(res: dict) -> str:
     for r in res["rows"]:
         types = " | ".join(f"{r['by_type'][t]:.0%}" for t in data.QUESTION_TYPES)
         lines.append(f"| {r['config']} | {r['accuracy']:.1%} | {types} | {r['same_as_float32']}/{r['count']} |")
+    lines += ["", f"| teacher-forced on float32's answers ({res['logit_count']} questions; transformers, decoder linears swapped "
+              "for Int8Linear) | positions | mean KL(float32 ‖ int8) | max KL | logit error ‖Δ‖/‖logits‖ | top-1 agreement |",
+              "|---|---|---|---|---|---|"]
+    for r in res["logits"]:
+        lines.append(f"| {r['model']}, {r['where']} | {r['positions']} | {r['mean_kl']:.2e} | {r['max_kl']:.2e} "
+                     f"| {r['logit_rel_error']:.4f} | {r['top1_agree']:.2%} |")
     return "\n".join(lines)
 
 
@@ -322,7 +408,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requantize", action="store_true", help="speed: run vlmesh quantize even if its output exists")
     ap.add_argument("--quiet-wait", type=float, default=0.0,
                     help="wait up to this long for other processes to go idle before each measurement")
+    ap.add_argument("--threads", type=int, default=0, help="kernels: torch threads (0 = torch's default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)  # on a shared machine one thread measures the kernel, not the neighbours
     args.stages = [int(s) for s in args.stages.split(",") if s.strip()]
     bm.QUIET.update(wait_s=args.quiet_wait)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -216,3 +216,25 @@ def test_sharded_untied_checkpoint_in_the_transformers_layout(tiny_models, tmp_p
     assert all(canonical_key(k)[0] == "text" for k in after if k.endswith("weight_scale"))
     stage = StageModel(open_checkpoint(out), 0, 5, torch.float32)
     assert stage.quantization == "w8a8-int8" and sum(isinstance(m, Int8Linear) for m in stage.modules()) == 5 * 7
+
+
+def test_readers_that_run_float_get_int8_tensors_dequantized(quantized, tmp_path):
+    """A checkpoint that also quantizes a vision linear: the vision service (which runs float)
+    gets weight * scale, as does a stage started with --quantize none."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from services.stage import quant
+    from services.vision.encoder import VisionEncoder
+
+    for f in quantized.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    tensors = _tensors(quantized)
+    q, scale = quant.quantize_weight(tensors["visual.blocks.0.attn.qkv.weight"])
+    tensors["visual.blocks.0.attn.qkv.weight"], tensors["visual.blocks.0.attn.qkv.weight_scale"] = q, scale
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    encoder = VisionEncoder(open_checkpoint(tmp_path), torch.float32, 0, 1 << 24, 4)
+    weight = encoder.model.blocks[0].attn.qkv.weight
+    assert weight.dtype == torch.float32 and torch.equal(weight, q.float() * scale)
+    assert "blocks.0.attn.qkv.weight_scale" not in encoder.model.state_dict()

@@ -45,7 +45,7 @@ class StageModel(nn.Module):
         self._deepstack_process = full._deepstack_process if k else None
 
         # Only the owned layers' tensors are read: a MoE stage loads the experts of its layers only.
-        state = ckpt.read(self._select(ckpt.tied), dtype, desc=f"stage {start}:{end} weights")
+        state = ckpt.read(self._select(ckpt.tied), dtype, desc=f"stage {start}:{end} weights", int8=quantize != "none")
         if self.is_first and self.is_last and ckpt.tied:
             state["lm_head.weight"] = state["embed_tokens.weight"]  # one stage: share, as HF ties
         # int8 W8A8 decoder-layer linears where the checkpoint has them or --quantize asks ("none"/"w8a8-int8").

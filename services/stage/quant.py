@@ -12,7 +12,8 @@ activations between the linears and the KV cache.
 
     --quantize auto   as the checkpoint is (int8 where it stores int8 weights and scales)
     --quantize int8   an int8 checkpoint as is; a float one quantized at load time (no SmoothQuant)
-    --quantize none   float linears; an int8 checkpoint is dequantized (weight * scale)
+    --quantize none   float linears; an int8 checkpoint is dequantized (weight * scale) as it
+                      is read (Checkpoint.read without int8, as the vision service reads)
 """
 
 from __future__ import annotations
@@ -164,15 +165,12 @@ def prepare_stage(model: nn.Module, state: dict[str, torch.Tensor], mode: str, d
         raise ValueError(f"--quantize must be one of {', '.join(MODES)}, got {mode!r}")
     checkpoint_config(config)  # refuses a quantization this code cannot run
     stored = {k.removesuffix(SCALE_SUFFIX) for k in state if k.endswith(SCALE_SUFFIX)}
+    if stored and mode == "none":
+        raise ValueError("--quantize none: read the checkpoint without int8 (Checkpoint.read dequantizes)")
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     stray = sorted(stored - set(linears))
     if stray:
         raise ValueError(f"the checkpoint quantizes {len(stray)} tensors that are no nn.Linear of this stage, e.g. {stray[:3]}")
-    if stored and mode == "none":
-        for name in stored:
-            scale = state.pop(name + SCALE_SUFFIX)
-            state[name + ".weight"] = (state[name + ".weight"].float() * scale.float()).to(dtype)
-        return NONE
     if not stored and mode == "int8":
         stored = {name for name, m in linears.items() if is_target(name, m)}
         for name in stored:
@@ -185,6 +183,9 @@ def prepare_stage(model: nn.Module, state: dict[str, torch.Tensor], mode: str, d
         if weight.dtype != torch.int8:
             raise ValueError(f"{name}.weight has a weight_scale but is {weight.dtype}, not int8")
         old = linears[name]
+        scale = state[name + SCALE_SUFFIX]
+        if scale.numel() == 1:  # strategy "tensor": one scale for the whole weight
+            state[name + SCALE_SUFFIX] = scale.reshape(1, 1).expand(old.out_features, 1).contiguous()
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, Int8Linear(old.in_features, old.out_features, old.bias is not None, "meta", dtype))
     return W8A8
