@@ -238,3 +238,24 @@ def test_readers_that_run_float_get_int8_tensors_dequantized(quantized, tmp_path
     weight = encoder.model.blocks[0].attn.qkv.weight
     assert weight.dtype == torch.float32 and torch.equal(weight, q.float() * scale)
     assert "blocks.0.attn.qkv.weight_scale" not in encoder.model.state_dict()
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe"])
+def test_other_families_quantize_and_load(family, family_model, tmp_path):
+    """Every decoder-layer nn.Linear becomes int8 and is smoothed; MoE experts (fused, not
+    nn.Linear) and the router stay float and are listed in `ignore` for vLLM."""
+    from torch import nn
+
+    from services.stage.model import StageModel
+
+    source = family_model(family)
+    record = quantize(source, tmp_path / "q", samples=4)
+    ckpt = open_checkpoint(tmp_path / "q")
+    float_stage, stage = StageModel(open_checkpoint(source), 0, 4, torch.float32), StageModel(ckpt, 0, 4, torch.float32)
+    linears = [n for n, m in float_stage.named_modules() if isinstance(m, nn.Linear) and n.startswith("layers.")]
+    assert record["quantized_linears"] == record["smoothed_linears"] == len(linears) > 0
+    assert all(isinstance(stage.get_submodule(n), Int8Linear) for n in linears)
+    ignore = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["ignore"]
+    assert ("re:.*mlp.experts.*" in ignore) == (family == "qwen3-vl-moe")
+    if family == "qwen3-vl-moe":
+        assert any(p.dtype == torch.float32 and "experts" in n for n, p in stage.named_parameters())
