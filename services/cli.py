@@ -187,6 +187,7 @@ def _start_mesh(mesh, timeout: float) -> None:
 def _up(args: argparse.Namespace) -> int:
     from services.common.ports import ensure_free
     from services.launcher import LocalMesh
+    from services.stage.quant import per_stage
 
     try:
         ensure_free(args.host, args.port)  # before anything loads; LocalMesh.start checks again
@@ -195,6 +196,10 @@ def _up(args: argparse.Namespace) -> int:
     model = _default_model(args.model)
     _check_model(model)
     ranges = _ranges(args, model)
+    try:
+        quantize = per_stage(args.quantize, len(ranges))
+    except ValueError as e:
+        raise UserError(f"--quantize: {e}") from None
     common, per_service = _service_args(args)
     shown = ", ".join(f"{a}:{b}" for a, b in ranges) + (f", {args.replicas} replicas each" if args.replicas > 1 else "")
     print(f"starting vision + {len(ranges)} stage(s) ({shown}) + coordinator for {model}", file=sys.stderr)
@@ -209,6 +214,7 @@ def _up(args: argparse.Namespace) -> int:
         service_args=per_service,
         progress=_progress,
         openai_port=args.openai_port,
+        quantize=quantize,
     )
     _start_mesh(mesh, args.timeout)
     stop = threading.Event()
@@ -297,6 +303,8 @@ def _add_up_arguments(up: argparse.ArgumentParser) -> None:
     up.add_argument("--log-dir", help="write each service's log here instead of the terminal")
     up.add_argument("--timeout", type=float, default=600, help="seconds to wait for the services to be healthy")
     up.add_argument("--openai-port", type=int, default=None, help="also start the OpenAI-compatible gateway on this port (0 = any free one)")
+    up.add_argument("--quantize", default="auto",
+                    help="stages' decoder-layer linears: auto, int8 or none, or a comma list with one per stage (e.g. int8,none)")
 
 
 def _run_guarded(name: str, fn, args: argparse.Namespace) -> int:
@@ -339,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     chat_cli.add_arguments(sub.add_parser("chat", help="chat with a running mesh (one-shot or interactive)"))
 
     from services import plan as planner
-    from services import tiny
+    from services import quantize, tiny
     from services.shapes import eval as shapes_eval
 
     planner.add_arguments(sub.add_parser("plan", help="split a model's layers over N stages, balancing memory (config only)"))
@@ -348,13 +356,14 @@ def main(argv: list[str] | None = None) -> int:
 
     tiny.add_arguments(sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint in the HF layout"))
 
-    from services import status
+    from services import quantize, status
     from services.common import certs
     from services.coordinator import auth
 
     status.add_arguments(sub.add_parser("status", help="print the running mesh: replicas, health, KV use, sessions, vision cache"))
     certs.add_arguments(sub.add_parser("certs", help="make a CA and certificates for the mesh's mutual TLS"))
     auth.add_arguments(sub.add_parser("keys", help="make API keys for the coordinator's --api-keys-file"))
+    quantize.add_arguments(sub.add_parser("quantize", help="SmoothQuant-calibrate a checkpoint, write it as compressed-tensors W8A8"))
 
     args = parser.parse_args(argv)
     if args.cmd == "up":
@@ -377,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         return certs.run(args)
     if args.cmd == "keys":
         return auth.run(args)
+    if args.cmd == "quantize":
+        return quantize.run(args)
     parser.error(f"unknown command {args.cmd}")
     return 2
 

@@ -94,6 +94,7 @@ class LocalMesh:
     replicas: int = 1  # stage processes per layer range
     service_args: dict[str, list[str]] = field(default_factory=dict)  # "vision" | "stage" | "coordinator" -> its own flags
     progress: Callable[[str], None] | None = None  # start-up progress lines (`vlmesh up` prints them)
+    quantize: list[str] = field(default_factory=list)  # per stage: --quantize auto|int8|none (empty: the stages' default)
     procs: list[subprocess.Popen] = field(default_factory=list)
     names: list[str] = field(default_factory=list)  # [len(procs)] what each process serves
     address: str = ""
@@ -165,13 +166,16 @@ class LocalMesh:
             self._spawn("vision", ["vision", "--model", self.model, "--port", str(ports[0]), *self._tls_args("vision")])
             next_port = iter(ports[1:])
             for i, (a, b) in enumerate(self.ranges):
+                quantize = ["--quantize", self.quantize[i]] if self.quantize else []
                 for r in range(self.replicas):
                     port = next(next_port)
                     addr = f"{self.connect_host}:{port}"
                     self.stage_addresses.append(addr)
                     name = f"stage{i}" if self.replicas == 1 else f"stage{i}r{r}"
                     pending[f"stage {a}:{b}" + (f" replica {r}" if self.replicas > 1 else "")] = addr
-                    self._spawn(name, ["stage", "--model", self.model, "--layers", f"{a}:{b}", "--port", str(port), *self._tls_args("stage")])
+                    self._spawn(
+                        name, ["stage", "--model", self.model, "--layers", f"{a}:{b}", "--port", str(port), *self._tls_args("stage"), *quantize]
+                    )
             total = len(pending) + 1
             self._say(f"loading {', '.join(pending)} ({len(pending)} processes)")
             self._wait(pending, timeout, total, done=0, tls=self._mesh_tls())

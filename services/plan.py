@@ -1,6 +1,6 @@
 """`vlmesh plan`: where to cut a model's decoder layers into stages, from config.json alone.
 
-    vlmesh plan --model DIR --stages 4 [--also 2,8] [--dtype bfloat16] [--context 32768] [--json]
+    vlmesh plan --model DIR --stages 4 [--also 2,8] [--dtype bfloat16|int8] [--context 32768] [--json]
 
 The model is built on the meta device (shapes, no memory, no weights on disk needed) with
 transformers' own class for the config, so the byte counts follow transformers rather than a
@@ -35,14 +35,16 @@ import torch
 
 from services.common.checkpoint import canonical_key, config_dtype, load_config
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 KV_TOKENS = 1000  # the unit of the KV column: "bytes per 1k tokens"
 
 
 @dataclass(frozen=True)
 class ModelBytes:
     """One checkpoint's parameter bytes at one dtype, split the way the services load them.
-    Every parameter is counted at `dtype` because the services cast everything they read to it."""
+    Every parameter is counted at `dtype` because the services cast everything they read to it,
+    except, when `int8`, the decoder layers' linear weights: one byte each plus a float32 scale
+    per output channel, as `vlmesh quantize` writes them (services/stage/quant.py)."""
 
     model_type: str
     dtype: torch.dtype
@@ -53,6 +55,7 @@ class ModelBytes:
     norm: int  # the final norm, on the last stage
     head: int  # lm_head on the last stage; for a tied checkpoint, the embedding copy it reads
     vision: int  # the vision service: patch embed, blocks, merger (+ DeepStack mergers)
+    int8: bool = False  # decoder-layer linears in W8A8 int8
 
     @property
     def num_layers(self) -> int:
@@ -80,25 +83,37 @@ class StagePlan:
         return self.weight_bytes + self.kv_bytes_per_1k * context // KV_TOKENS
 
 
-def measure(config, dtype: torch.dtype | None = None) -> ModelBytes:
-    """Build the model on the meta device and count its parameter bytes per owner."""
+def measure(config, dtype: torch.dtype | None = None, int8: bool | None = None) -> ModelBytes:
+    """Build the model on the meta device and count its parameter bytes per owner. `int8`:
+    count the decoder-layer linears as W8A8 int8 (default: whether the checkpoint is)."""
     from transformers import AutoModelForImageTextToText
 
+    from services.stage import quant
+
     dtype = dtype or config_dtype(config)
+    if int8 is None:
+        int8 = quant.checkpoint_config(config) is not None
+    config = copy.deepcopy(config)  # from_config writes the dtype into the config it is given
+    config.quantization_config = None  # shapes only: nothing to quantize on the meta device
     try:
         with torch.device("meta"):
-            # A copy: from_config writes the dtype into the config it is given.
-            model = AutoModelForImageTextToText.from_config(copy.deepcopy(config), dtype=dtype)
+            model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     except ValueError as e:
         raise ValueError(f"model_type {config.model_type!r}: transformers has no vision-language model for it ({e})") from e
     size = dtype.itemsize
+    int8_weights = set()
+    if int8:
+        for key, module in model.named_modules():
+            part, name = canonical_key(key)
+            if part == "text" and quant.is_target(name, module):
+                int8_weights.add(f"{key}.weight")
     tc = config.get_text_config()
     n = tc.num_hidden_layers
     layers, embed, norm, head, vision = [0] * n, 0, 0, 0, 0
     # remove_duplicate=False: a tied lm_head is listed too, and the last stage does hold a copy.
     for key, p in model.named_parameters(remove_duplicate=False):
         part, name = canonical_key(key)
-        nbytes = p.numel() * size
+        nbytes = p.numel() + p.shape[0] * 4 if key in int8_weights else p.numel() * size
         if part == "vision":
             vision += nbytes
         elif part == "head":
@@ -115,7 +130,7 @@ def measure(config, dtype: torch.dtype | None = None) -> ModelBytes:
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
     kv = 2 * tc.num_key_value_heads * head_dim * size
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    return ModelBytes(config.model_type, dtype, tied, tuple(layers), (kv,) * n, embed, norm, head, vision)
+    return ModelBytes(config.model_type, dtype, tied, tuple(layers), (kv,) * n, embed, norm, head, vision, int8)
 
 
 def _ends(sizes: ModelBytes, first: bool, last: bool) -> int:
@@ -238,7 +253,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, type=Path, help="checkpoint directory (only config.json is read)")
     parser.add_argument("--stages", type=int, required=True, help="number of transformer stages")
     parser.add_argument("--also", type=_stage_counts, default=[], metavar="N,N,...", help="plan these stage counts too")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="parameter dtype (default: the checkpoint's)")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="parameter dtype (default: the checkpoint's); int8: W8A8 decoder-layer linears, the rest at the checkpoint's")
     parser.add_argument("--context", type=int, default=0, metavar="TOKENS",
                         help="balance weights plus the KV cache of this many tokens per stage (default: weights only)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -249,8 +265,8 @@ def run(args: argparse.Namespace) -> int:
     counts = list(dict.fromkeys([args.stages, *args.also]))  # --stages first, no repeats
     try:
         config = load_config(args.model)
-        dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-        sizes = measure(config, dtype)
+        dtype = None if args.dtype in ("auto", "int8") else getattr(torch, args.dtype)
+        sizes = measure(config, dtype, True if args.dtype == "int8" else None)
         plans = {s: partition(sizes, s, args.context) for s in counts}
     except (ValueError, FileNotFoundError) as e:
         print(f"plan: error: {e}", file=sys.stderr)
@@ -263,6 +279,7 @@ def run(args: argparse.Namespace) -> int:
             "model": str(args.model),
             "model_type": sizes.model_type,
             "dtype": dtype_name,
+            "int8": sizes.int8,
             "num_layers": n,
             "tied": sizes.tied,
             "context": args.context,
@@ -279,7 +296,8 @@ def run(args: argparse.Namespace) -> int:
         }
         print(json.dumps(out, indent=2))
         return 0
-    print(f"{args.model}: {sizes.model_type}, {n} layers, {dtype_name}, {'tied' if sizes.tied else 'untied'} head")
+    int8 = ", int8 W8A8 decoder-layer linears" if sizes.int8 else ""
+    print(f"{args.model}: {sizes.model_type}, {n} layers, {dtype_name}{int8}, {'tied' if sizes.tied else 'untied'} head")
     print(f"vision service: {_fmt(sizes.vision)}")
     for s in counts:
         print()

@@ -148,9 +148,13 @@ class Checkpoint:
         with safe_open(single, framework="pt") as f:
             return {k: single for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
 
-    def read(self, select: Callable[[str, str], str | None], dtype: torch.dtype, desc: str) -> dict[str, torch.Tensor]:
+    def read(
+        self, select: Callable[[str, str], str | None], dtype: torch.dtype, desc: str, int8: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Read the tensors that `select(part, name)` maps to a local name; nothing else is
-        touched, so a stage's memory scales with its share of the layers."""
+        touched, so a stage's memory scales with its share of the layers. A W8A8 checkpoint's
+        int8 weights and their `weight_scale`s are kept as stored with `int8` (a stage running
+        them, services/stage/quant.py), else dequantized to `dtype`."""
         files = self.weight_files()
         wanted: dict[str, tuple[str, Path]] = {}
         for key, file in files.items():
@@ -167,11 +171,23 @@ class Checkpoint:
             for file, keys in by_file.items():
                 with safe_open(file, framework="pt") as f:
                     for key in keys:
-                        out[wanted[key][0]] = f.get_tensor(key).to(dtype)
+                        out[wanted[key][0]] = _cast(f.get_tensor(key), key, dtype)
                         bar.update(1)
+        if not int8:
+            for name in [n for n in out if n.endswith(".weight_scale")]:
+                scale, weight = out.pop(name), name.removesuffix("_scale")
+                out[weight] = (out[weight].float() * scale.float()).to(dtype)
         size = sum(t.numel() * t.element_size() for t in out.values())
         log.info("%s: %d tensors, %.1f MiB in %.1fs from %s", desc, len(out), size / 2**20, time.monotonic() - began, self.path)
         return out
+
+
+def _cast(t: torch.Tensor, key: str, dtype: torch.dtype) -> torch.Tensor:
+    # A W8A8 checkpoint's int8 weights stay int8, and their scales keep the precision they were
+    # stored in (services/stage/quant.py applies them in float32; read() dequantizes in float32).
+    if not t.is_floating_point() or key.endswith(".weight_scale"):
+        return t
+    return t.to(dtype)
 
 
 _KEY_RULES = [

@@ -72,9 +72,10 @@ class StageBackend:
         device: torch.device = torch.device("cpu"),
         lease_seconds: float = 60.0,
         max_batch: int = 64,
+        quantize: str = "auto",
     ):
         self.ckpt = ckpt
-        self.model = StageModel(ckpt, start, end, dtype, device)
+        self.model = StageModel(ckpt, start, end, dtype, device, quantize)
         tc = ckpt.text_config
         self.dtype = dtype
         self.device = device

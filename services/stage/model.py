@@ -15,13 +15,16 @@ from torch import nn
 from services.common.checkpoint import Checkpoint, build_on_meta, load_weights
 
 from . import attention  # noqa: F401 - registers the "vlmesh" attention the layers are built with
+from . import quant
 from .kv_cache import BatchKV
 
 log = logging.getLogger(__name__)
 
 
 class StageModel(nn.Module):
-    def __init__(self, ckpt: Checkpoint, start: int, end: int, dtype: torch.dtype, device: torch.device = torch.device("cpu")):
+    def __init__(
+        self, ckpt: Checkpoint, start: int, end: int, dtype: torch.dtype, device: torch.device = torch.device("cpu"), quantize: str = "auto"
+    ):
         super().__init__()
         tc = ckpt.text_config
         n = tc.num_hidden_layers
@@ -50,9 +53,11 @@ class StageModel(nn.Module):
         self._deepstack_process = full._deepstack_process if k else None
 
         # Only the owned layers' tensors are read: a MoE stage loads the experts of its layers only.
-        state = ckpt.read(self._select(ckpt.tied), dtype, desc=f"stage {start}:{end} weights")
+        state = ckpt.read(self._select(ckpt.tied), dtype, desc=f"stage {start}:{end} weights", int8=quantize != "none")
         if self.is_first and self.is_last and ckpt.tied:
             state["lm_head.weight"] = state["embed_tokens.weight"]  # one stage: share, as HF ties
+        # int8 W8A8 decoder-layer linears where the checkpoint has them or --quantize asks ("none"/"w8a8-int8").
+        self.quantization = quant.prepare_stage(self, state, quantize, dtype, ckpt.config)
         load_weights(self, state, f"{ckpt.path} stage {start}:{end}", ckpt.family.transposed_on_load)
         self.device = device
         self.to(device).eval()

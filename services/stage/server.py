@@ -41,6 +41,7 @@ class StageConfig(ServiceConfig):
     port: int = field(50061, "port to bind (0 = any free port)")
     dtype: str = field("auto", "activation and KV dtype: auto (the checkpoint's; bfloat16 on a GPU), float32, bfloat16, float16")
     device: str = field("auto", "auto (a GPU when there is one), cpu, cuda or cuda:N")
+    quantize: str = field("auto", "decoder-layer linears: auto (as the checkpoint), int8 (W8A8, quantizing a float one), none (dequantize)")
     kv_budget_mb: int = field(2048, "KV cache budget in MiB; a step beyond it is refused (RESOURCE_EXHAUSTED)")
     max_batch: int = field(64, "most session steps in one request")
     lease_seconds: float = field(60.0, "drop a session's KV this long after its last step or lease renewal")
@@ -266,6 +267,7 @@ async def start(cfg: StageConfig) -> RunningServer:
             device=device,
             lease_seconds=cfg.lease_seconds,
             max_batch=cfg.max_batch,
+            quantize=cfg.quantize,
         ),
     )
     servicer = StageServicer(backend, ckpt.config.model_type)
