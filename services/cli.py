@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tiny.add_arguments(sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint in the HF layout"))
 
-    from services import quantize, status
+    from services import status
     from services.common import certs
     from services.coordinator import auth
 

@@ -58,6 +58,7 @@ Notes on transformers 5.23 (checked, not assumed):
 
 from __future__ import annotations
 
+from typing import Any
 import argparse
 import json
 import math
@@ -969,7 +970,7 @@ def _build_processor(tokenizer, min_pixels: int, max_pixels: int, family: str = 
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     if family == "qwen2-vl":
-        common = dict(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14, temporal_patch_size=2, merge_size=2)
+        common: dict[str, Any] = dict(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14, temporal_patch_size=2, merge_size=2)
         return Qwen2VLProcessor(
             image_processor=Qwen2VLImageProcessor(**common),
             tokenizer=tokenizer,
@@ -1103,7 +1104,7 @@ def make_tiny(
     _log(f"model: {family}, {n_params:,} parameters, {num_layers} layers, hidden {hidden_size}, {dtype}, "
          f"{'tied' if tie_word_embeddings else 'untied'}")
 
-    save_kwargs = dict(safe_serialization=True, save_original_format=False)
+    save_kwargs: dict[str, Any] = dict(safe_serialization=True, save_original_format=False)
     if max_shard_size:
         save_kwargs["max_shard_size"] = max_shard_size
     from transformers.utils import logging as hf_logging

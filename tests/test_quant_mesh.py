@@ -15,9 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from vlmesh.v1 import stage_pb2, stage_pb2_grpc
 
-from services.common.server import channel
+from meshutil import stage_info
 from services.launcher import LocalMesh, split_layers
 from services.shapes import SHIPPED_MODEL, data
 from services.shapes.eval import EVAL_SEED, Result, evaluate_mesh, evaluate_transformers
@@ -49,10 +48,7 @@ def float32(examples) -> Result:
 def _serve(model: Path, quantize: list[str], examples: list[data.Example], tmp: Path) -> tuple[Result, list[int]]:
     """Answers of a real 2-stage mesh, and each stage's weight bytes (GetInfo)."""
     with LocalMesh(str(model), split_layers(4, 2), quantize=quantize, log_dir=str(tmp)) as mesh:
-        infos = []
-        for address in mesh.stage_addresses:
-            with channel(address) as ch:
-                infos.append(stage_pb2_grpc.StageServiceStub(ch).GetInfo(stage_pb2.GetInfoRequest(), timeout=10).weight_bytes)
+        infos = [stage_info(address, mesh.certs).weight_bytes for address in mesh.stage_addresses]
         return evaluate_mesh(mesh.address, examples, progress=False), infos
 
 

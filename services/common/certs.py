@@ -64,7 +64,7 @@ def make_certs(out: str | Path, public_hosts: list[str] = (), days: int = 365) -
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
 
     ca_key = _key()

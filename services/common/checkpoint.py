@@ -13,10 +13,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +110,7 @@ def config_dtype(config) -> torch.dtype:
 @dataclass
 class Checkpoint:
     path: Path
-    config: object  # the model's PretrainedConfig (text_config, vision_config inside)
+    config: PretrainedConfig  # the model's (text_config, vision_config inside)
     family: Family
 
     @property
@@ -146,7 +150,7 @@ class Checkpoint:
         if not single.exists():
             raise FileNotFoundError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
         with safe_open(single, framework="pt") as f:
-            return {k: single for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+            return {k: single for k in f.keys()}
 
     def read(
         self, select: Callable[[str, str], str | None], dtype: torch.dtype, desc: str, int8: bool = False
@@ -230,10 +234,10 @@ def open_checkpoint(path: str | Path, attn_implementation: str = "sdpa") -> Chec
     return Checkpoint(path, config, FAMILIES[config.model_type]())
 
 
-def build_on_meta(cls: type, config, dtype: torch.dtype) -> torch.nn.Module:
+def build_on_meta(cls: type, config, dtype: torch.dtype) -> Any:  # a transformers PreTrainedModel of `cls`
     """Instantiate a transformers module without allocating or initialising its weights."""
     with torch.device("meta"):
-        return cls._from_config(config, dtype=dtype)
+        return cls._from_config(config, dtype=dtype)  # type: ignore[attr-defined]
 
 
 def load_weights(

@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ def grpc_options(max_message_bytes: int) -> list[tuple[str, Any]]:
 
 
 def channel_options(max_message_bytes: int = 256 << 20, tls: bool = False) -> list[tuple[str, Any]]:
-    opts = [
+    opts: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         # A restarted replica must serve the very next request: retry the connection quickly
@@ -170,7 +170,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     return await fn(request, context)
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
-                except Exception as exc:  # noqa: BLE001 - every error becomes a status
+                except Exception as exc:
                     await _abort_with(context, exc, self.errors)
 
             return wrapper
@@ -182,7 +182,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                         yield item
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     await _abort_with(context, exc, self.errors)
 
             return wrapper
@@ -343,7 +343,7 @@ def prepare_process(service: str, cfg: ServiceConfig) -> None:
         torch.set_num_threads(cfg.threads)
 
 
-StartFn = Callable[[Any], Awaitable[RunningServer]]
+StartFn = Callable[[Any], Coroutine[Any, Any, RunningServer]]
 
 
 def serve_main(prog: str, description: str, config_cls: type, start: StartFn, argv: list[str] | None) -> int:
@@ -355,7 +355,7 @@ def serve_main(prog: str, description: str, config_cls: type, start: StartFn, ar
 
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add_config_arguments(parser, config_cls)
-    cfg = config_from_args(config_cls, parser.parse_args(argv))
+    cfg: ServiceConfig = config_from_args(config_cls, parser.parse_args(argv))
     setup_logging(cfg.log_level, cfg.log_format)
     try:
         asyncio.run(_serve(cfg, start))
@@ -390,7 +390,7 @@ class ThreadedServer:
         self._thread = threading.Thread(target=self.loop.run_forever, name=f"{type(cfg).__name__}-loop", daemon=True)
         self._thread.start()
         try:
-            self.server: RunningServer = asyncio.run_coroutine_threadsafe(start(cfg), self.loop).result()
+            self.server: RunningServer = asyncio.run_coroutine_threadsafe(start(cfg), self.loop).result()  # type: ignore[arg-type]
         except BaseException:
             self.loop.call_soon_threadsafe(self.loop.stop)
             raise

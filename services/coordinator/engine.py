@@ -71,6 +71,22 @@ class GenerateParams:
     include_stop_token_text: bool
 
 
+@dataclass(frozen=True)
+class _Add:
+    request: Request
+
+
+@dataclass(frozen=True)
+class _Cancel:
+    request_id: str
+    why: VlmeshError
+
+
+@dataclass(frozen=True)
+class _Close:
+    session_id: str
+
+
 class Phase(enum.Enum):
     PREPARING = "preparing"  # template, vision, M-RoPE (a task)
     READY = "ready"  # in the scheduler's queue
@@ -122,7 +138,7 @@ class Request:
     cached_tokens: int = 0
     first_token_at: float | None = None
     last_token_at: float | None = None  # (metrics: inter-token latency)
-    finish: int | None = None  # how it ended, when it ended well
+    finish: coordinator_pb2.FinishReason.ValueType | None = None  # how it ended, when it ended well
     started_at: float | None = None  # first step scheduled
     span: trace.Span | None = None
 
@@ -171,7 +187,7 @@ class Engine:
         self.sessions: dict[str, Session] = {}
         self.requests: dict[str, Request] = {}
         self.prefix = PrefixCache(cfg.prefix_cache_sessions)
-        self._inbox: deque[tuple[str, object]] = deque()
+        self._inbox: deque[_Add | _Cancel | _Close] = deque()
         self._wake = asyncio.Event()
         self._batches: set[asyncio.Task] = set()
         self._tasks: set[asyncio.Task] = set()
@@ -186,10 +202,10 @@ class Engine:
     # ------------------------------------------------------------------ messages from handlers
 
     def add(self, req: Request) -> None:
-        self._post("add", req)
+        self._post(_Add(req))
 
     def cancel(self, request_id: str, why: VlmeshError) -> None:
-        self._post("cancel", (request_id, why))
+        self._post(_Cancel(request_id, why))
 
     def create_session(self, owner: str) -> Session:
         """A new persistent session (no other state is touched: safe to do inline)."""
@@ -206,7 +222,7 @@ class Engine:
         s = self.sessions.get(session_id)
         if s is None or not s.persistent or s.owner != owner:
             return False
-        self._post("close", session_id)
+        self._post(_Close(session_id))
         return True
 
     def session_for(self, session_id: str, owner: str) -> Session:
@@ -216,8 +232,8 @@ class Engine:
             raise UnknownSession(f"unknown session {short(session_id)} (closed, expired, or never created)")
         return s
 
-    def _post(self, kind: str, payload: object) -> None:
-        self._inbox.append((kind, payload))
+    def _post(self, message: _Add | _Cancel | _Close) -> None:
+        self._inbox.append(message)
         self._wake.set()
 
     # ------------------------------------------------------------------ the loop
@@ -238,20 +254,19 @@ class Engine:
             self._wake.clear()
             try:
                 while self._inbox:
-                    kind, payload = self._inbox.popleft()
-                    if kind == "add":
-                        self._on_add(payload)  # type: ignore[arg-type]
-                    elif kind == "cancel":
-                        rid, why = payload  # type: ignore[misc]
-                        r = self.requests.get(rid)
+                    m = self._inbox.popleft()
+                    if isinstance(m, _Add):
+                        self._on_add(m.request)
+                    elif isinstance(m, _Cancel):
+                        r = self.requests.get(m.request_id)
                         if r is not None:
-                            self._on_cancel(r, why)
-                    elif kind == "close":
-                        self._on_close(payload)  # type: ignore[arg-type]
+                            self._on_cancel(r, m.why)
+                    else:
+                        self._on_close(m.session_id)
                 self._check_deadlines()
                 while batch := self.scheduler.next_batch(len(self._batches)):
                     self._launch(batch)  # type: ignore[arg-type]
-            except Exception:  # noqa: BLE001 - the loop must survive anything one round does
+            except Exception:
                 log.exception("engine round failed")
 
     def _spawn(self, coro) -> asyncio.Task:
@@ -329,7 +344,7 @@ class Engine:
             r.task = None
             self._end(r, error=err)
             return
-        except Exception as err:  # noqa: BLE001 - a bad prompt fails its request alone
+        except Exception as err:
             log.exception("preparing request %s failed", r.id)
             r.task = None
             self._end(r, error=VlmeshError(f"preparing the prompt failed: {type(err).__name__}: {err}"))
@@ -467,7 +482,11 @@ class Engine:
                 r.started_at = time.monotonic()
         task = asyncio.get_running_loop().create_task(self._step(batch))
         self._batches.add(task)
-        task.add_done_callback(lambda t: (self._batches.discard(t), self._wake.set()))
+        task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task) -> None:
+        self._batches.discard(task)
+        self._wake.set()
 
     async def _step(self, batch: list[tuple[Request, int]]) -> None:
         plans: list[StepPlan] = []
@@ -495,7 +514,7 @@ class Engine:
             r.in_flight = False
             try:
                 self._update(r, n, outcome)
-            except Exception as err:  # noqa: BLE001 - one request's bad update fails it alone
+            except Exception as err:
                 log.exception("updating request %s failed", r.id)
                 self._end(r, error=VlmeshError(f"internal error: {type(err).__name__}: {err}"))
 
@@ -678,7 +697,7 @@ class Engine:
 
     # ------------------------------------------------------------------ ending a turn
 
-    def _end(self, r: Request, finish: int | None = None, error: VlmeshError | None = None) -> None:
+    def _end(self, r: Request, finish: coordinator_pb2.FinishReason.ValueType | None = None, error: VlmeshError | None = None) -> None:
         """The one place a turn ends, however it ends."""
         if r.phase is Phase.ENDED:
             return
@@ -704,7 +723,7 @@ class Engine:
                 self._retire_one_shot(s, parked=ok)
         if ok:
             final = coordinator_pb2.GenerateResponse(
-                finish_reason=finish,
+                finish_reason=finish or coordinator_pb2.FINISH_REASON_UNSPECIFIED,
                 usage=coordinator_pb2.Usage(prompt_tokens=r.prompt_tokens, completion_tokens=len(r.generated), cached_tokens=r.cached_tokens),
             )
             if s is not None and s.persistent:
@@ -762,7 +781,7 @@ class Engine:
         if self.store is not None:
             try:
                 await self.store.save(s)
-            except Exception:  # noqa: BLE001 - the answer stands; the next save may work
+            except Exception:
                 log.exception("saving session %s failed", short(s.id))
 
     def _on_close(self, session_id: str) -> None:
@@ -804,7 +823,7 @@ class Engine:
                     await self._renew_leases()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("housekeeping failed")
 
     async def _renew_leases(self) -> None:
@@ -818,7 +837,7 @@ class Engine:
                 continue
             try:
                 unknown = set(await rep.renew([s.id for s in sessions]))
-            except Exception as err:  # noqa: BLE001 - the next round tries again
+            except Exception as err:
                 log.info("renewing leases on %s failed: %s", addr, err)
                 continue
             for s in sessions:

@@ -28,7 +28,7 @@ class RopeIndex:
             # Qwen2.5-VL: the processor's second_per_grid_ts, float32 as it hands them to generate.
             kwargs["second_per_grid_ts"] = torch.tensor(seconds, dtype=torch.float32)
         mm_types = torch.tensor(self.processor.create_mm_token_type_ids([token_ids]), dtype=torch.int32)
-        pos, delta = self.model.get_rope_index(
+        pos, delta = self.model.get_rope_index(  # type: ignore[operator]
             ids,
             mm_token_type_ids=mm_types,
             image_grid_thw=torch.tensor([v.grid_thw for v in imgs], dtype=torch.long) if imgs else None,

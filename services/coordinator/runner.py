@@ -105,7 +105,7 @@ class Runner:
     async def _range(self, r, label, live, plans, outcomes, hidden, positions, spans) -> None:
         first, last = r == 0, r == len(self.mesh.ranges) - 1
         todo = list(live)
-        for attempt in range(MAX_RECOVERIES + 1):
+        for _attempt in range(MAX_RECOVERIES + 1):
             groups: dict[str, list[int]] = {}
             for j in todo:
                 groups.setdefault(plans[j].session.replicas[r], []).append(j)

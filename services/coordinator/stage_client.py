@@ -56,7 +56,7 @@ class _ForwardStream:
             self.fail(from_rpc_error(err, f"stage {self.address}"))
         except VlmeshError as err:
             self.fail(err)
-        except Exception as err:  # noqa: BLE001 - a broken stream fails its pending steps, nothing more
+        except Exception as err:
             self.fail(StageDown(f"stage {self.address}: {type(err).__name__}: {err}"))
 
     def fail(self, err: VlmeshError) -> None:
@@ -288,7 +288,7 @@ class Mesh:
             if again and self.on_restart is not None:
                 self.on_restart(r)
 
-    def pick(self, index: int, exclude: set[str] = frozenset(), load: Callable[[StageReplica], int] | None = None) -> StageReplica:
+    def pick(self, index: int, exclude: frozenset[str] | set[str] = frozenset(), load: Callable[[StageReplica], int] | None = None) -> StageReplica:
         """An up replica of range `index` for a new session: the least loaded."""
         g = self.ranges[index]
         candidates = [r for r in g.up() if r.address not in exclude]

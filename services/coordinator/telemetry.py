@@ -13,7 +13,7 @@ from vlmesh.v1 import coordinator_pb2
 if TYPE_CHECKING:
     from .engine import Engine, Request
 
-FINISH_NAMES = {
+FINISH_NAMES: dict[int, str] = {
     coordinator_pb2.FINISH_REASON_STOP: "stop",
     coordinator_pb2.FINISH_REASON_LENGTH: "length",
     coordinator_pb2.FINISH_REASON_STOP_STRING: "stop",
@@ -36,7 +36,7 @@ class EngineMetrics:
             self.m.inter_token_latency.observe(now - r.last_token_at)
         r.last_token_at = now
 
-    def on_end(self, r: Request, finish: int | None, error: VlmeshError | None) -> None:
+    def on_end(self, r: Request, finish: int | None, error: VlmeshError | None) -> None:  # finish: a FinishReason
         now = time.monotonic()
         self.m.e2e_request_latency.observe(now - r.arrival)
         if r.started_at is not None:

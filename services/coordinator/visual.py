@@ -88,12 +88,12 @@ class VisualRows:
             at += n
 
 
-def _slice(t: tensor_pb2.Tensor, lo: int, hi: int) -> tuple[int, list[int], bytes]:
+def _slice(t: tensor_pb2.Tensor, lo: int, hi: int) -> tuple[tensor_pb2.DType.ValueType, list[int], bytes]:
     row = len(t.data) // t.shape[0]
     return t.dtype, [hi - lo, *t.shape[1:]], t.data[lo * row : hi * row]
 
 
-def _cat(parts: list[tuple[int, list[int], bytes]]) -> tensor_pb2.Tensor:
+def _cat(parts: list[tuple[tensor_pb2.DType.ValueType, list[int], bytes]]) -> tensor_pb2.Tensor:
     dtype, shape, _ = parts[0]
     rows = sum(p[1][0] for p in parts)
     return tensor_pb2.Tensor(dtype=dtype, shape=[rows, *shape[1:]], data=b"".join(p[2] for p in parts))

@@ -241,7 +241,7 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, st
     """Every question the scene answers clearly, in random order: the colour and the shape of each
     shape, the count, each clear extreme, a caption. (question, answer, type, the one shape the
     answer is about or None)"""
-    out = []
+    out: list[tuple[str, str, str, Shape | None]] = []
     for s in scene.shapes:
         out += [(*_colour_of(s), "colour", s), (*_shape_of(s), "shape", s)]
     out.append((*_count(scene), "count", None))

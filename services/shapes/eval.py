@@ -14,7 +14,6 @@ import argparse
 import json
 import sys
 import tempfile
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,11 +158,3 @@ def _with_mesh(args: argparse.Namespace, examples: list[data.Example]) -> Result
     with LocalMesh(str(args.model), split_layers(layers, args.stages), log_dir=log_dir) as mesh:
         return evaluate_mesh(mesh.address, examples, args.concurrency)
 
-
-def accuracy_ok(result: Result, overall: float = 0.95, per_type: float = 0.90) -> Iterable[str]:
-    """The issue's bar; yields what falls short (nothing when it passes)."""
-    if result.accuracy < overall:
-        yield f"overall {result.accuracy:.1%} < {overall:.0%}"
-    for t, acc in result.type_accuracy().items():
-        if acc < per_type:
-            yield f"{t} {acc:.1%} < {per_type:.0%}"

@@ -46,7 +46,7 @@ def batch_attention(
     scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    layer = module.layer_idx  # type: ignore[attr-defined]
+    layer: int = module.layer_idx  # type: ignore[assignment]
     outs = []
     for i, (offset, count) in enumerate(vlmesh_batch.spans):
         q = query[:, :, offset : offset + count]

@@ -188,7 +188,7 @@ class StageBackend:
             with torch.inference_mode():
                 try:
                     self._forward(admitted, results)
-                except Exception as batch_err:  # noqa: BLE001 - isolate the step that broke the batch
+                except Exception as batch_err:
                     if len(admitted) == 1:
                         i, step, _ = admitted[0]
                         results[i].error = _as_error(batch_err)
@@ -198,7 +198,7 @@ class StageBackend:
                         for one in admitted:
                             try:
                                 self._forward([one], results)
-                            except Exception as err:  # noqa: BLE001
+                            except Exception as err:
                                 results[one[0]].error = _as_error(err)
                                 log.exception("step of session %s failed", one[1].session_id[:40])
         for r in results:
@@ -236,7 +236,7 @@ class StageBackend:
                     position = steps[j].start + steps[j].num_tokens
                     tokens[j] = sample(logits[row], spec.params, position, spec.penalty_ids, spec.top_logprobs)
         batch.commit()
-        for j, (i, s, _) in enumerate(admitted):
+        for j, (i, _, _) in enumerate(admitted):
             r = results[i]
             o, n = spans[j]
             r.hidden = None if self.is_last else hidden[0, o : o + n]

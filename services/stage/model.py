@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import nn
 
 from services.common.checkpoint import Checkpoint, build_on_meta, load_weights
 
-from . import attention  # noqa: F401 - registers the "vlmesh" attention the layers are built with
+from . import attention
 from . import quant
 from .kv_cache import BatchKV
 
@@ -22,6 +24,13 @@ log = logging.getLogger(__name__)
 
 
 class StageModel(nn.Module):
+    layers: nn.ModuleList
+    embed_tokens: nn.Module | None  # first stage
+    norm: nn.Module | None  # last stage
+    lm_head: nn.Module | None  # last stage
+    rotary_emb: nn.Module
+    _deepstack_process: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor] | None
+
     def __init__(
         self, ckpt: Checkpoint, start: int, end: int, dtype: torch.dtype, device: torch.device = torch.device("cpu"), quantize: str = "auto"
     ):
@@ -40,7 +49,7 @@ class StageModel(nn.Module):
         # Build the whole text model on the meta device (no memory), keep our slice, then load
         # only our tensors into it: the layers keep their global layer_idx for the cache.
         full = build_on_meta(ckpt.family.text_model, tc, dtype)
-        self.layers = nn.ModuleList(full.layers[start:end])
+        self.layers = nn.ModuleList(cast(nn.ModuleList, full.layers)[start:end])
         self.embed_tokens = full.embed_tokens if self.is_first else None
         self.norm = full.norm if self.is_last else None
         self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False, device="meta", dtype=dtype) if self.is_last else None
@@ -90,6 +99,7 @@ class StageModel(nn.Module):
     def embed(self, token_ids: torch.Tensor, visual_index: torch.Tensor | None, visual: torch.Tensor | None) -> torch.Tensor:
         """token ids [N] -> [1, N, H], visual rows [M, H] written over positions visual_index [M]
         (the values transformers' masked_scatter writes; the coordinator says where)."""
+        assert self.embed_tokens is not None  # the backend calls this on the first stage only
         h = self.embed_tokens(token_ids[None])
         if visual is not None and visual_index is not None:
             h[0, visual_index] = visual.to(h.dtype)
@@ -118,11 +128,12 @@ class StageModel(nn.Module):
                 vlmesh_batch=batch,
             )
             feature = deepstack.get(self.start + i) if deepstack else None
-            if feature is not None:
+            if feature is not None and self._deepstack_process is not None:
                 hidden = self._deepstack_process(hidden, visual_mask, feature)
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[B, H] (each sampled session's last position) -> [B, V] float32 logits, as `generate`
         computes them from the last position."""
+        assert self.lm_head is not None and self.norm is not None  # the backend calls this on the last stage only
         return self.lm_head(self.norm(hidden[:, None, :]))[:, -1, :].to(torch.float32)

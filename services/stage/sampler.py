@@ -90,7 +90,7 @@ def sample(
     logprobs = torch.log_softmax(logits, dim=-1)
     procs = params.processors()
     history = penalty_ids if penalty_ids is not None else torch.empty(0, dtype=torch.long)
-    scores = procs(history[None], logits[None])[0] if len(procs) else logits
+    scores = procs(history[None], logits[None])[0] if len(procs) else logits  # type: ignore[arg-type]
     if params.greedy:
         token = int(torch.argmax(scores))
     else:

@@ -9,6 +9,7 @@ import io
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +29,8 @@ class VisualItem:
     """One input: an encoded image, an encoded video file, or a video as encoded frames."""
 
     kind: str  # "image" | "video" | "frames"
-    data: bytes | tuple[bytes, ...]
+    data: bytes = b""  # the image or video file ("image", "video")
+    frames: tuple[bytes, ...] = ()  # the frames' image files ("frames")
     fps: float = 0.0  # frames only: the rate they were taken at (0 = unknown)
 
     def content_hash(self) -> str:
@@ -39,7 +41,7 @@ class VisualItem:
         h.update(self.kind.encode() + b"\0")
         if self.kind == "frames":
             h.update(repr(self.fps).encode() + b"\0")
-            for frame in self.data:
+            for frame in self.frames:
                 h.update(len(frame).to_bytes(8, "little") + frame)
         else:
             h.update(self.data)
@@ -167,18 +169,16 @@ class VisionEncoder:
         """What decoding `item` will hold in memory, in pixels, read from its header only; raises
         InvalidInput for an unreadable header or a frame over max_image_pixels."""
         if item.kind == "image":
-            assert isinstance(item.data, bytes)
             return self._header(item.data, f"image {index}")
         if item.kind == "frames":
-            return sum(self._header(f, f"video {index} frame {j}") for j, f in enumerate(item.data))
-        assert isinstance(item.data, bytes)
+            return sum(self._header(f, f"video {index} frame {j}") for j, f in enumerate(item.frames))
         frames, width, height = video.probe(item.data, index, self.video_limits)
         return min(frames, self.video_processor.max_frames or frames) * width * height
 
     def _header(self, data: bytes, what: str) -> int:
         try:
             w, h = Image.open(io.BytesIO(data)).size  # the header only
-        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
+        except Exception as exc:
             raise InvalidInput(f"{what}: not a readable image ({type(exc).__name__}: {exc})") from None
         if w * h > self.max_image_pixels:
             raise InvalidInput(f"{what}: {w}x{h} = {w * h} pixels exceeds the limit of {self.max_image_pixels}")
@@ -194,7 +194,7 @@ class VisionEncoder:
             return img.convert("RGB")
         except InvalidInput:
             raise
-        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
+        except Exception as exc:
             raise InvalidInput(f"{what}: not a readable image ({type(exc).__name__}: {exc})") from None
 
     def encode(self, items: list[VisualItem]) -> list[Encoded]:
@@ -208,7 +208,7 @@ class VisionEncoder:
         # cu_seqlens from grid_thw keeps them from attending to each other.
         images = [i for i in todo if items[i].kind == "image"]
         videos = [i for i in todo if items[i].kind != "image"]
-        fresh = {}
+        fresh: dict[int, Entry] = {}
         if images:
             fresh.update(zip(images, self._encode_images([items[i] for i in images], images)))
         if videos:
@@ -217,7 +217,7 @@ class VisionEncoder:
             cached[hashes[i]] = entry
             self.cache.put(hashes[i], entry)
         new = {hashes[i] for i in todo}
-        return [Encoded(cached[h], h, h not in new) for h in hashes]
+        return [Encoded(e, h, h not in new) for h in hashes if (e := cached[h]) is not None]
 
     def _encode_images(self, items: list[VisualItem], where: list[int]) -> list[Entry]:
         pil = [self._decode(it.data, f"image {i}") for it, i in zip(items, where)]
@@ -231,7 +231,7 @@ class VisionEncoder:
             if it.kind == "video":
                 frames, meta = video.read_file(it.data, i, sample, self.video_limits)
             else:
-                pil = [self._decode(f, f"video {i} frame {j}") for j, f in enumerate(it.data)]
+                pil = [self._decode(f, f"video {i} frame {j}") for j, f in enumerate(it.frames)]
                 frames, meta = video.from_frames(pil, it.fps, i, self.video_limits)
             clips.append(frames)
             metas.append(meta)
@@ -254,7 +254,7 @@ class VisionEncoder:
         ]
         return self._run(inputs["pixel_values_videos"], inputs["video_grid_thw"], infos)
 
-    def _run(self, pixels: torch.Tensor, grids: torch.Tensor, infos: list[VideoInfo | None]) -> list[Entry]:
+    def _run(self, pixels: torch.Tensor, grids: torch.Tensor, infos: Sequence[VideoInfo | None]) -> list[Entry]:
         with self._lock, torch.inference_mode():
             out = self.model(pixels.to(self.device, self.dtype), grid_thw=grids.to(self.device))
             self.passes += 1

@@ -56,7 +56,7 @@ def decode_input(i: int, item: vision_pb2.VisualInput) -> VisualItem:
     if kind == "video_frames" and item.video_frames.frames:
         if not all(item.video_frames.frames):
             raise InvalidInput(f"input {i}: an empty video frame")
-        return VisualItem("frames", tuple(item.video_frames.frames), item.video_frames.fps)
+        return VisualItem("frames", frames=tuple(item.video_frames.frames), fps=item.video_frames.fps)
     raise InvalidInput(f"input {i}: no image or video bytes")
 
 
@@ -115,7 +115,7 @@ class EncodeBatcher:
                 continue
             try:
                 merged = await loop.run_in_executor(self._runner, self.encoder.encode, [it for j in jobs for it in j.items])
-            except Exception:  # noqa: BLE001 - one bad input must not fail the requests it was batched with
+            except Exception:
                 if len(jobs) == 1:
                     merged = None
                 else:
@@ -135,7 +135,7 @@ class EncodeBatcher:
         loop = asyncio.get_running_loop()
         try:
             result = await loop.run_in_executor(self._runner, self.encoder.encode, job.items)
-        except Exception as exc:  # noqa: BLE001 - reported to that request alone
+        except Exception as exc:
             if not job.done.done():
                 job.done.set_exception(exc)
             return

@@ -51,7 +51,8 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from typing_extensions import Self, Unpack
+    from typing_extensions import Unpack
+    from typing import Self
 
     from vlmesh.v1.coordinator_pb2_grpc import CoordinatorServiceAsyncStub
 
