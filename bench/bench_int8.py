@@ -196,7 +196,7 @@ def _int8_transformers(quantized: Path | None):
         from safetensors import safe_open
 
         with safe_open(quantized / "model.safetensors", "pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
                 part, name = canonical_key(key)
                 if part == "text":
                     state[name] = f.get_tensor(key)

@@ -546,7 +546,7 @@ def bench_mesh(args, model_dir: Path, num_layers: int, stages: int, warm_image: 
         mesh = LocalMesh(str(model_dir), ranges, log_dir=str(log_dir), env=env)
         try:
             mesh.start(timeout=args.start_timeout)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             log(f"mesh S={stages}: start failed (attempt {attempt}): {type(exc).__name__}: {exc}")
             res.setdefault("start_failures", []).append(f"{type(exc).__name__}: {exc}")
             if attempt == 3:
@@ -803,7 +803,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in stage_counts:
         try:
             m = bench_mesh(args, model_dir, num_layers, s, warm_image, images, decode_prompt)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - record and go on with the next configuration
             log(f"mesh S={s}: FAILED: {type(exc).__name__}: {exc}")
             m = {"config": f"mesh S={s}", "stages": s, "error": f"{type(exc).__name__}: {exc}"}
         if hf and "error" not in m:

@@ -77,7 +77,7 @@ class _ImageHandler(http.server.BaseHTTPRequestHandler):
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             super().handle()
 
-    def do_GET(self) -> None:
+    def do_GET(self) -> None:  # noqa: N802 (http.server API)
         type(self).user_agents.append(self.headers.get("User-Agent", ""))
         type(self).seen.append((self.headers.get("Host", ""), self.path))
         if self.path.startswith("/redirect?to="):
@@ -478,7 +478,7 @@ class FakeCoordinator(pb_grpc.CoordinatorServiceServicer):
         if self.api_key is not None and got != f"Bearer {self.api_key}":
             abort_rich(context, grpc.StatusCode.UNAUTHENTICATED, "missing or unknown API key", "UNAUTHENTICATED")
 
-    def Generate(self, request, context):
+    def Generate(self, request, context):  # noqa: N802 (gRPC API)
         self.requests.append(request)
         self.metadata.append({k: v for k, v in context.invocation_metadata()})
         self._authorize(context)
@@ -531,7 +531,7 @@ class FakeCoordinator(pb_grpc.CoordinatorServiceServicer):
             trace_id="feed",
         )
 
-    def CreateSession(self, request, context):
+    def CreateSession(self, request, context):  # noqa: N802
         with self._lock:
             self._next += 1
             sid = f"s{self._next}"
@@ -540,18 +540,18 @@ class FakeCoordinator(pb_grpc.CoordinatorServiceServicer):
         self.forget_new_sessions = False
         return pb.CreateSessionResponse(session_id=sid)
 
-    def CloseSession(self, request, context):
+    def CloseSession(self, request, context):  # noqa: N802
         self.closed.append(request.session_id)
         return pb.CloseSessionResponse(existed=self.sessions.pop(request.session_id, None) is not None)
 
-    def GetKVLog(self, request, context):
+    def GetKVLog(self, request, context):  # noqa: N802
         if request.session_id not in self.sessions:
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session {request.session_id}")
         for layer in range(2):
             key = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT16, shape=[1, 1, 2], data=b"\0" * 4)
             yield pb.GetKVLogResponse(delta=tensor_pb2.KVDelta(layer=layer, start_position=0, key=key, value=key))
 
-    def GetModelInfo(self, request, context):
+    def GetModelInfo(self, request, context):  # noqa: N802
         self._authorize(context)
         if self.model_info_error:
             abort_rich(context, grpc.StatusCode.UNAVAILABLE, "stage 1 is down", "STAGE_UNAVAILABLE")

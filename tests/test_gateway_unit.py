@@ -61,7 +61,7 @@ class FakeCoordinator(pb_grpc.CoordinatorServiceServicer):
         if md.get("authorization") == "Bearer bad":
             abort_rich(context, grpc.StatusCode.UNAUTHENTICATED, "unknown API key", "UNAUTHENTICATED")
 
-    def Generate(self, request, context):
+    def Generate(self, request, context):  # noqa: N802 (gRPC API)
         self._check_key(context)
         prompt = request.messages[-1].content[-1].text
         if prompt == "quota":
@@ -82,7 +82,7 @@ class FakeCoordinator(pb_grpc.CoordinatorServiceServicer):
             usage=pb.Usage(prompt_tokens=10, completion_tokens=2, cached_tokens=5),
         )
 
-    def GetModelInfo(self, request, context):
+    def GetModelInfo(self, request, context):  # noqa: N802
         self._check_key(context)
         return pb.GetModelInfoResponse(model_type=MODEL, num_layers=2, stage_layers=["0:2"], max_sequence_length=4096)
 

@@ -36,7 +36,7 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     out = {}
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(file, "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
+            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 - safe_open has no __iter__
     return out
 
 

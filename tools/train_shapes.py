@@ -31,9 +31,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from services import tiny
-from services.shapes import SHIPPED_MODEL, data
-from services.shapes.eval import EVAL_SEED, evaluate_transformers, report
+from services import tiny  # noqa: E402 - after the path fix, so the script runs from a checkout
+from services.shapes import SHIPPED_MODEL, data  # noqa: E402
+from services.shapes.eval import EVAL_SEED, evaluate_transformers, report  # noqa: E402
 
 
 @dataclass

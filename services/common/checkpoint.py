@@ -150,7 +150,7 @@ class Checkpoint:
         if not single.exists():
             raise FileNotFoundError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
         with safe_open(single, framework="pt") as f:
-            return {k: single for k in f.keys()}
+            return {k: single for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
 
     def read(
         self, select: Callable[[str, str], str | None], dtype: torch.dtype, desc: str, int8: bool = False

@@ -56,7 +56,7 @@ def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
 
 
-def field(default: Any = dataclasses.MISSING, help: str = "") -> Any:
+def field(default: Any = dataclasses.MISSING, help: str = "") -> Any:  # noqa: A002 - mirrors argparse
     return dataclasses.field(default=default, metadata={"help": help})
 
 

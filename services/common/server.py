@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter
 
 from .config import ServiceConfig
-from .errors import STATUS_DETAILS_KEY, VlmeshError
+from .errors import STATUS_DETAILS_KEY, InvalidInput, VlmeshError
 from .metrics import MetricsServer, serve_metrics
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,9 @@ async def _abort_with(context: grpc.aio.ServicerContext, exc: BaseException, err
     await abort(context, VlmeshError(f"internal error: {type(exc).__name__}: {exc}"), getattr(exc, "trace_id", ""))
 
 
+_UNDECODABLE = object()  # a request message the deserializer rejected
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps our exception types to gRPC statuses in one place, for every RPC shape of our own
     services (health and reflection are left as they are), and counts them by code."""
@@ -164,37 +167,63 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not handler_call_details.method.startswith("/vlmesh."):
             return handler
 
-        def unary(fn):
+        def decoded(parse):
+            # gRPC answers INTERNAL for a request its deserializer rejects; a malformed message is
+            # the caller's mistake, so it is passed on as a marker and refused as INVALID_ARGUMENT.
+            def safe(raw: bytes):
+                try:
+                    return parse(raw)
+                except Exception:  # noqa: BLE001 - protobuf's DecodeError and friends
+                    return _UNDECODABLE
+
+            return safe
+
+        async def checked(requests):
+            async for r in requests:
+                if r is _UNDECODABLE:
+                    raise InvalidInput("a message of the request stream is not a valid protobuf message of its type")
+                yield r
+
+        def unary(fn, stream_in: bool = False):
             async def wrapper(request, context):
                 try:
+                    if stream_in:
+                        request = checked(request)
+                    elif request is _UNDECODABLE:
+                        raise InvalidInput("the request is not a valid protobuf message of its type")
                     return await fn(request, context)
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - every error becomes a status
                     await _abort_with(context, exc, self.errors)
 
             return wrapper
 
-        def streaming(fn):
+        def streaming(fn, stream_in: bool = False):
             async def wrapper(request, context):
                 try:
+                    if stream_in:
+                        request = checked(request)
+                    elif request is _UNDECODABLE:
+                        raise InvalidInput("the request is not a valid protobuf message of its type")
                     async for item in fn(request, context):
                         yield item
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001
                     await _abort_with(context, exc, self.errors)
 
             return wrapper
 
+        handler = handler._replace(request_deserializer=decoded(handler.request_deserializer))
         if handler.unary_unary:
             return handler._replace(unary_unary=unary(handler.unary_unary))
         if handler.unary_stream:
             return handler._replace(unary_stream=streaming(handler.unary_stream))
         if handler.stream_unary:
-            return handler._replace(stream_unary=unary(handler.stream_unary))
+            return handler._replace(stream_unary=unary(handler.stream_unary, stream_in=True))
         if handler.stream_stream:
-            return handler._replace(stream_stream=streaming(handler.stream_stream))
+            return handler._replace(stream_stream=streaming(handler.stream_stream, stream_in=True))
         return handler
 
 

@@ -266,7 +266,7 @@ class Engine:
                 self._check_deadlines()
                 while batch := self.scheduler.next_batch(len(self._batches)):
                     self._launch(batch)  # type: ignore[arg-type]
-            except Exception:
+            except Exception:  # noqa: BLE001 - the loop must survive anything one round does
                 log.exception("engine round failed")
 
     def _spawn(self, coro) -> asyncio.Task:
@@ -344,7 +344,7 @@ class Engine:
             r.task = None
             self._end(r, error=err)
             return
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - a bad prompt fails its request alone
             log.exception("preparing request %s failed", r.id)
             r.task = None
             self._end(r, error=VlmeshError(f"preparing the prompt failed: {type(err).__name__}: {err}"))
@@ -514,7 +514,7 @@ class Engine:
             r.in_flight = False
             try:
                 self._update(r, n, outcome)
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 - one request's bad update fails it alone
                 log.exception("updating request %s failed", r.id)
                 self._end(r, error=VlmeshError(f"internal error: {type(err).__name__}: {err}"))
 
@@ -781,7 +781,7 @@ class Engine:
         if self.store is not None:
             try:
                 await self.store.save(s)
-            except Exception:
+            except Exception:  # noqa: BLE001 - the answer stands; the next save may work
                 log.exception("saving session %s failed", short(s.id))
 
     def _on_close(self, session_id: str) -> None:
@@ -823,7 +823,7 @@ class Engine:
                     await self._renew_leases()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception:  # noqa: BLE001
                 log.exception("housekeeping failed")
 
     async def _renew_leases(self) -> None:
@@ -837,7 +837,7 @@ class Engine:
                 continue
             try:
                 unknown = set(await rep.renew([s.id for s in sessions]))
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 - the next round tries again
                 log.info("renewing leases on %s failed: %s", addr, err)
                 continue
             for s in sessions:

@@ -88,6 +88,6 @@ async def watch(
             await probe_all()
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception:  # noqa: BLE001 - the watch must outlive anything one round does
             log.exception("replica watch round failed")
         await asyncio.sleep(interval)

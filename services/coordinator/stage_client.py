@@ -56,7 +56,7 @@ class _ForwardStream:
             self.fail(from_rpc_error(err, f"stage {self.address}"))
         except VlmeshError as err:
             self.fail(err)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - a broken stream fails its pending steps, nothing more
             self.fail(StageDown(f"stage {self.address}: {type(err).__name__}: {err}"))
 
     def fail(self, err: VlmeshError) -> None:

@@ -188,7 +188,7 @@ class StageBackend:
             with torch.inference_mode():
                 try:
                     self._forward(admitted, results)
-                except Exception as batch_err:
+                except Exception as batch_err:  # noqa: BLE001 - isolate the step that broke the batch
                     if len(admitted) == 1:
                         i, step, _ = admitted[0]
                         results[i].error = _as_error(batch_err)
@@ -198,7 +198,7 @@ class StageBackend:
                         for one in admitted:
                             try:
                                 self._forward([one], results)
-                            except Exception as err:
+                            except Exception as err:  # noqa: BLE001
                                 results[one[0]].error = _as_error(err)
                                 log.exception("step of session %s failed", one[1].session_id[:40])
         for r in results:

@@ -16,7 +16,7 @@ from torch import nn
 
 from services.common.checkpoint import Checkpoint, build_on_meta, load_weights
 
-from . import attention
+from . import attention  # noqa: F401 - registers the "vlmesh" attention the layers are built with
 from . import quant
 from .kv_cache import BatchKV
 

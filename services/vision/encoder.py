@@ -178,7 +178,7 @@ class VisionEncoder:
     def _header(self, data: bytes, what: str) -> int:
         try:
             w, h = Image.open(io.BytesIO(data)).size  # the header only
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
             raise InvalidInput(f"{what}: not a readable image ({type(exc).__name__}: {exc})") from None
         if w * h > self.max_image_pixels:
             raise InvalidInput(f"{what}: {w}x{h} = {w * h} pixels exceeds the limit of {self.max_image_pixels}")
@@ -194,7 +194,7 @@ class VisionEncoder:
             return img.convert("RGB")
         except InvalidInput:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
             raise InvalidInput(f"{what}: not a readable image ({type(exc).__name__}: {exc})") from None
 
     def encode(self, items: list[VisualItem]) -> list[Encoded]:

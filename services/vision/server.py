@@ -115,7 +115,7 @@ class EncodeBatcher:
                 continue
             try:
                 merged = await loop.run_in_executor(self._runner, self.encoder.encode, [it for j in jobs for it in j.items])
-            except Exception:
+            except Exception:  # noqa: BLE001 - one bad input must not fail the requests it was batched with
                 if len(jobs) == 1:
                     merged = None
                 else:
@@ -135,7 +135,7 @@ class EncodeBatcher:
         loop = asyncio.get_running_loop()
         try:
             result = await loop.run_in_executor(self._runner, self.encoder.encode, job.items)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - reported to that request alone
             if not job.done.done():
                 job.done.set_exception(exc)
             return

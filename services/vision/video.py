@@ -44,7 +44,7 @@ def probe(data: bytes, index: int, limits: VideoLimits) -> tuple[int, int, int]:
             container_name = container.format.name
     except InvalidInput:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - PyAV raises many types for bad files
         raise InvalidInput(f"video {index}: not a readable video ({type(exc).__name__}: {exc})") from None
     if frames <= 0 or not rate:
         # transformers' reader samples from the header's frame count; WebM and Matroska have none.
@@ -73,7 +73,7 @@ def read_file(data: bytes, index: int, sample_frames: Callable, limits: VideoLim
     probe(data, index, limits)
     try:
         frames, metadata = read_video_pyav(io.BytesIO(data), sample_indices_fn=sample_frames)  # type: ignore[arg-type]  # PyAV reads file objects
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a damaged stream fails while decoding, in many ways
         raise InvalidInput(f"video {index}: cannot decode or sample it ({type(exc).__name__}: {exc})") from None
     if len(frames) == 0 or len(frames) != len(metadata.frames_indices):
         raise InvalidInput(f"video {index}: decoded {len(frames)} of {len(metadata.frames_indices)} sampled frames")
