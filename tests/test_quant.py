@@ -205,7 +205,7 @@ def test_stage_modes_on_a_float_checkpoint():
     from services.stage.model import StageModel
 
     ckpt = open_checkpoint(SHIPPED_MODEL)
-    plain, auto, int8 = (StageModel(ckpt, 0, 2, torch.float32, mode) for mode in ("none", "auto", "int8"))
+    plain, auto, int8 = (StageModel(ckpt, 0, 2, torch.float32, quantize=mode) for mode in ("none", "auto", "int8"))
     assert plain.quantization == auto.quantization == "none"
     assert int8.quantization == "w8a8-int8"
     layer = int8.layers[0]
@@ -219,4 +219,4 @@ def test_stage_modes_on_a_float_checkpoint():
         torch.testing.assert_close(m.dequantized(), w.detach(), atol=float(w.detach().abs().max()) / 254 + 1e-7, rtol=0)
     assert int8.weight_bytes() < 0.6 * plain.weight_bytes()
     with pytest.raises(ValueError, match="--quantize must be one of"):
-        StageModel(ckpt, 0, 2, torch.float32, "int4")
+        StageModel(ckpt, 0, 2, torch.float32, quantize="int4")

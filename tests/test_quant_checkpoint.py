@@ -145,7 +145,7 @@ def test_quantize_none_dequantizes(quantized):
     from services.stage.model import StageModel
 
     ckpt = open_checkpoint(quantized)
-    q, plain = StageModel(ckpt, 0, 2, torch.float32), StageModel(ckpt, 0, 2, torch.float32, "none")
+    q, plain = StageModel(ckpt, 0, 2, torch.float32), StageModel(ckpt, 0, 2, torch.float32, quantize="none")
     assert plain.quantization == "none" and not any(isinstance(m, Int8Linear) for m in plain.modules())
     for n in LINEARS:
         assert torch.equal(plain.layers[1].get_submodule(n).weight, q.layers[1].get_submodule(n).dequantized())
@@ -155,7 +155,7 @@ def test_vision_service_reads_its_float_tower_from_the_quantized_checkpoint(quan
     from services.vision.encoder import VisionEncoder
 
     def tower(path: Path) -> dict[str, torch.Tensor]:
-        enc = VisionEncoder(open_checkpoint(path), torch.float32, 0, 1 << 24, 4)
+        enc = VisionEncoder(open_checkpoint(path), torch.float32, 0, 1 << 24)
         return enc.model.state_dict()
 
     ours, source = tower(quantized), tower(SHIPPED_MODEL)
@@ -234,7 +234,7 @@ def test_readers_that_run_float_get_int8_tensors_dequantized(quantized, tmp_path
     q, scale = quant.quantize_weight(tensors["visual.blocks.0.attn.qkv.weight"])
     tensors["visual.blocks.0.attn.qkv.weight"], tensors["visual.blocks.0.attn.qkv.weight_scale"] = q, scale
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    encoder = VisionEncoder(open_checkpoint(tmp_path), torch.float32, 0, 1 << 24, 4)
+    encoder = VisionEncoder(open_checkpoint(tmp_path), torch.float32, 0, 1 << 24)
     weight = encoder.model.blocks[0].attn.qkv.weight
     assert weight.dtype == torch.float32 and torch.equal(weight, q.float() * scale)
     assert "blocks.0.attn.qkv.weight_scale" not in encoder.model.state_dict()

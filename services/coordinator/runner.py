@@ -68,8 +68,10 @@ class Runner:
         self.hop_timeout = hop_timeout
         self.hop_timeout_per_token = hop_timeout_per_token
         self.on_hop: Callable[[str, float], None] | None = None  # (range label, seconds): metrics
+        self._batches = 0
 
     async def execute(self, plans: list[StepPlan]) -> list[StepOutcome]:
+        self._batches += 1
         outcomes = [StepOutcome() for _ in plans]
         spans = [
             _tracer.start_span(
@@ -80,6 +82,7 @@ class Runner:
                     "vlmesh.start_position": p.start,
                     "vlmesh.tokens": len(p.token_ids),
                     "vlmesh.batch_size": len(plans),
+                    "vlmesh.batch": self._batches,  # which micro-batch: steps sharing it ran together
                     "vlmesh.sample": p.sample is not None,
                 },
             )

@@ -111,7 +111,9 @@ class StageReplica:
     async def probe(self, timeout: float) -> bool:
         """Ask GetInfo; returns True when the replica restarted (its KV is gone)."""
         try:
-            info = await self.stub.GetInfo(stage_pb2.GetInfoRequest(), timeout=timeout)
+            # wait_for_ready: a replica that restarted a moment ago is reached as soon as it listens,
+            # instead of failing fast while the channel is still backing off.
+            info = await self.stub.GetInfo(stage_pb2.GetInfoRequest(), timeout=timeout, wait_for_ready=True)
         except grpc.RpcError as err:
             if self.health.mark(False):
                 log.warning("stage %s is down: %s", self.address, err.code().name)

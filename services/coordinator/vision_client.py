@@ -37,7 +37,7 @@ class VisionInstance:
 
     async def probe(self, timeout: float) -> None:
         try:
-            resp = await health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            resp = await health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout, wait_for_ready=True)
             up = resp.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.RpcError:
             up = False
