@@ -22,12 +22,7 @@ processes, queried through vlmesh.Client) at each S:
    Mesh: event arrival times at the client (max_tokens=N; the mesh has no min_tokens, so the prompt
    is chosen beforehand with HF greedy as one that does not hit EOS within N tokens; the count
    actually produced is reported).
-3. Per-hop overhead of a decode step: the bench drives the stage processes directly as the
-   coordinator does (services.coordinator.stage_client.Mesh, one Forward stream per stage, hidden
-   states relayed through this process), and per hop computes wall time of StageClient.forward()
-   minus the stage's reported ForwardResponse.compute_us. Mean and p50 over --hop-steps decode
-   steps (after --hop-warmup unrecorded ones), per stage count, with return_kv_delta as the
-   coordinator sends it by default (kv_log=True), and also without KV deltas.
+3. (Per-hop overhead: bench/bench_load.py --part hop.)
 4. RSS (psutil): HF = RSS of this process after from_pretrained minus before; mesh = every child
    process (vision, stage i, coordinator) after warm-up.
 
@@ -51,7 +46,6 @@ import shlex
 import statistics
 import sys
 import time
-import uuid
 from pathlib import Path
 
 # gRPC core's fork support (on by default in grpcio's Linux builds) installs pthread_atfork handlers.
@@ -436,100 +430,8 @@ def mesh_decode(client, prompt: str, n: int) -> dict:
     }
 
 
-def hop_overhead(stage_addresses: list[str], num_layers: int, tokenizer, chat_template_fn, steps: int, warmup: int, kv_delta: bool) -> dict:
-    """Drive prefill + decode steps through the stages from this process, as the coordinator's
-    Runner does; per hop: wall of StageClient.forward() minus the stage's compute_us."""
-    import torch
-
-    from services.common import tensors
-    from services.coordinator.stage_client import Mesh
-    from vlmesh.v1 import stage_pb2, tensor_pb2
-
-    mesh = Mesh.connect(stage_addresses, num_layers)
-    sid = f"bench-hop-{uuid.uuid4().hex}"
-    prompt_ids = tokenizer(chat_template_fn(HOP_PROMPT), add_special_tokens=False)["input_ids"]
-    greedy = tensor_pb2.SamplingParams(temperature=0.0)
-
-    def step(ids: list[int], positions, start: int, turn_start: bool):
-        hidden = None
-        hops = []
-        pos = tensors.to_proto(positions)
-        out = None
-        for st in mesh.stages:
-            info = st.info
-            req = stage_pb2.ForwardRequest()
-            s = req.steps.add(session_id=sid, start_position=start, return_kv_delta=kv_delta, turn_start=turn_start)
-            s.position_ids.CopyFrom(pos)
-            if info.is_first or info.is_last:
-                s.token_ids.extend(ids)
-            if not info.is_first:
-                s.hidden_states.CopyFrom(hidden)
-            if info.is_last:
-                s.sampling.CopyFrom(greedy)
-            t0 = time.perf_counter_ns()
-            resp = st.forward(req)
-            wall_us = (time.perf_counter_ns() - t0) / 1000
-            hops.append((wall_us, float(resp.compute_us)))
-            out = resp.outputs[0]
-            hidden = out.hidden_states
-        return out.token_id, hops
-
-    try:
-        t = len(prompt_ids)
-        positions = torch.arange(t, dtype=torch.int64).expand(3, t).contiguous()
-        token, prefill_hops = step(prompt_ids, positions, 0, True)
-        per_stage: list[list[tuple[float, float]]] = [[] for _ in mesh.stages]
-        step_walls = []
-        pos = t
-        for i in range(warmup + steps):
-            t0 = time.perf_counter()
-            token, hops = step([token], torch.full((3, 1), pos, dtype=torch.int64), pos, False)
-            pos += 1
-            if i >= warmup:
-                step_walls.append(time.perf_counter() - t0)
-                for k, h in enumerate(hops):
-                    per_stage[k].append(h)
-        # Baseline: a unary gRPC round trip (GetInfo, no tensors, no model work) to each stage.
-        rtt = []
-        for _ in range(3):
-            for st in mesh.stages:
-                st.stub.GetInfo(stage_pb2.GetInfoRequest(), timeout=10)
-        for _ in range(max(10, steps // len(mesh.stages))):
-            for st in mesh.stages:
-                t0 = time.perf_counter_ns()
-                st.stub.GetInfo(stage_pb2.GetInfoRequest(), timeout=10)
-                rtt.append((time.perf_counter_ns() - t0) / 1000)
-        overheads = [w - c for st in per_stage for (w, c) in st]
-        res = {
-            "kv_delta": kv_delta,
-            "prompt_tokens": t,
-            "steps": steps,
-            "overhead_us": stats_us(overheads),
-            "per_stage": [
-                {
-                    "layers": f"{st.info.layer_start}:{st.info.layer_end}",
-                    "overhead_us": stats_us([w - c for w, c in hs]),
-                    "wall_us": stats_us([w for w, _ in hs]),
-                    "compute_us": stats_us([c for _, c in hs]),
-                }
-                for st, hs in zip(mesh.stages, per_stage)
-            ],
-            "overhead_per_token_us_mean": statistics.fmean(
-                [sum(per_stage[k][j][0] - per_stage[k][j][1] for k in range(len(per_stage))) for j in range(steps)]
-            ),
-            "direct_chain_tok_s": steps / sum(step_walls),
-            "unary_getinfo_rtt_us": stats_us(rtt),
-            "prefill_hops_us": [{"wall": w, "compute": c} for w, c in prefill_hops],
-        }
-        return res
-    finally:
-        mesh.release(sid)
-        mesh.close()
-
-
 def bench_mesh(args, model_dir: Path, num_layers: int, stages: int, warm_image: Path, images: list[Path], decode_prompt: str) -> dict:
     import psutil
-    from transformers import AutoProcessor
 
     from services.launcher import LocalMesh, split_layers
     from vlmesh import Client
@@ -605,31 +507,6 @@ def bench_mesh(args, model_dir: Path, num_layers: int, stages: int, warm_image: 
         res["decode_prompt_tokens"] = runs[-1]["prompt_tokens"]
         client.close()
 
-        processor = AutoProcessor.from_pretrained(str(model_dir))
-        template = lambda text: processor.apply_chat_template(text_messages(text), add_generation_prompt=True, tokenize=False)  # noqa: E731
-        res["hops"] = {}
-        for kv_delta in (True, False):
-            key = "kv_delta" if kv_delta else "no_kv_delta"
-            log(f"mesh S={stages}: per-hop overhead, {args.hop_steps} decode steps driven directly (return_kv_delta={kv_delta})")
-            with watched(f"mesh S={stages} hops kv_delta={kv_delta}"):
-                h = hop_overhead(mesh.stage_addresses, num_layers, processor.tokenizer, template, args.hop_steps, args.hop_warmup, kv_delta)
-            res["hops"][key] = h
-            o = h["overhead_us"]
-            log(
-                f"mesh S={stages}: per-hop overhead mean {o['mean']:.0f} us, p50 {o['p50']:.0f} us "
-                f"(per token {h['overhead_per_token_us_mean']:.0f} us; unary GetInfo RTT p50 {h['unary_getinfo_rtt_us']['p50']:.0f} us; direct chain {h['direct_chain_tok_s']:.2f} tok/s; "
-                + "; ".join(f"stage {s['layers']}: compute {s['compute_us']['mean']:.0f} us" for s in h["per_stage"])
-                + ")"
-            )
-        # The hop measurement opened a second Forward stream per stage, i.e. a second server thread
-        # that runs torch ops; with libgomp that can change how long OpenMP workers spin after a
-        # parallel region (throttled once a process manages more OpenMP threads than cores). One
-        # more coordinator decode run shows whether the mesh's speed depends on that hidden state.
-        log(f"mesh S={stages}: decode {args.decode_tokens} tokens again, after the direct-driven hops")
-        with Client(mesh.address, timeout=3600) as client2, watched(f"mesh S={stages} decode after hops"):
-            d = mesh_decode(client2, decode_prompt, args.decode_tokens)
-        res["decode_after_hops"] = {k: v for k, v in d.items() if k != "token_ids"}
-        log(f"mesh S={stages}: decode after hops {d['tok_s'] or float('nan'):.2f} tok/s ({d['tokens']} tokens)")
         res["rss_end_mb"] = {name: rss_bytes(p.pid) / 2**20 for name, p in procs.items()}
     finally:
         log(f"mesh S={stages}: stopping")
@@ -649,26 +526,25 @@ def fmt(v, spec: str, none: str = "n/a") -> str:
 def table(report: dict) -> str:
     hf = report.get("hf") or {}
     rows = [
-        "| config | TTFT s | TTFT ratio vs HF | decode tok/s | decode ratio vs HF | per-hop overhead µs (mean/p50) | RSS MB per process |",
-        "|---|---|---|---|---|---|---|",
+        "| config | TTFT s | TTFT ratio vs HF | decode tok/s | decode ratio vs HF | RSS MB per process |",
+        "|---|---|---|---|---|---|",
     ]
     if hf:
         rows.append(
-            f"| {hf['config']} | {fmt(hf['ttft_s'], '.3f')} | 1.00 | {fmt(hf['decode_tok_s'], '.2f')} | 1.00 | – "
+            f"| {hf['config']} | {fmt(hf['ttft_s'], '.3f')} | 1.00 | {fmt(hf['decode_tok_s'], '.2f')} | 1.00 "
             f"| model +{hf['rss_model_warm_mb']:.0f} after warm-up (+{hf['rss_model_mb']:.0f} right after from_pretrained); "
             f"process {hf['rss_after_warmup_mb']:.0f} |"
         )
     for m in report["mesh"]:
         if "error" in m:
-            rows.append(f"| {m['config']} | failed: {m['error']} | | | | | |")
+            rows.append(f"| {m['config']} | failed: {m['error']} | | | | |")
             continue
-        h = m["hops"]["kv_delta"]["overhead_us"]
         rss = ", ".join(f"{k.replace('stage', 's').replace('coordinator', 'coord')} {v:.0f}" for k, v in m["rss_mb"].items())
         short = "" if m["decode_tokens"] == report["decode_tokens"] else f" ({m['decode_tokens']} tok)"
         rows.append(
             f"| {m['config']} ({', '.join(m['ranges'])}) | {fmt(m['ttft_s'], '.3f')} | {fmt(m.get('ttft_ratio'), '.2f')} "
             f"| {fmt(m['decode_tok_s'], '.2f')}{short} | {fmt(m.get('decode_ratio'), '.3f')} "
-            f"| {h['mean']:.0f} / {h['p50']:.0f} | {rss} (total {m['rss_total_mb']:.0f}) |"
+            f"| {rss} (total {m['rss_total_mb']:.0f}) |"
         )
     return "\n".join(rows)
 
@@ -686,9 +562,7 @@ def notes(report: dict) -> str:
         f"decode: N={report['decode_tokens']} tokens after a {hf.get('decode_prompt_tokens', '?')}-token text prompt, "
         "(N-1)/(t_last - t_first); HF timed with a streamer inside one generate call; median of "
         f"{report['repeats']} run(s).",
-        "per-hop overhead: wall time of StageClient.forward() in this process minus the stage's compute_us, "
-        f"{report['hop_steps']} decode steps driven directly, return_kv_delta=True (as the coordinator's default kv_log); "
-        "RSS of mesh processes after warm-up.",
+        "RSS of mesh processes after warm-up. Per-hop overhead: bench/bench_load.py --part hop.",
     ]
     if report.get("foreign_cpu"):
         worst = max(report["foreign_cpu"], key=lambda f: f["foreign_cores"])
@@ -698,17 +572,11 @@ def notes(report: dict) -> str:
             f"{worst['foreign_cores']:.2f} cores ({worst['what']}); see foreign_cpu in the JSON"
         )
     for m in report["mesh"]:
-        if "hops" not in m:
+        if "error" in m:
             continue
-        a, b = m["hops"]["kv_delta"], m["hops"]["no_kv_delta"]
         match = "n/a" if not hf else ("yes" if m["decode_token_ids"] == hf.get("decode_token_ids") else "NO")
         lines.append(
-            f"{m['config']}: per-token hop overhead {a['overhead_per_token_us_mean']:.0f} µs (without KV deltas: "
-            f"hop mean/p50 {b['overhead_us']['mean']:.0f}/{b['overhead_us']['p50']:.0f} µs; unary GetInfo round trip "
-            f"p50 {a['unary_getinfo_rtt_us']['p50']:.0f} µs); direct stage chain "
-            f"{a['direct_chain_tok_s']:.2f} tok/s vs through coordinator {fmt(m['decode_tok_s'], '.2f')} tok/s, and "
-            f"{fmt(m['decode_after_hops']['tok_s'], '.2f')} tok/s when rerun after the direct-driven hops; "
-            f"decode tokens equal HF's: {match}; startup {m['startup_s']:.0f} s; PSS total {m['pss_total_mb']:.0f} MB "
+            f"{m['config']}: decode tokens equal HF's: {match}; startup {m['startup_s']:.0f} s; PSS total {m['pss_total_mb']:.0f} MB "
             f"(RSS total {m['rss_total_mb']:.0f} MB counts torch's shared library pages once per process)"
         )
     return "\n".join(f"- {x}" for x in lines)
@@ -721,8 +589,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", default="1,2,4", help="comma-separated stage counts")
     ap.add_argument("--decode-tokens", type=int, default=None, help="N (default 128 for tiny, 32 for 2b)")
     ap.add_argument("--repeats", type=int, default=None, help="TTFT/decode runs per config (default 3 tiny, 1 2b)")
-    ap.add_argument("--hop-steps", type=int, default=50)
-    ap.add_argument("--hop-warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = torch's default)")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment for the mesh processes")
     ap.add_argument("--quiet-wait", type=float, default=300.0,
@@ -765,8 +631,6 @@ def main(argv: list[str] | None = None) -> int:
         "stages": stage_counts,
         "decode_tokens": args.decode_tokens,
         "repeats": args.repeats,
-        "hop_steps": args.hop_steps,
-        "hop_warmup": args.hop_warmup,
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]) if argv is None else " ".join(argv),
         "cwd": os.getcwd(),
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),

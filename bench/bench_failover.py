@@ -1,0 +1,135 @@
+"""Benchmark: what failures cost. A 2-stage mesh with 2 replicas per layer range.
+
+    python bench/bench_failover.py --model 2b --dtype bfloat16 [--kills 5] [--tokens 48]
+
+1. Recovery after kill -9: a greedy generation streams; at token 8 the replica holding its
+   session is killed (found with GetMeshStatus); recovery = from the kill to the next token at the
+   client (the coordinator restores the session's KV on the other replica from its KV log and
+   continues the step). The killed replica is restarted before the next round. The completion is
+   checked against the undisturbed one.
+2. The KV log's cost: decode tok/s of one generation with the log on, then with the coordinator
+   restarted with --kv-log-mb 0.
+3. Coordinator memory per 1k tokens of session state: RSS before and after sessions holding N
+   tokens in all (KV log on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_mesh import RESULTS, log, prepare_model  # noqa: E402
+from meshproc import LocalMesh, kill, respawn, stream_times  # noqa: E402
+
+PROMPT = [{"role": "user", "content": "Write a long story about a cat and a dog who live in a small house by the river."}]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import psutil
+
+    from services.common.checkpoint import open_checkpoint
+    from services.launcher import split_layers
+    from vlmesh import Client
+    from vlmesh.v1 import coordinator_pb2 as cpb
+    from vlmesh.v1 import coordinator_pb2_grpc as cgrpc
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--kills", type=int, default=5)
+    p.add_argument("--tokens", type=int, default=48)
+    p.add_argument("--state-tokens", type=int, default=4000, help="session tokens held for the memory measurement")
+    args = p.parse_args(argv)
+    args.model_dir = args.model if Path(args.model).is_dir() else None
+    model_dir = prepare_model(args)
+    layers = open_checkpoint(model_dir).text_config.num_hidden_layers
+    mesh = LocalMesh(
+        str(model_dir),
+        split_layers(layers, 2),
+        replicas=2,
+        log_dir=str(RESULTS / "logs-failover"),
+        env={"VLMESH_PREFIX_CACHE_SESSIONS": "0", "VLMESH_HEALTH_INTERVAL": "0.5", "VLMESH_DEFAULT_MAX_TOKENS": "8192"},
+    )
+    log("starting vision + 2 ranges x 2 replicas + coordinator")
+    mesh.start(timeout=1800)
+    report: dict = {"model": str(model_dir), "dtype": args.dtype}
+    try:
+        import grpc
+
+        ch = grpc.insecure_channel(mesh.address)
+        status = cgrpc.CoordinatorServiceStub(ch)
+        with Client(mesh.address, timeout=3600) as client:
+            times, expected, _, _ = stream_times(client, PROMPT, args.tokens)
+            log(f"undisturbed: {len(expected)} tokens")
+            recoveries, equal = [], []
+            for k in range(args.kills):
+                killed: dict = {}
+
+                def strike(n: int) -> None:
+                    if n == 8 and not killed:
+                        holding = [r for r in status.GetMeshStatus(cpb.GetMeshStatusRequest(), timeout=10).stages if r.pinned_sessions > 0]
+                        addr = holding[k % len(holding)].address
+                        name = mesh.names[[i for i, p in enumerate(mesh.procs) if f"--port {addr.rsplit(':', 1)[1]}" in " ".join(p.args)][0]]
+                        killed.update(name=name, at=time.perf_counter())
+                        kill(mesh, name)
+
+                times, got, _, _ = stream_times(client, PROMPT, args.tokens, strike)
+                after = [t for t in times if t > killed["at"]]
+                recoveries.append(after[0] - killed["at"])
+                equal.append(got == expected)
+                log(f"kill {k + 1}: {killed['name']} at token 8; next token {recoveries[-1] * 1000:.0f} ms later; equal: {equal[-1]}")
+                respawn(mesh, killed["name"])
+            report["recovery_s"] = recoveries
+            report["recovery_p50_s"] = statistics.median(recoveries)
+            report["recovery_max_s"] = max(recoveries)
+            report["completions_equal"] = sum(equal)
+            itl = [b - a for a, b in zip(times, times[1:])]
+            report["itl_p50_s"] = statistics.median(itl)
+
+            def decode_rate() -> float:
+                ts, _, _, _ = stream_times(client, PROMPT, args.tokens)
+                return (len(ts) - 1) / (ts[-1] - ts[0])
+
+            on = [decode_rate() for _ in range(3)]
+            report["decode_tok_s_kv_log_on"] = statistics.median(on)
+            coord = psutil.Process(mesh.procs[mesh.names.index("coordinator")].pid)
+            before = coord.memory_info().rss
+            held = 0
+            sids = []
+            while held < args.state_tokens:
+                sid = client.create_session()
+                sids.append(sid)
+                r = client.session(sid).chat([{"role": "user", "content": "Tell me everything about rivers. " * 60}], max_tokens=8)
+                held += r.usage.prompt_tokens + r.usage.completion_tokens
+            grown = coord.memory_info().rss - before
+            report["coordinator_mb_per_1k_tokens"] = grown / 2**20 / (held / 1000)
+            report["state_tokens"] = held
+            log(f"coordinator: +{grown / 2**20:.0f} MiB for {held} tokens of session state")
+        respawn(mesh, "coordinator", ["--kv-log-mb", "0"])
+        with Client(mesh.address, timeout=3600) as client:
+            off = [decode_rate() for _ in range(3)]
+        report["decode_tok_s_kv_log_off"] = statistics.median(off)
+        report["kv_log_cost"] = 1 - report["decode_tok_s_kv_log_on"] / report["decode_tok_s_kv_log_off"]
+        log(f"decode tok/s: KV log on {report['decode_tok_s_kv_log_on']:.2f}, off {report['decode_tok_s_kv_log_off']:.2f}")
+    finally:
+        mesh.stop()
+    out = RESULTS / f"failover-{Path(model_dir).name}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(
+        f"| recovery after kill -9, p50 / max | completions equal | ITL p50 | decode tok/s KV log on / off | coordinator MiB per 1k tokens |\n"
+        f"|---|---|---|---|---|\n"
+        f"| {report['recovery_p50_s'] * 1000:.0f} / {report['recovery_max_s'] * 1000:.0f} ms | {report['completions_equal']}/{args.kills} "
+        f"| {report['itl_p50_s'] * 1000:.0f} ms | {report['decode_tok_s_kv_log_on']:.2f} / {report['decode_tok_s_kv_log_off']:.2f} "
+        f"({report['kv_log_cost']:+.1%}) | {report['coordinator_mb_per_1k_tokens']:.1f} |"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""What the service benchmarks share: a local mesh of real processes whose coordinator and stage
+replicas can be killed and restarted one by one, and a client's view of a stream's token times."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "clients" / "python"))
+
+from services.launcher import LocalMesh  # noqa: E402
+
+
+def index_of(mesh: LocalMesh, name: str) -> int:
+    return mesh.names.index(name)
+
+
+def kill(mesh: LocalMesh, name: str) -> None:
+    p = mesh.procs[index_of(mesh, name)]
+    p.send_signal(signal.SIGKILL)
+    p.wait(30)
+
+
+def respawn(mesh: LocalMesh, name: str, extra: list[str] = (), timeout: float = 600) -> None:  # type: ignore[assignment]
+    """Start a child again with its own command line (plus `extra`) and wait until it serves."""
+    from services.common.server import wait_healthy
+
+    i = index_of(mesh, name)
+    old = mesh.procs[i]
+    args = list(old.args[4:])  # after: python -m services.cli serve
+    if old.poll() is None:
+        old.send_signal(signal.SIGKILL)
+        old.wait(30)
+    mesh.procs.pop(i)
+    mesh.names.pop(i)
+    mesh._spawn(name, [*args, *extra])
+    port = args[args.index("--port") + 1]
+    tls = None if args[0] == "coordinator" else mesh._mesh_tls()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            wait_healthy(f"127.0.0.1:{port}", timeout=5, tls=tls)
+            return
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise
+
+
+def stream_times(client, messages, max_tokens: int, on_token=None) -> tuple[list[float], list[int], str, object]:
+    """(arrival time of each token, the tokens, the text, the last event) of one Generate stream."""
+    times: list[float] = []
+    tokens: list[int] = []
+    text, last = [], None
+    for ev in client.stream_events(messages, max_tokens=max_tokens):
+        if ev.token_ids:
+            now = time.perf_counter()
+            times += [now] * len(ev.token_ids)
+            tokens += ev.token_ids
+            if on_token is not None:
+                on_token(len(tokens))
+        text.append(ev.text)
+        last = ev
+    return times, tokens, "".join(text), last
