@@ -160,7 +160,11 @@ def _service_args(args: argparse.Namespace) -> tuple[list[str], dict[str, list[s
         return [] if value is None else ["--" + name.replace("_", "-"), str(value)]
 
     common = [*flag("threads"), *flag("trace_exporter"), *flag("otlp_endpoint")]
-    return common, {"vision": flag("dtype"), "stage": [*flag("dtype"), *flag("kv_budget_mb")]}
+    # One machine: the stages share its cores and memory bandwidth, so micro-batches in flight at
+    # once slow each other down (measured: bench/bench_load.py --pipeline true,false); pipelining
+    # pays when stages have machines of their own.
+    coordinator = ["--pipeline", "true" if getattr(args, "pipeline", False) else "false"]
+    return common, {"vision": flag("dtype"), "stage": [*flag("dtype"), *flag("kv_budget_mb")], "coordinator": coordinator}
 
 
 def _progress(line: str) -> None:
@@ -303,6 +307,8 @@ def _add_up_arguments(up: argparse.ArgumentParser) -> None:
     up.add_argument("--log-dir", help="write each service's log here instead of the terminal")
     up.add_argument("--timeout", type=float, default=600, help="seconds to wait for the services to be healthy")
     up.add_argument("--openai-port", type=int, default=None, help="also start the OpenAI-compatible gateway on this port (0 = any free one)")
+    up.add_argument("--pipeline", action="store_true",
+                    help="keep one micro-batch in flight per stage (off here: local stages share the machine's cores)")
     up.add_argument("--quantize", default="auto",
                     help="stages' decoder-layer linears: auto, int8 or none, or a comma list with one per stage (e.g. int8,none)")
 

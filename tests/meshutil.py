@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import tempfile
 from dataclasses import dataclass, field
@@ -329,3 +330,33 @@ def stage_holds(address: str, session_id: str) -> bool:
     with internal_channel(address) as ch:
         resp = stage_pb2_grpc.StageServiceStub(ch).RenewLeases(stage_pb2.RenewLeasesRequest(session_ids=[session_id]), timeout=10)
     return session_id not in resp.unknown_session_ids
+
+
+@contextlib.contextmanager
+def vlmesh_up(model, log_dir, *args: str, env: dict | None = None):
+    """`vlmesh up --model MODEL --stages 2 --port 0 ARGS...` as a child process: yields the
+    addresses it prints on its first line; SIGTERM (then SIGKILL) at the end."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import pytest
+
+    cmd = [sys.executable, "-m", "services.cli", "up", "--model", str(model), "--stages", "2", "--port", "0", "--log-dir", str(log_dir), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    assert proc.stdout is not None and proc.stderr is not None
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait(30)
+        pytest.fail(f"vlmesh up exited: {proc.stderr.read()}")
+    try:
+        yield json.loads(line)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import signal
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -19,9 +16,9 @@ import pytest
 
 from services.cli import DEMO_IMAGE
 from services.shapes import SHIPPED_MODEL
+from meshutil import vlmesh_up
 from vlmesh import Client
 
-VLMESH = [sys.executable, "-m", "services.cli"]
 MODEL_ID = SHIPPED_MODEL.name  # the gateway serves the checkpoint directory's name
 IMAGE_URL = "data:image/png;base64," + base64.b64encode(DEMO_IMAGE.read_bytes()).decode()
 QUESTION = "What is in this picture?"
@@ -29,38 +26,8 @@ QUESTION = "What is in this picture?"
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    logs = tmp_path_factory.mktemp("gateway-logs")
-    proc = subprocess.Popen(
-        [
-            *VLMESH,
-            "up",
-            "--model",
-            str(SHIPPED_MODEL),
-            "--stages",
-            "2",
-            "--port",
-            "0",
-            "--openai-port",
-            "0",
-            "--log-dir",
-            str(logs),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None and proc.stderr is not None
-    line = proc.stdout.readline()
-    if not line:
-        proc.wait(30)
-        pytest.fail(f"vlmesh up exited: {proc.stderr.read()}")
-    yield json.loads(line)
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    with vlmesh_up(SHIPPED_MODEL, tmp_path_factory.mktemp("gateway-logs"), "--openai-port", "0") as addresses:
+        yield addresses
 
 
 @pytest.fixture(scope="module")

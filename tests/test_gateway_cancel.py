@@ -5,11 +5,7 @@ shapes model of test_gateway.py ends its answers within a few tokens)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -19,9 +15,9 @@ from typing import Any
 import openai
 import pytest
 
+from meshutil import vlmesh_up
 from vlmesh import Client
 
-VLMESH = [sys.executable, "-m", "services.cli"]
 PROMPT = "Tell me about shapes and colours."
 MAX_TOKENS = 800
 
@@ -38,44 +34,13 @@ def stage_kv_used_bytes(address: str) -> int:
 
 @pytest.fixture(scope="module")
 def mesh(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    logs = tmp_path_factory.mktemp("gateway-cancel-logs")
     model = tiny_models["a"]
-    proc = subprocess.Popen(
-        [
-            *VLMESH,
-            "up",
-            "--model",
-            str(model),
-            "--stages",
-            "2",
-            "--port",
-            "0",
-            "--openai-port",
-            "0",
-            "--log-dir",
-            str(logs),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # Finished requests give their KV back at once (no prefix caching), so "freed" means
-        # "back to what the stages held before the request".
-        env={**os.environ, "VLMESH_PREFIX_CACHE_SESSIONS": "0"},
-    )
-    assert proc.stdout is not None and proc.stderr is not None
-    line = proc.stdout.readline()
-    if not line:
-        proc.wait(30)
-        pytest.fail(f"vlmesh up exited: {proc.stderr.read()}")
-    addresses = json.loads(line)
-    CERTS.update({a: addresses["certs"] for a in addresses["stages"]})
-    yield {**addresses, "model": model.name}
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    # Finished requests give their KV back at once (no prefix caching), so "freed" means "back to
+    # what the stages held before the request".
+    env = {"VLMESH_PREFIX_CACHE_SESSIONS": "0"}
+    with vlmesh_up(model, tmp_path_factory.mktemp("gateway-cancel-logs"), "--openai-port", "0", env=env) as addresses:
+        CERTS.update({a: addresses["certs"] for a in addresses["stages"]})
+        yield {**addresses, "model": model.name}
 
 
 @pytest.fixture(scope="module")

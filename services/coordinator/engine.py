@@ -17,6 +17,7 @@ import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from opentelemetry import context as otel_context
@@ -69,6 +70,14 @@ class GenerateParams:
     stop: tuple[str, ...]
     logprobs: int
     include_stop_token_text: bool
+
+
+class Observer(Protocol):
+    """Told about every request's tokens and end, on the engine's loop (metrics)."""
+
+    def on_token(self, r: Request, now: float) -> None: ...
+
+    def on_end(self, r: Request, finish: int | None, error: VlmeshError | None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -192,7 +201,7 @@ class Engine:
         self._batches: set[asyncio.Task] = set()
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
-        self.observers: list = []  # metrics hooks: obj.on_*(...)
+        self.observers: list[Observer] = []  # metrics
         runner.recover = self.recover
         mesh.on_restart = self.on_replica_restart
         if store is not None:
@@ -588,8 +597,12 @@ class Engine:
         log.warning("session %s: KV lost and not in the KV log; replaying %d tokens", short(s.id), len(s.token_ids))
         self.kv_log.drop(s.id)
         s.forget_kv()
-        for i in range(len(self.mesh.ranges)):
-            s.replicas[i] = self.mesh.pick(i, load=self._load).address
+        try:
+            for i in range(len(self.mesh.ranges)):
+                s.replicas[i] = self.mesh.pick(i, load=self._load).address
+        except VlmeshError as err:  # a range with no replica up at all
+            self._end(r, error=err)
+            return
         if r.rows is None or r.rows.first > 0:
             r.task = self._spawn(self._fetch_rows(r))
 
