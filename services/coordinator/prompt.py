@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from dataclasses import dataclass
 
 from services.common.errors import InvalidInput
@@ -67,6 +68,7 @@ class PromptBuilder:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.eos_token_ids = eos_token_ids
+        self._tokenizing = threading.Lock()
         if processor.chat_template is None:
             raise ValueError("the checkpoint has no chat template")
         # The tokens whose positions take visual rows. Which positions do is decided here, from
@@ -134,10 +136,13 @@ class PromptBuilder:
         # The first turn gets the tokenizer's own special tokens (Qwen adds none, other templates
         # might); a continuation must not get a second set.
         special = first_turn
-        for m in _MARK.finditer(text):
-            ids += self.tokenizer(text[at : m.start()], add_special_tokens=special)["input_ids"]
-            special = False
-            ids += self.tokenizer(prompt.contents[int(m.group(1))], add_special_tokens=False, split_special_tokens=True)["input_ids"]
-            at = m.end()
-        ids += self.tokenizer(text[at:], add_special_tokens=special)["input_ids"]
+        # One prompt at a time: split_special_tokens is a setting of the shared Rust tokenizer
+        # while a call runs, so a concurrent call would split the template's control tokens too.
+        with self._tokenizing:
+            for m in _MARK.finditer(text):
+                ids += self.tokenizer(text[at : m.start()], add_special_tokens=special)["input_ids"]
+                special = False
+                ids += self.tokenizer(prompt.contents[int(m.group(1))], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                at = m.end()
+            ids += self.tokenizer(text[at:], add_special_tokens=special)["input_ids"]
         return ids

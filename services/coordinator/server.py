@@ -229,6 +229,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             )
 
     async def GetModelInfo(self, request, context):
+        self.owner(context)  # any key will do, but a key it must be
         return coordinator_pb2.GetModelInfoResponse(
             model_type=self.ckpt.config.model_type,
             num_layers=self.ckpt.text_config.num_hidden_layers,
@@ -237,6 +238,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         )
 
     async def GetMeshStatus(self, request, context):
+        self.owner(context)
         await asyncio.gather(*(i.refresh_stats() for i in self.vision.instances.values()))
         resp = coordinator_pb2.GetMeshStatusResponse(model_type=self.ckpt.config.model_type)
         pinned: dict[str, int] = {}
