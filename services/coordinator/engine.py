@@ -518,7 +518,10 @@ class Engine:
                 continue
             plans.append(self._plan(r, min(n, r.remaining)))
             runnable.append((r, min(n, r.remaining)))
+        began = time.monotonic()
         outcomes = await self.runner.execute(plans) if plans else []
+        if plans and all(o.error is None and not o.replay for o in outcomes):
+            self.scheduler.costs.observe(sum(len(p.token_ids) for p in plans if p.sample is None or len(p.token_ids) > 1), time.monotonic() - began)
         for (r, n), outcome in zip(runnable, outcomes):
             r.in_flight = False
             try:

@@ -65,7 +65,7 @@ class CoordinatorConfig(ServiceConfig):
     max_images: int = field(16, "most images and videos in one request")
     max_batch: int = field(64, "most sessions in one micro-batch")
     chunk_tokens: int = field(
-        0, "most tokens in one micro-batch: a longer prompt is fed in chunks between decode steps (0 = 32 on CPU stages, 512 on GPUs)"
+        0, "most tokens in one micro-batch: a longer prompt is fed in chunks between decode steps (0 = as many as cost about one decode step, measured as it runs)"
     )
     pipeline: bool = field(True, "keep one micro-batch in flight per layer range, so every range computes at once")
     kv_log_mb: int = field(1024, "memory for the KV log that restores a lost replica without recompute (0 = off: replay instead)")
@@ -341,13 +341,12 @@ async def start(cfg: CoordinatorConfig) -> RunningServer:
     vision = VisionPool(cfg.vision, tls, watch_interval=cfg.health_interval)
     await asyncio.gather(mesh.connect(cfg.startup_timeout), vision.connect(cfg.startup_timeout))
     depth = len(mesh.ranges) if cfg.pipeline else 1
-    chunk = cfg.chunk_tokens or _default_chunk(mesh)
     engine_cfg = EngineConfig(
         default_max_tokens=cfg.default_max_tokens,
         max_images=cfg.max_images,
         vision_timeout=cfg.vision_timeout,
         session_ttl=cfg.session_ttl,
-        scheduler=SchedulerConfig(max_batch=cfg.max_batch, chunk_tokens=chunk, pipeline_depth=depth),
+        scheduler=SchedulerConfig(max_batch=cfg.max_batch, chunk_tokens=cfg.chunk_tokens, pipeline_depth=depth),
         prefix_cache_sessions=cfg.prefix_cache_sessions,
         quotas=keys.quotas,
     )
@@ -389,17 +388,6 @@ async def start(cfg: CoordinatorConfig) -> RunningServer:
         metrics=metrics.registry,
         errors=metrics.request_errors,
     )
-
-
-def _default_chunk(mesh: Mesh) -> int:
-    """Prompt tokens per micro-batch. A chunk should cost about what a decode step costs, so the
-    requests decoding beside a new prompt wait at most about twice as long per token. Measured on
-    the 2B config on 2 CPU cores (bench/bench_load.py --part prefill): running sessions' inter-token
-    p99 while a 1050-token prompt was fed, 32: 1.6 s (46 s to its first token), 64: 2.4 s (33 s),
-    512: 10.9 s (23 s), against about 0.6 s without it. On GPUs a step of 512 prompt tokens costs
-    about what a decode step does (vLLM's usual default; not measured here)."""
-    devices = {r.info.device for r in mesh.replicas.values() if r.info is not None}
-    return 512 if devices and all(d.startswith("cuda") for d in devices) else 32
 
 
 def _public_credentials(cfg: CoordinatorConfig) -> grpc.ServerCredentials | None:
