@@ -7,8 +7,9 @@
    client (the coordinator restores the session's KV on the other replica from its KV log and
    continues the step). The killed replica is restarted before the next round. The completion is
    checked against the undisturbed one.
-2. The KV log's cost: decode tok/s of one generation with the log on, then with the coordinator
-   restarted with --kv-log-mb 0.
+2. The KV log's cost: decode tok/s with the log on and off, measured turn about (on, off, on,
+   ...) through two coordinators over the same stages, the second started with --kv-log-mb 0, so
+   that the machine's drift over the run falls on both alike.
 3. Coordinator memory per 1k tokens of session state: RSS before and after sessions holding N
    tokens in all (KV log on).
 """
@@ -25,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_mesh import RESULTS, log, prepare_model  # noqa: E402
-from meshproc import LocalMesh, kill, respawn, stream_times  # noqa: E402
+from meshproc import LocalMesh, kill, respawn, spawn_copy, stream_times  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Write a long story about a cat and a dog who live in a small house by the river."}]
 
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kills", type=int, default=5)
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--state-tokens", type=int, default=4000, help="session tokens held for the memory measurement")
+    p.add_argument("--rate-rounds", type=int, default=5, help="decode-rate runs with the KV log on, and as many off")
     args = p.parse_args(argv)
     args.model_dir = args.model if Path(args.model).is_dir() else None
     model_dir = prepare_model(args)
@@ -92,12 +94,25 @@ def main(argv: list[str] | None = None) -> int:
             itl = [b - a for a, b in zip(times, times[1:])]
             report["itl_p50_s"] = statistics.median(itl)
 
-            def decode_rate() -> float:
-                ts, _, _, _ = stream_times(client, PROMPT, args.tokens)
+            def decode_rate(c: Client) -> float:
+                ts, _, _, _ = stream_times(c, PROMPT, args.tokens)
                 return (len(ts) - 1) / (ts[-1] - ts[0])
 
-            on = [decode_rate() for _ in range(3)]
+            log("starting a second coordinator with --kv-log-mb 0 over the same stages")
+            without_log = spawn_copy(mesh, "coordinator", "coordinator-nolog", ["--kv-log-mb", "0"])
+            on, off = [], []
+            with Client(without_log, timeout=3600) as client_off:
+                for r in range(args.rate_rounds):
+                    on.append(decode_rate(client))
+                    off.append(decode_rate(client_off))
+                    log(f"decode round {r + 1}/{args.rate_rounds}: KV log on {on[-1]:.3f} tok/s, off {off[-1]:.3f} tok/s")
+            kill(mesh, "coordinator-nolog")
+            report["decode_tok_s_kv_log_on_runs"] = on
+            report["decode_tok_s_kv_log_off_runs"] = off
             report["decode_tok_s_kv_log_on"] = statistics.median(on)
+            report["decode_tok_s_kv_log_off"] = statistics.median(off)
+            report["kv_log_cost"] = 1 - report["decode_tok_s_kv_log_on"] / report["decode_tok_s_kv_log_off"]
+            log(f"decode tok/s: KV log on {report['decode_tok_s_kv_log_on']:.3f}, off {report['decode_tok_s_kv_log_off']:.3f}")
             coord = psutil.Process(mesh.procs[mesh.names.index("coordinator")].pid)
             before = coord.memory_info().rss
             held = 0
@@ -108,25 +123,21 @@ def main(argv: list[str] | None = None) -> int:
                 r = client.session(sid).chat([{"role": "user", "content": "Tell me everything about rivers. " * 60}], max_tokens=8)
                 held += r.usage.prompt_tokens + r.usage.completion_tokens
             grown = coord.memory_info().rss - before
+            log_bytes = status.GetMeshStatus(cpb.GetMeshStatusRequest(), timeout=10).kv_log_bytes
             report["coordinator_mb_per_1k_tokens"] = grown / 2**20 / (held / 1000)
+            report["kv_log_mb_per_1k_tokens"] = log_bytes / 2**20 / (held / 1000)
             report["state_tokens"] = held
-            log(f"coordinator: +{grown / 2**20:.0f} MiB for {held} tokens of session state")
-        respawn(mesh, "coordinator", ["--kv-log-mb", "0"])
-        with Client(mesh.address, timeout=3600) as client:
-            off = [decode_rate() for _ in range(3)]
-        report["decode_tok_s_kv_log_off"] = statistics.median(off)
-        report["kv_log_cost"] = 1 - report["decode_tok_s_kv_log_on"] / report["decode_tok_s_kv_log_off"]
-        log(f"decode tok/s: KV log on {report['decode_tok_s_kv_log_on']:.2f}, off {report['decode_tok_s_kv_log_off']:.2f}")
+            log(f"coordinator: +{grown / 2**20:.0f} MiB for {held} tokens of session state (KV log entries: {log_bytes / 2**20:.0f} MiB)")
     finally:
         mesh.stop()
     out = RESULTS / f"failover-{Path(model_dir).name}.json"
     out.write_text(json.dumps(report, indent=2))
     print(
-        f"| recovery after kill -9, p50 / max | completions equal | ITL p50 | decode tok/s KV log on / off | coordinator MiB per 1k tokens |\n"
+        f"| recovery after kill -9, p50 / max | completions equal | ITL p50 | decode tok/s KV log on / off | coordinator MiB per 1k tokens (KV log entries) |\n"
         f"|---|---|---|---|---|\n"
         f"| {report['recovery_p50_s'] * 1000:.0f} / {report['recovery_max_s'] * 1000:.0f} ms | {report['completions_equal']}/{args.kills} "
         f"| {report['itl_p50_s'] * 1000:.0f} ms | {report['decode_tok_s_kv_log_on']:.2f} / {report['decode_tok_s_kv_log_off']:.2f} "
-        f"({report['kv_log_cost']:+.1%}) | {report['coordinator_mb_per_1k_tokens']:.1f} |"
+        f"({report['kv_log_cost']:+.1%}) | {report['coordinator_mb_per_1k_tokens']:.1f} ({report['kv_log_mb_per_1k_tokens']:.1f}) |"
     )
     return 0
 

@@ -297,9 +297,9 @@ def mesh_run(
 ) -> dict:
     import psutil
     from vlmesh import Client
-    from vlmesh.v1 import stage_pb2, stage_pb2_grpc
+    from vlmesh.internal.v1 import stage_pb2, stage_pb2_grpc
 
-    from services.common.server import channel
+    from services.common.server import sync_mesh_channel
     from services.launcher import LocalMesh, split_layers
 
     ranges = split_layers(28, stages)
@@ -313,7 +313,7 @@ def mesh_run(
         procs = dict(zip(names, mesh.procs))
         res["stage_info"] = []
         for address in mesh.stage_addresses:
-            with channel(address) as ch:
+            with sync_mesh_channel(address, mesh._mesh_tls()) as ch:
                 info = stage_pb2_grpc.StageServiceStub(ch).GetInfo(stage_pb2.GetInfoRequest(), timeout=30)
             layers = f"{info.layer_start}:{info.layer_end}"
             res["stage_info"].append({"layers": layers, "weight_bytes": info.weight_bytes, "dtype": info.dtype})

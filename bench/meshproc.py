@@ -50,6 +50,25 @@ def respawn(mesh: LocalMesh, name: str, extra: list[str] = (), timeout: float = 
                 raise
 
 
+def spawn_copy(mesh: LocalMesh, name: str, new_name: str, extra: list[str] = (), timeout: float = 600) -> str:  # type: ignore[assignment]
+    """Start a second process with `name`'s command line on a free port (plus `extra`), wait until
+    it serves and return its address: e.g. a coordinator without a KV log beside the one with it,
+    over the same stages, so that the two can be measured turn about."""
+    from services.common.server import wait_healthy
+    from services.launcher import free_ports
+
+    args = list(mesh.procs[index_of(mesh, name)].args[4:])  # after: python -m services.cli serve
+    # The launcher appends --host and the shared flags after a service's own; the copy gets them again.
+    args = args[: args.index("--host")]
+    port = free_ports(mesh.connect_host, 1)[0]
+    args[args.index("--port") + 1] = str(port)
+    mesh._spawn(new_name, [*args, *extra])
+    address = f"{mesh.connect_host}:{port}"
+    tls = None if args[0] == "coordinator" else mesh._mesh_tls()
+    wait_healthy(address, timeout=timeout, tls=tls)
+    return address
+
+
 def stream_times(client, messages, max_tokens: int, on_token=None) -> tuple[list[float], list[int], str, object]:
     """(arrival time of each token, the tokens, the text, the last event) of one Generate stream."""
     times: list[float] = []

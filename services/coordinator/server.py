@@ -30,7 +30,7 @@ from vlmesh.v1 import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2
 from .auth import Keyring
 from .engine import Engine, EngineConfig, GenerateParams, Request
 from .telemetry import FINISH_NAMES, EngineMetrics
-from .kv_log import KVLog
+from .kv_log import KVLog, pin_mmap_threshold
 from .prompt import PromptBuilder
 from .rope import RopeIndex
 from .runner import Runner
@@ -335,6 +335,8 @@ async def start(cfg: CoordinatorConfig) -> RunningServer:
     eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
     tc = ckpt.text_config
     kv_log = KVLog(cfg.kv_log_mb << 20)
+    if kv_log.enabled:
+        pin_mmap_threshold()
     state_dir = cfg.state_dir or _default_state_dir(cfg.port)
     store = None if state_dir == "none" else await asyncio.to_thread(SessionStore, state_dir)
     mesh = Mesh(cfg.stages, tls, ckpt.text_config.num_hidden_layers, watch_interval=cfg.health_interval)
