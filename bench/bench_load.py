@@ -216,11 +216,13 @@ def start_mesh(model_dir: Path, stages: int, threads: int | None, chunk: int | N
     from services.launcher import LocalMesh, split_layers
 
     layers = open_checkpoint(model_dir).text_config.num_hidden_layers
-    env = {"VLMESH_PREFIX_CACHE_SESSIONS": "0", "VLMESH_DEFAULT_MAX_TOKENS": "4096", "VLMESH_PIPELINE": pipeline}
+    env = {"VLMESH_PREFIX_CACHE_SESSIONS": "0", "VLMESH_DEFAULT_MAX_TOKENS": "4096"}
     if chunk:
         env["VLMESH_CHUNK_TOKENS"] = str(chunk)
     extra = ["--threads", str(threads)] if threads else []
-    mesh = LocalMesh(str(model_dir), split_layers(layers, stages), env=env, log_dir=str(log_dir), service_args={"stage": extra})
+    mesh = LocalMesh(
+        str(model_dir), split_layers(layers, stages), env=env, log_dir=str(log_dir), service_args={"stage": extra}, pipeline=pipeline == "true"
+    )
     log(f"mesh: starting {stages} stage(s){' with --threads ' + str(threads) if threads else ''}{f', chunk {chunk}' if chunk else ''}")
     mesh.start(timeout=1800)
     return mesh, layers

@@ -160,11 +160,7 @@ def _service_args(args: argparse.Namespace) -> tuple[list[str], dict[str, list[s
         return [] if value is None else ["--" + name.replace("_", "-"), str(value)]
 
     common = [*flag("threads"), *flag("trace_exporter"), *flag("otlp_endpoint")]
-    # One machine: the stages share its cores and memory bandwidth, so micro-batches in flight at
-    # once slow each other down (measured: bench/bench_load.py --pipeline true,false); pipelining
-    # pays when stages have machines of their own.
-    coordinator = ["--pipeline", "true" if getattr(args, "pipeline", False) else "false"]
-    return common, {"vision": flag("dtype"), "stage": [*flag("dtype"), *flag("kv_budget_mb")], "coordinator": coordinator}
+    return common, {"vision": flag("dtype"), "stage": [*flag("dtype"), *flag("kv_budget_mb")]}
 
 
 def _progress(line: str) -> None:
@@ -219,6 +215,7 @@ def _up(args: argparse.Namespace) -> int:
         progress=_progress,
         openai_port=args.openai_port,
         quantize=quantize,
+        pipeline=args.pipeline,
     )
     _start_mesh(mesh, args.timeout)
     stop = threading.Event()

@@ -82,15 +82,21 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
-# Every process of a local mesh shares this machine's cores. OpenMP threads that spin without end
-# after their process's turn (ACTIVE) steal CPU from the process that computes next; threads that
-# sleep at once (PASSIVE) pay a wake-up on each of a decode step's thousands of parallel regions.
-# A bounded spin keeps the threads warm within a step and gives the cores back between turns.
-# Measured, 2B bfloat16 on 2 cores, decode tok/s (TTFT of a 448x448 image): one stage 3.7 (14.5 s)
-# passive, 4.4 active without bound (vision then starved: TTFT 21 s), 4.9 (12.9 s) with this; two
-# stages 3.3-3.9 (13.8 s) passive, 1.7 active without bound, 4.2-4.5 (13.4 s) with this. The
-# environment can still override it.
-_OMP_SHARED_CORES = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000"}
+# Every process of a local mesh shares this machine's cores. OpenMP threads that sleep at once
+# after a parallel region (PASSIVE) pay a wake-up on each of a decode step's thousands of regions;
+# threads that spin without end (ACTIVE) steal the cores from whichever process computes next. A
+# bounded spin keeps a stage's threads warm within its step and gives the cores back between
+# turns, which pays while one process computes at a time; with micro-batches in flight at once
+# (pipelining) the stages compute together and any spinning steals from the other. Measured, 2B
+# bfloat16 on 2 cores, decode tok/s (TTFT of a 448x448 image): one stage 3.7 (14.5 s) passive, 4.4
+# spinning without bound (vision starved: TTFT 21 s), 4.9 (12.9 s) bounded; two stages 3.3-3.9
+# (13.8 s) passive, 1.7 without bound, 4.2-4.5 (13.4 s) bounded; bench_load with two stages, 1-16
+# requests at once, one micro-batch at a time: 0.83-0.59x of batched generate passive, 0.92-0.64x
+# bounded; pipelined: 0.35-0.27x bounded. Four stages on the two cores: 0.97x of transformers'
+# decode passive, 0.73x bounded (more spinning threads than cores). The environment can still
+# override it.
+_OMP_ONE_AT_A_TIME = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000"}
+_OMP_TOGETHER = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 @dataclass
@@ -114,6 +120,11 @@ class LocalMesh:
     certs: str | None = None  # directory of `vlmesh certs` output; None: throwaway ones
     openai_port: int | None = None  # start the OpenAI-compatible gateway too (0 = any free port)
     openai_url: str = ""
+    # Micro-batches in flight at once (the coordinator's --pipeline). Off: on one machine the stages
+    # share its cores and memory bandwidth, so stages computing together slow each other down
+    # (measured: bench/bench_load.py --pipeline true,false); pipelining pays when stages have
+    # machines of their own.
+    pipeline: bool = False
 
     def _tls_args(self, service: str) -> list[str]:
         d = self.certs
@@ -136,6 +147,11 @@ class LocalMesh:
     def _log_path(self, name: str) -> str | None:
         return os.path.join(self.log_dir, f"{name}.log") if self.log_dir else None
 
+    def _omp_policy(self) -> dict[str, str]:
+        stages = len(self.ranges) * self.replicas
+        one_at_a_time = not self.pipeline and stages <= len(os.sched_getaffinity(0))
+        return _OMP_ONE_AT_A_TIME if one_at_a_time else _OMP_TOGETHER
+
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         out = None
         path = self._log_path(name)
@@ -143,7 +159,7 @@ class LocalMesh:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             out = open(path, "w")  # noqa: SIM115 - lives as long as the child
         service = args[0]
-        env = {**_OMP_SHARED_CORES, **os.environ, **self.env}
+        env = {**self._omp_policy(), **os.environ, **self.env}
         proc = subprocess.Popen(
             [sys.executable, "-m", "services.cli", "serve", *args, "--host", self.host, *self.extra_args,
              *self.service_args.get(service, [])],
@@ -201,6 +217,8 @@ class LocalMesh:
                     self.vision_address,
                     "--port",
                     str(port),
+                    "--pipeline",
+                    "true" if self.pipeline else "false",
                     *self._tls_args("coordinator"),
                 ],
             )
