@@ -168,20 +168,21 @@ def _progress(line: str) -> None:
 
 
 def _start_mesh(mesh, timeout: float) -> None:
-    """Start the mesh; SIGTERM during start-up stops it as Ctrl-C does."""
-
-    def interrupt(*_) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    """Start the mesh; Ctrl-C or SIGTERM during start-up stops it (start() raises
+    KeyboardInterrupt at its next poll: see LocalMesh.cancel for why the handler only sets it)."""
+    previous = {sig: signal.signal(sig, lambda *_: mesh.cancel.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         mesh.start(timeout=timeout)
+        if mesh.cancel.is_set():  # the signal came after start()'s last poll
+            mesh.stop()
+            raise KeyboardInterrupt
     except OSError as e:  # PortInUse: nothing was started
         raise UserError(str(e)) from None
     except (RuntimeError, TimeoutError) as e:
         raise StartFailed(str(e)) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _up(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -125,6 +126,11 @@ class LocalMesh:
     # (measured: bench/bench_load.py --pipeline true,false); pipelining pays when stages have
     # machines of their own.
     pipeline: bool = False
+    # Set (e.g. from a signal handler) to abandon start(): it raises KeyboardInterrupt at its next
+    # poll and stops what it started. A handler that raises instead can be lost: Python runs it
+    # wherever the main thread is, and an exception raised inside a finaliser (a gRPC channel's
+    # __del__ during the health polls) is printed and dropped, so the start would go on.
+    cancel: threading.Event = field(default_factory=threading.Event)
 
     def _tls_args(self, service: str) -> list[str]:
         d = self.certs
@@ -231,6 +237,10 @@ class LocalMesh:
             raise
         return self
 
+    def _check_cancel(self) -> None:
+        if self.cancel.is_set():
+            raise KeyboardInterrupt
+
     def _wait(self, pending: dict[str, str], timeout: float, total: int, done: int, tls: MeshTLS | None = None) -> None:
         """Poll every pending service's health until all are SERVING, reporting each as it comes
         up and, every 15 s, which are still loading. A child that exits fails the start."""
@@ -238,6 +248,7 @@ class LocalMesh:
         t0 = time.monotonic()
         deadline, next_note = t0 + timeout, t0 + 15
         while pending:
+            self._check_cancel()
             for proc, name in zip(self.procs, self.names, strict=True):
                 if proc.poll() is not None:
                     log = self._log_path(name)
@@ -262,6 +273,7 @@ class LocalMesh:
         self.openai_url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + timeout
         while True:
+            self._check_cancel()
             dead = [p for p in self.procs if p.poll() is not None]
             if dead:
                 raise RuntimeError(f"a mesh process exited with code {dead[0].returncode} (see its log)")
