@@ -211,7 +211,7 @@ async def hop(stage_addresses: list[str], certs: str, num_layers: int, steps: in
     return {"steps": steps, "overhead_us_p50": pct(overhead, 50), "overhead_us_mean": statistics.fmean(overhead)}
 
 
-def start_mesh(model_dir: Path, stages: int, threads: int | None, chunk: int | None, log_dir: Path, pipeline: str = "true"):
+def start_mesh(model_dir: Path, stages: int, threads: int | None, chunk: int | None, log_dir: Path, pipeline: bool = True):
     from services.common.checkpoint import open_checkpoint
     from services.launcher import LocalMesh, split_layers
 
@@ -221,7 +221,7 @@ def start_mesh(model_dir: Path, stages: int, threads: int | None, chunk: int | N
         env["VLMESH_CHUNK_TOKENS"] = str(chunk)
     extra = ["--threads", str(threads)] if threads else []
     mesh = LocalMesh(
-        str(model_dir), split_layers(layers, stages), env=env, log_dir=str(log_dir), service_args={"stage": extra}, pipeline=pipeline == "true"
+        str(model_dir), split_layers(layers, stages), env=env, log_dir=str(log_dir), service_args={"stage": extra}, pipeline=pipeline
     )
     log(f"mesh: starting {stages} stage(s){' with --threads ' + str(threads) if threads else ''}{f', chunk {chunk}' if chunk else ''}")
     mesh.start(timeout=1800)
@@ -255,12 +255,12 @@ def main(argv: list[str] | None = None) -> int:
         (s, chunk, pipe)
         for s in [int(x) for x in args.stages.split(",")]
         for chunk in ([int(c) for c in args.chunks.split(",")] if "prefill" in parts else [None])
-        for pipe in args.pipeline.split(",")
+        for pipe in [x == "true" for x in args.pipeline.split(",")]
     ]
     for s, chunk, pipe in configs:
         mesh, layers = start_mesh(model_dir, s, args.threads, chunk, logs, pipe)
         try:
-            key = f"{s}" + (f"/chunk{chunk}" if chunk else "") + ("" if pipe == "true" else "/no-pipeline")
+            key = f"{s}" + (f"/chunk{chunk}" if chunk else "") + ("" if pipe else "/no-pipeline")
             entry: dict = {}
             if "sweep" in parts and chunk in (None, 512):
                 entry["sweep"] = asyncio.run(mesh_sweep(mesh.address, sizes, args.tokens))

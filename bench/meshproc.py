@@ -25,47 +25,54 @@ def kill(mesh: LocalMesh, name: str) -> None:
     p.wait(30)
 
 
-def respawn(mesh: LocalMesh, name: str, extra: list[str] = (), timeout: float = 600) -> None:  # type: ignore[assignment]
-    """Start a child again with its own command line (plus `extra`) and wait until it serves."""
+def _own_args(mesh: LocalMesh, name: str) -> list[str]:
+    """The service's own command line: after `python -m services.cli serve`, before the --host
+    and shared flags the launcher appends (its _spawn appends them again)."""
+    args = list(mesh.procs[index_of(mesh, name)].args[4:])
+    return args[: args.index("--host")]
+
+
+def _wait_serving(mesh: LocalMesh, service: str, address: str, timeout: float) -> None:
+    """A fresh channel every few seconds: one kept across a restart would sit in reconnect backoff."""
     from services.common.server import wait_healthy
 
-    i = index_of(mesh, name)
-    old = mesh.procs[i]
-    args = list(old.args[4:])  # after: python -m services.cli serve
-    if old.poll() is None:
-        old.send_signal(signal.SIGKILL)
-        old.wait(30)
-    mesh.procs.pop(i)
-    mesh.names.pop(i)
-    mesh._spawn(name, [*args, *extra])
-    port = args[args.index("--port") + 1]
-    tls = None if args[0] == "coordinator" else mesh._mesh_tls()
+    tls = None if service == "coordinator" else mesh._mesh_tls()
     deadline = time.monotonic() + timeout
     while True:
         try:
-            wait_healthy(f"127.0.0.1:{port}", timeout=5, tls=tls)
+            wait_healthy(address, timeout=5, tls=tls)
             return
         except TimeoutError:
             if time.monotonic() > deadline:
                 raise
 
 
+def respawn(mesh: LocalMesh, name: str, extra: list[str] = (), timeout: float = 600) -> None:  # type: ignore[assignment]
+    """Start a child again with its own command line (plus `extra`) and wait until it serves."""
+    args = _own_args(mesh, name)
+    i = index_of(mesh, name)
+    old = mesh.procs[i]
+    if old.poll() is None:
+        old.send_signal(signal.SIGKILL)
+        old.wait(30)
+    mesh.procs.pop(i)
+    mesh.names.pop(i)
+    mesh._spawn(name, [*args, *extra])
+    _wait_serving(mesh, args[0], f"{mesh.connect_host}:{args[args.index('--port') + 1]}", timeout)
+
+
 def spawn_copy(mesh: LocalMesh, name: str, new_name: str, extra: list[str] = (), timeout: float = 600) -> str:  # type: ignore[assignment]
     """Start a second process with `name`'s command line on a free port (plus `extra`), wait until
     it serves and return its address: e.g. a coordinator without a KV log beside the one with it,
     over the same stages, so that the two can be measured turn about."""
-    from services.common.server import wait_healthy
     from services.launcher import free_ports
 
-    args = list(mesh.procs[index_of(mesh, name)].args[4:])  # after: python -m services.cli serve
-    # The launcher appends --host and the shared flags after a service's own; the copy gets them again.
-    args = args[: args.index("--host")]
+    args = _own_args(mesh, name)
     port = free_ports(mesh.connect_host, 1)[0]
     args[args.index("--port") + 1] = str(port)
     mesh._spawn(new_name, [*args, *extra])
     address = f"{mesh.connect_host}:{port}"
-    tls = None if args[0] == "coordinator" else mesh._mesh_tls()
-    wait_healthy(address, timeout=timeout, tls=tls)
+    _wait_serving(mesh, args[0], address, timeout)
     return address
 
 

@@ -173,9 +173,6 @@ def _start_mesh(mesh, timeout: float) -> None:
     previous = {sig: signal.signal(sig, lambda *_: mesh.cancel.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         mesh.start(timeout=timeout)
-        if mesh.cancel.is_set():  # the signal came after start()'s last poll
-            mesh.stop()
-            raise KeyboardInterrupt
     except OSError as e:  # PortInUse: nothing was started
         raise UserError(str(e)) from None
     except (RuntimeError, TimeoutError) as e:

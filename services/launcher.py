@@ -155,7 +155,8 @@ class LocalMesh:
 
     def _omp_policy(self) -> dict[str, str]:
         stages = len(self.ranges) * self.replicas
-        one_at_a_time = not self.pipeline and stages <= len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        one_at_a_time = not self.pipeline and stages <= cores
         return _OMP_ONE_AT_A_TIME if one_at_a_time else _OMP_TOGETHER
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
@@ -232,6 +233,7 @@ class LocalMesh:
             self._wait({"coordinator": self.address}, timeout, total, done=total - 1)
             if self.openai_port is not None:
                 self._start_gateway(self.openai_port or free_port(), timeout)
+            self._check_cancel()  # cancelled after the last poll
         except BaseException:
             self.stop()
             raise
