@@ -29,6 +29,7 @@ import logging
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -313,7 +314,6 @@ def quantize(model: str | Path, out: str | Path, alpha: float = DEFAULT_ALPHA, c
         if i is not None:
             layer_keys.setdefault(i, set()).add(key)
 
-    done: dict[int, dict[str, torch.Tensor]] = {}  # layer -> its output tensors by key, until written
     smoothed: list[str] = []
 
     def process(i: int) -> dict[str, torch.Tensor]:
@@ -335,6 +335,27 @@ def quantize(model: str | Path, out: str | Path, alpha: float = DEFAULT_ALPHA, c
                 result[key] = t[n].to(originals[n].dtype)
         return result
 
+    total = _write_shards(src, out, process)
+    _write_config(ckpt, out)
+    record = {
+        "source": str(ckpt.path),
+        "alpha": alpha,
+        "calibration": calibration,
+        "samples": len(chosen),
+        "quantized_linears": len(text_targets),
+        "smoothed_linears": len(smoothed),
+        "calibration_s": round(calibrated - began, 2),
+        "total_s": round(time.monotonic() - began, 2),
+        "bytes": total,
+    }
+    (out / "quantize.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _write_shards(src: _Source, out: Path, process: Callable[[int], dict[str, torch.Tensor]]) -> int:
+    """Every shard of the source, its decoder layers replaced by what `process` makes of them
+    (each layer processed once, when its first tensor is written); returns the bytes written."""
+    done: dict[int, dict[str, torch.Tensor]] = {}  # layer -> its output tensors by key, until written
     by_file: dict[Path, list[str]] = {}
     for key, file in src.files.items():
         by_file.setdefault(file, []).append(key)
@@ -362,10 +383,14 @@ def quantize(model: str | Path, out: str | Path, alpha: float = DEFAULT_ALPHA, c
             (out / file.name).chmod(file.stat().st_mode & 0o777)  # safetensors writes 0600
             weight_map.update({k: file.name for k in shard})
             total += sum(v.numel() * v.element_size() for v in shard.values())
-    if (ckpt.path / "model.safetensors.index.json").exists():
+    if (src.ckpt.path / "model.safetensors.index.json").exists():
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return total
 
+
+def _write_config(ckpt: Checkpoint, out: Path) -> None:
+    """config.json with the quantization_config, and the tokenizer and processor files as they are."""
     config = json.loads((ckpt.path / "config.json").read_text())
     config["quantization_config"] = quantization_config(ckpt.config.model_type)  # type: ignore[attr-defined]
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -373,19 +398,6 @@ def quantize(model: str | Path, out: str | Path, alpha: float = DEFAULT_ALPHA, c
         for f in ckpt.path.glob(pattern):
             if f.is_file():
                 shutil.copy2(f, out / f.name)
-    record = {
-        "source": str(ckpt.path),
-        "alpha": alpha,
-        "calibration": calibration,
-        "samples": len(chosen),
-        "quantized_linears": len(text_targets),
-        "smoothed_linears": len(smoothed),
-        "calibration_s": round(calibrated - began, 2),
-        "total_s": round(time.monotonic() - began, 2),
-        "bytes": total,
-    }
-    (out / "quantize.json").write_text(json.dumps(record, indent=2) + "\n")
-    return record
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

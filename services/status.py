@@ -34,7 +34,8 @@ def table(s: pb.GetMeshStatusResponse) -> str:
     rows = [("service", "address", "layers", "health", "KV used/budget MiB", "sessions (pinned)", "dtype")]
     for r in s.stages:
         quant = f" {r.quantization}" if r.quantization not in ("", "none") else ""
-        rows.append(("stage", r.address, r.layers or "?", state.get(r.state, "?"), f"{_mib(r.kv_used_bytes)}/{_mib(r.kv_budget_bytes)}", f"{r.num_sessions} ({r.pinned_sessions})", r.dtype + quant))
+        layers = f"{r.layers.start}:{r.layers.end}" if r.HasField("layers") else "?"
+        rows.append(("stage", r.address, layers, state.get(r.state, "?"), f"{_mib(r.kv_used_bytes)}/{_mib(r.kv_budget_bytes)}", f"{r.num_sessions} ({r.pinned_sessions})", r.dtype + quant))
     for v in s.vision:
         cache = f"cache {v.cache_entries} entries, {_mib(v.cache_bytes)} MiB, {v.cache_hits} hits / {v.cache_misses} misses"
         rows.append(("vision", v.address, "", state.get(v.state, "?"), cache, "", ""))

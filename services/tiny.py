@@ -1,10 +1,10 @@
 """Write a tiny random-weight Qwen-VL checkpoint (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE) in
 the real Hugging Face layout.
 
-Everything is built locally (no hub access): a byte-level BPE tokenizer trained on a small embedded
-corpus, Qwen's special tokens, the family's Instruct chat template, its image/video processors, a
-small config of the family, and random weights re-initialised so greedy decoding is robust to float
-noise.
+Everything is built locally (no hub access): a byte-level BPE tokenizer trained on a small corpus
+(services/tiny_data/corpus.txt), Qwen's special tokens, the family's Instruct chat template
+(services/tiny_data/*.jinja), its image/video processors, a small config of the family, and random
+weights re-initialised so greedy decoding is robust to float noise.
 
     from services.tiny import make_tiny
     path = make_tiny("/tmp/tiny-qwen2-vl")                       # hub key layout, tied, one file
@@ -91,75 +91,24 @@ PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+# The data the checkpoint is built from (the tokenizer's corpus, the chat templates) ships next to this
+# module: services/tiny_data/, installed as package data.
+_DATA = Path(__file__).resolve().parent / "tiny_data"
 
-# The Qwen2-VL-Instruct chat template (as in Qwen/Qwen2-VL-2B-Instruct's chat_template.json).
-CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}"
-    "{{ message['content'] }}<|im_end|>\n"
-    "{% else %}"
-    "{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}"
-    "{{ content['text'] }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "<|im_end|>\n"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+
+def _data_text(name: str) -> str:
+    """A data file's text without the one trailing newline the file ends with: a template's last
+    character is part of what the checkpoint's chat_template.jinja holds, byte for byte."""
+    return (_DATA / name).read_text(encoding="utf-8").removesuffix("\n")
+
+
+# The Qwen2-VL-Instruct chat template (as in Qwen/Qwen2-VL-2B-Instruct's chat_template.json), also used
+# by Qwen2.5-VL.
+CHAT_TEMPLATE = _data_text("qwen2_vl_chat_template.jinja")
 
 # The Qwen3-VL-Instruct chat template (Qwen/Qwen3-VL-*-Instruct's chat_template.json without the tool-call
 # branches): no default system prompt; images and videos as in Qwen2-VL.
-QWEN3_CHAT_TEMPLATE = (
-    "{%- if messages[0].role == 'system' %}"
-    "{{- '<|im_start|>system\n' }}"
-    "{%- if messages[0].content is string %}{{- messages[0].content }}"
-    "{%- else %}{%- for content in messages[0].content %}{%- if 'text' in content %}{{- content.text }}{%- endif %}"
-    "{%- endfor %}{%- endif %}"
-    "{{- '<|im_end|>\n' }}"
-    "{%- endif %}"
-    "{%- set image_count = namespace(value=0) %}{%- set video_count = namespace(value=0) %}"
-    "{%- for message in messages %}"
-    "{%- if message.role == 'user' %}"
-    "{{- '<|im_start|>' + message.role + '\n' }}"
-    "{%- if message.content is string %}{{- message.content }}"
-    "{%- else %}{%- for content in message.content %}"
-    "{%- if content.type == 'image' or 'image' in content or 'image_url' in content %}"
-    "{%- set image_count.value = image_count.value + 1 %}"
-    "{%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{%- elif content.type == 'video' or 'video' in content %}"
-    "{%- set video_count.value = video_count.value + 1 %}"
-    "{%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{%- elif 'text' in content %}{{- content.text }}"
-    "{%- endif %}{%- endfor %}{%- endif %}"
-    "{{- '<|im_end|>\n' }}"
-    "{%- elif message.role == 'assistant' %}"
-    "{{- '<|im_start|>' + message.role + '\n' }}"
-    "{%- if message.content is string %}{{- message.content }}"
-    "{%- else %}{%- for content_item in message.content %}{%- if 'text' in content_item %}{{- content_item.text }}"
-    "{%- endif %}{%- endfor %}{%- endif %}"
-    "{{- '<|im_end|>\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
-)
+QWEN3_CHAT_TEMPLATE = _data_text("qwen3_vl_chat_template.jinja")
 
 # Target number of BPE merges (the trainer may stop earlier if the corpus runs out of pairs seen twice).
 NUM_MERGES = 800
@@ -167,38 +116,21 @@ NUM_MERGES = 800
 # --- weight init -----------------------------------------------------------------------------------
 # Every parameter is redrawn from a generator seeded with `seed`: embed_tokens / lm_head ~ N(0, EMBED_STD),
 # every other matrix (linear, conv) ~ N(0, LINEAR_GAIN / sqrt(fan_in)), biases ~ N(0, BIAS_STD), norm
-# weights 1 and norm biases 0. For the default sizes that is std 0.19 for the fan-in-64 projections,
-# 0.13 for down_proj / the merger, 0.044 for the patch-embedding conv (fan-in 1176).
-#
-# How it was chosen: greedy decoding, 20 new tokens, 4 prompts (3 text incl. non-ASCII, 1 with a 100x60
-# image), default sizes, tied and untied. "margin" = top-1 minus top-2 logit per step; "dev" = max
-# |logit(fp32) - logit(fp64)| on the same sequence (the size of a real float-order difference, the thing
-# greedy must be robust to); "distinct" = distinct tokens among the 20.
-#   plain std for all weights (3 seeds x 4 prompts, 240 steps; tied / untied):
-#     std 0.02 (HF default)  logits std 0.16  margin median 0.19/0.08  dev 3e-7  decoding stuck on 1-4 tokens
-#     std 0.1                logits std 0.8   margin median 0.29/0.19  min 9e-4/6e-3  dev 3e-6  distinct 2-19
-#     std 0.3                logits std 2.4   margin median 0.49/0.54  min 2e-3/6e-4  dev 9e-5  distinct 18-20
-#     std 0.5                logits std 4.0   margin median 0.76/0.83  min 2e-2/1e-3  dev 5e-4  distinct 15-20
-#     std 1.0                logits std 8.0   margin median 1.6/1.7    min 6e-3/2e-2  dev 3e-3  distinct 18-20
-#   -> margins grow with the std, but the float noise grows faster (attention saturates, layers amplify):
-#      a big plain std makes greedy *less* robust. Hence fan-in scaling for the matrices (activations
-#      O(1)) and a separate, larger std for the embeddings, which set the logit scale (sqrt(hidden) x EMBED_STD):
-#   LINEAR_GAIN 1.0, EMBED_STD 0.5: dev 1e-5, but tied decoding echoes its input (1-2 distinct tokens)
-#   LINEAR_GAIN 3.0, EMBED_STD 0.5: dev 1e-3 to 2e-3 (too chaotic); shrinking only q/k: decoding repeats
-#   LINEAR_GAIN 1.5, EMBED_STD 0.5 (chosen; 8 seeds x 4 prompts, 640 steps):
-#     tied:   logits std 4.0, margin median 0.87, 5th pct 0.08, 1st pct 2e-2, min 5e-4, dev <= 8e-5,
-#             distinct median 18 (min 10); seed 0: margin median 0.80, min 2e-2
-#     untied: logits std 4.0, margin median 0.83, 5th pct 0.06, 1st pct 1e-2, min 4e-3, dev <= 1.5e-4,
-#             distinct median 19 (min 13); seed 0: margin median 0.74, min 4e-3
-#     all finite; fp64 and 1e-6 relative noise on every weight (logits move <= 6e-4) flipped no argmax.
+# weights 1 and norm biases 0. Why not one plain std: greedy decoding of a random model must neither flip
+# on float noise (a different summation order in the mesh) nor repeat one token. A larger plain std
+# widens the top-1/top-2 margins but amplifies float noise faster (attention saturates, layers compound
+# it); fan-in scaling keeps activations O(1), and the embeddings' own std sets the logit scale
+# (sqrt(hidden) x EMBED_STD). The sweep behind these values: bench/results/NOTES.md.
 LINEAR_GAIN = 1.5
 EMBED_STD = 0.5
 BIAS_STD = 0.02
 
 
 def _corpus() -> list[str]:
-    """A small deterministic English corpus: hand-written lines plus a few templated ones."""
-    lines = list(_CORPUS_LINES)
+    """A small deterministic English corpus: the hand-written sentences of tiny_data/corpus.txt (one
+    per line, every line used: the BPE merges, and so every checkpoint's tokenizer, depend on each)
+    plus a few templated ones."""
+    lines = _data_text("corpus.txt").split("\n")
     colours = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple", "pink", "brown", "grey"]
     shapes = ["circle", "square", "triangle", "star", "heart", "box", "line", "dot", "ring", "cube"]
     numbers = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
@@ -227,292 +159,6 @@ def _corpus() -> list[str]:
     for k in range(0, 101, 7):
         lines.append(f"The picture is {k} pixels wide and {k + 14} pixels tall.")
     return lines
-
-
-_CORPUS_LINES = (
-    "Hello! How can I help you today?",
-    "Hi there. What would you like to know?",
-    "Thank you for your question.",
-    "You are welcome. Let me know if you need anything else.",
-    "Sure, I can help with that.",
-    "I am not sure, but I will try my best.",
-    "Please describe the image.",
-    "Describe this picture in one sentence.",
-    "What do you see in this image?",
-    "What is in the picture?",
-    "What colour is the circle?",
-    "What shape is in the middle of the image?",
-    "Count the objects in the picture.",
-    "How many stars are in the sky?",
-    "The image shows a small red house next to a tall green tree.",
-    "The picture shows a cat sitting on a blue chair.",
-    "A dog is running across the grass in the park.",
-    "Two birds are flying over the lake.",
-    "The sky is blue and there are a few white clouds.",
-    "The sun is shining and the weather is warm.",
-    "It is raining and the street is wet.",
-    "There is a yellow car parked in front of the shop.",
-    "A child is holding a red balloon.",
-    "The table has three cups and a plate of bread.",
-    "The room is bright, with a large window on the left.",
-    "The photo was taken at night, so it is quite dark.",
-    "The text in the image says hello world.",
-    "The square is bigger than the circle.",
-    "The triangle is smaller than the square.",
-    "The circle is inside the square.",
-    "The star is above the line.",
-    "The blue box is below the red box.",
-    "The green dot is between the two lines.",
-    "The left half of the image is black and the right half is white.",
-    "The colours in this picture are red, green and blue.",
-    "Red and yellow make orange.",
-    "Blue and yellow make green.",
-    "Red and blue make purple.",
-    "Black and white make grey.",
-    "A square has four equal sides and four right angles.",
-    "A triangle has three sides and three corners.",
-    "A circle has no corners at all.",
-    "A cube has six faces, twelve edges and eight corners.",
-    "A rectangle is longer than it is wide.",
-    "A hexagon has six sides.",
-    "A pentagon has five sides.",
-    "An octagon has eight sides, like a stop sign.",
-    "One, two, three, four, five.",
-    "Six, seven, eight, nine, ten.",
-    "Let me count: one apple, two apples, three apples.",
-    "There are no people in this image.",
-    "There is only one person in the photo.",
-    "Two plus two is four.",
-    "Three times three is nine.",
-    "Ten minus four is six.",
-    "The answer is 42.",
-    "The number 7 is written in the top left corner.",
-    "The image is 640 pixels wide and 480 pixels tall.",
-    "The video shows a ball rolling down a hill.",
-    "In the first frame the ball is at the top, and in the last frame it is at the bottom.",
-    "The video is short, only a few seconds long.",
-    "Each frame of the video looks almost the same.",
-    "The person in the video waves and then walks away.",
-    "I think the picture was taken in the morning.",
-    "This looks like a drawing rather than a photograph.",
-    "The drawing is simple, with thick black lines.",
-    "The painting uses bright colours and soft shapes.",
-    "The chart shows that sales went up in the second year.",
-    "The bar on the right is the tallest.",
-    "The line goes up and then comes back down.",
-    "The map shows a river running through the city.",
-    "The sign says stop.",
-    "The label on the bottle is hard to read.",
-    "The clock on the wall shows three o'clock.",
-    "It's a sunny day and everyone is happy.",
-    "They're playing football in the garden.",
-    "We've finished the puzzle.",
-    "I'm looking at a photo of the beach.",
-    "You'll find the keys on the kitchen table.",
-    "She'd like a cup of tea, please.",
-    "He's reading a book about the stars.",
-    "Can you tell me more about the image?",
-    "Could you describe the colours you see?",
-    "Is there a cat in the picture?",
-    "Yes, there is a cat on the sofa.",
-    "No, I don't see any animals.",
-    "Which object is the largest?",
-    "Which shape is closest to the centre?",
-    "Where is the red square?",
-    "The red square is in the bottom right corner.",
-    "Why is the sky blue?",
-    "The sky looks blue because air scatters blue light more than red light.",
-    "What time of day is it in the photo?",
-    "What is the person holding?",
-    "The person is holding an umbrella.",
-    "What is written on the board?",
-    "The board says welcome to the meeting.",
-    "Please answer in one word.",
-    "Please answer with a number.",
-    "Please explain step by step.",
-    "First, find the shapes. Then, count them. Finally, give the answer.",
-    "Here is a short summary of the picture.",
-    "In summary, the image shows a quiet street in the evening.",
-    "Overall, the picture is calm and simple.",
-    "The main object is a large wooden door.",
-    "The background is blurry and out of focus.",
-    "The foreground shows a bowl of fruit: apples, bananas and grapes.",
-    "The fruit is fresh and colourful.",
-    "There are many small dots scattered across the image.",
-    "The pattern repeats from left to right.",
-    "The stripes are thin and evenly spaced.",
-    "The picture is mostly green with a little bit of brown.",
-    "The water is clear and you can see the stones below.",
-    "The mountain is covered in snow.",
-    "The flowers are pink, white and purple.",
-    "A small boat is floating on the calm sea.",
-    "The train is crossing a long bridge.",
-    "A plane is flying high above the clouds.",
-    "The road turns to the left after the hill.",
-    "The building has ten floors and many windows.",
-    "The window is open and the curtains are moving.",
-    "The light is on in the kitchen.",
-    "The lamp gives a warm yellow light.",
-    "The shadow of the tree falls on the grass.",
-    "The moon is full tonight.",
-    "The stars are bright and the sky is clear.",
-    "Good morning! I hope you are well.",
-    "Good evening. How was your day?",
-    "Good night and sleep well.",
-    "I understand. Let me look at the image again.",
-    "I'm sorry, I cannot see the image clearly.",
-    "The image is too small to read the text.",
-    "Could you send a larger picture?",
-    "That is a great question.",
-    "Here is what I found.",
-    "The answer depends on what you mean.",
-    "Let me think about this for a moment.",
-    "It seems that the objects are arranged in a grid.",
-    "The grid has three rows and four columns.",
-    "Each cell of the grid holds one coloured shape.",
-    "The top row is red, the middle row is green and the bottom row is blue.",
-    "The picture has a thin black border.",
-    "The image is upside down.",
-    "The photo is in black and white.",
-    "The picture is very colourful.",
-    "The user asked about the number of circles.",
-    "The assistant answered that there are five circles.",
-    "The system prompt says you are a helpful assistant.",
-    "You are a helpful assistant.",
-    "Answer the question about the image.",
-    "Read the text in the image and repeat it.",
-    "Find the odd one out.",
-    "The odd one out is the blue triangle, because all the others are circles.",
-    "Compare the two pictures.",
-    "The first picture is brighter than the second one.",
-    "Both pictures show the same house from different sides.",
-    "Picture 1 shows a cat. Picture 2 shows a dog.",
-    "Video 1 shows a car driving along a road.",
-    "What happens at the end of the video?",
-    "At the end of the video, the light turns green.",
-    "The quick brown fox jumps over the lazy dog.",
-    "A journey of a thousand miles begins with a single step.",
-    "Practice makes perfect.",
-    "Simple shapes are easy to draw.",
-    "Colours can make a picture feel warm or cold.",
-    "Warm colours are red, orange and yellow.",
-    "Cool colours are blue, green and purple.",
-    "Light colours look bright, and dark colours look heavy.",
-    "The picture is drawn with a pencil on white paper.",
-    "There are some words at the bottom of the image.",
-    "The words are written in large letters.",
-    "I can read the first word, but the second word is hidden.",
-    "The image contains a table with numbers.",
-    "The first column lists names and the second column lists ages.",
-    "The total is 100.",
-    "Half of 10 is 5.",
-    "Zero, one, two, three.",
-    "Count again: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10.",
-    "Is the circle red or blue?",
-    "The circle is red.",
-    "Is the square bigger than the triangle?",
-    "Yes, the square is bigger.",
-    "Are the lines straight or curved?",
-    "The lines are curved.",
-    "What else can you tell me?",
-    "That's all I can see in this picture.",
-    "I hope this helps!",
-    "Have a nice day!",
-    "Of course. Here is a simple explanation.",
-    "Certainly! The picture shows a garden full of flowers.",
-    "Absolutely, I would be happy to help you with that.",
-    "Unfortunately, I cannot answer that question.",
-    "Interesting question! Let me explain.",
-    "Could you please clarify what you mean?",
-    "Would you like a longer description?",
-    "Do you want me to count the objects again?",
-    "Should I describe the background as well?",
-    "I have checked the image carefully.",
-    "After looking closely, I noticed a small detail.",
-    "There is a tiny bird sitting on the fence.",
-    "The fence is made of old wooden planks.",
-    "The wall is painted light blue.",
-    "The floor is covered with a soft carpet.",
-    "The carpet has a pattern of squares and circles.",
-    "The kitchen has a fridge, an oven and a sink.",
-    "The bedroom has a bed, a desk and a chair.",
-    "The bathroom is small but clean.",
-    "The office has two computers and a printer.",
-    "The classroom has twenty desks arranged in rows.",
-    "The teacher is writing on the blackboard.",
-    "The students are listening carefully.",
-    "The library is quiet and full of books.",
-    "The market is busy and noisy.",
-    "People are buying vegetables, fruit and fish.",
-    "The shop sells shoes, hats and coats.",
-    "The restaurant is crowded at lunch time.",
-    "The waiter is carrying a tray of drinks.",
-    "The chef is cooking soup in a big pot.",
-    "The cake is decorated with strawberries and cream.",
-    "The pizza is cut into eight slices.",
-    "The sandwich has cheese, tomato and lettuce.",
-    "Breakfast is eggs, toast and orange juice.",
-    "Dinner is served at seven in the evening.",
-    "The farmer is feeding the chickens.",
-    "The tractor is parked next to the barn.",
-    "The field is full of golden wheat.",
-    "The forest is dark and the trees are very tall.",
-    "The path leads through the forest to a small lake.",
-    "The island is surrounded by clear blue water.",
-    "The desert is hot, dry and sandy.",
-    "The city lights shine brightly at night.",
-    "The traffic lights are red, amber and green.",
-    "The bus is waiting at the station.",
-    "The bicycle is leaning against the wall.",
-    "The motorbike is black and very shiny.",
-    "The ship is sailing towards the harbour.",
-    "The rocket is launching into space.",
-    "The planet has two moons and a ring.",
-    "The computer screen shows a spreadsheet.",
-    "The phone is lying face down on the desk.",
-    "The keyboard is missing a key.",
-    "The camera is pointing at the mountains.",
-    "The photograph is slightly blurry because the camera moved.",
-    "The picture is taken from above, looking down.",
-    "The picture is taken from far away.",
-    "The close-up shows the texture of the leaf.",
-    "The leaf is green with yellow edges.",
-    "The weather is cloudy, windy and cold.",
-    "Snow is falling softly on the roofs.",
-    "The river flows quickly after the storm.",
-    "A rainbow appears after the rain.",
-    "Autumn leaves are red, orange and brown.",
-    "Spring flowers are starting to bloom.",
-    "Summer days are long and warm.",
-    "Winter nights are long and cold.",
-    "Monday, Tuesday, Wednesday, Thursday, Friday, Saturday, Sunday.",
-    "January, February, March, April, May, June.",
-    "July, August, September, October, November, December.",
-    "North, south, east and west.",
-    "Up, down, left, right, front and back.",
-    "Big, bigger, biggest. Small, smaller, smallest.",
-    "Fast, faster, fastest. Slow, slower, slowest.",
-    "Happy, sad, angry, surprised, tired, excited.",
-    "The boy looks happy and the girl looks surprised.",
-    "The old man is smiling at the camera.",
-    "The woman is wearing a long red dress.",
-    "The man is wearing glasses and a blue shirt.",
-    "The baby is sleeping peacefully.",
-    "The team is celebrating a goal.",
-    "The musicians are playing the guitar and the drums.",
-    "The audience is clapping their hands.",
-    "The artist is painting a portrait.",
-    "The doctor is talking to a patient.",
-    "The scientist is looking through a microscope.",
-    "The engineer is checking the machine.",
-    "The pilot is sitting in the cockpit.",
-    "The police officer is directing the traffic.",
-    "Summary: a quiet scene with few objects and soft light.",
-    "Conclusion: the image matches the description.",
-    "Note: some parts of the image are cropped.",
-    "Warning: the text may be incomplete.",
-    "Step 1: look at the image. Step 2: find the shapes. Step 3: answer.",
-)
 
 
 # --- tokenizer -------------------------------------------------------------------------------------
@@ -896,28 +542,6 @@ def reinit_weights(
         if len(zero):
             model.get_input_embeddings().weight[zero] = 0
             model.get_output_embeddings().weight[zero] = 0
-
-
-def greedy_margins(model, inputs: dict, max_new_tokens: int = 20) -> tuple[list[int], list[float]]:
-    """Greedy-decode `max_new_tokens` (EOS ignored) from processor outputs `inputs`; return the new
-    token ids and, per step, the top-1 minus top-2 logit."""
-    import torch
-
-    with torch.no_grad():
-        out = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=None,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    new = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
-    margins = []
-    for step in out.logits:
-        top2 = step[0].double().topk(2).values
-        margins.append(float(top2[0] - top2[1]))
-    return new, margins
 
 
 # --- saving ----------------------------------------------------------------------------------------

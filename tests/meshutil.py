@@ -5,15 +5,20 @@ from __future__ import annotations
 import contextlib
 import io
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import TypeVar
 
 import grpc
 import torch
 from PIL import Image
+from threaded_server import ThreadedServer
 
 from services.common.certs import make_certs
-from services.common.server import MeshTLS, ThreadedServer, sync_mesh_channel
+from services.common.channels import sync_mesh_channel
+from services.common.tls import MeshTLS
 from services.coordinator.server import CoordinatorConfig
 from services.coordinator.server import start as start_coordinator
 from services.stage.server import StageConfig
@@ -23,6 +28,43 @@ from services.vision.server import start as start_vision
 from vlmesh.v1 import coordinator_pb2 as cpb
 from vlmesh.v1 import coordinator_pb2_grpc as cgrpc
 from vlmesh.v1 import tensor_pb2
+
+
+T = TypeVar("T")
+
+
+def wait_until(
+    predicate: Callable[[], T],
+    timeout: float,
+    what: str | Callable[[], str],
+    *,
+    interval: float = 0.05,
+    ignore: tuple[type[BaseException], ...] = (),
+) -> T:
+    """Call `predicate` every `interval` seconds until it returns something truthy, and return that.
+    After `timeout` seconds the test fails: an AssertionError "timed out after N s waiting for
+    <what>" (`what` may be a function, called then, to say what was seen last). The timeout bounds
+    a wait for something that must happen; it is no measure of speed.
+
+    An exception from `predicate` ends the wait at once (so a predicate can assert that the process
+    it waits on is still alive), except those in `ignore`: they mean "not yet" (a port that does not
+    answer yet), and the last one is named if the wait times out."""
+    deadline = time.monotonic() + timeout
+    error: BaseException | None = None
+    while True:
+        try:
+            value = predicate()
+        except ignore as e:
+            error = e
+        else:
+            if value:
+                return value
+            error = None
+        if time.monotonic() >= deadline:
+            detail = what() if callable(what) else what
+            last = f"; last error: {error!r}" if error is not None else ""
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {detail}{last}")
+        time.sleep(interval)
 
 
 @lru_cache(maxsize=1)
@@ -318,9 +360,12 @@ def vision_stats(address: str):
         return vision_pb2_grpc.VisionServiceStub(ch).GetStats(vision_pb2.GetStatsRequest(), timeout=10)
 
 
-def kv_log(stub, session_id: str) -> dict:
-    """layer -> KVDelta of a session's KV log."""
-    return {r.delta.layer: r.delta for r in stub.GetKVLog(cpb.GetKVLogRequest(session_id=session_id))}
+def kv_log(channel: grpc.Channel, session_id: str, metadata=None) -> dict:
+    """layer -> KVDelta of a session's KV log (the coordinator's internal admin service)."""
+    from vlmesh.internal.v1 import admin_pb2, admin_pb2_grpc
+
+    stub = admin_pb2_grpc.CoordinatorAdminServiceStub(channel)
+    return {r.delta.layer: r.delta for r in stub.GetKVLog(admin_pb2.GetKVLogRequest(session_id=session_id), metadata=metadata, timeout=30)}
 
 
 def stage_holds(address: str, session_id: str) -> bool:

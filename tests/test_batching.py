@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 import torch
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from conftest import png
-from meshutil import images_of, reference, stage_info, start_mesh, videos_of
+from meshutil import images_of, reference, stage_info, start_mesh, videos_of, wait_until
 from services.common.tracing import setup_tracing
 
 SPANS = InMemorySpanExporter()
@@ -40,7 +39,7 @@ def mesh(request, family_model):
     setup_tracing("tests", extra=SPANS)
     model = family_model("qwen2-vl")
     # Chunks of 16 tokens: every image prompt is fed in several chunks between the others' decodes.
-    m = start_mesh(model, request.param, coord_kw={"chunk_tokens": 16, "prefix_cache_sessions": 0})
+    m = start_mesh(model, request.param, coord_kw={"chunk_tokens": 16, "prefix_cache_sessions": 0, "trace_decode_every": 1})
     m.model_dir = model
     yield m
     m.stop()
@@ -69,10 +68,8 @@ def test_staggered_mixed_requests_each_equal_their_own_generate(mesh, images, vi
         t.join(180)
     assert got == expected
     # Every request's KV is given back (released as each one ends, a moment after its last answer).
-    deadline = time.monotonic() + 5
-    while (now := [stage_info(s.address).kv_used_bytes for s in mesh.stages]) != before:
-        assert time.monotonic() < deadline, f"KV {now} after all requests ended, {before} before"
-        time.sleep(0.05)
+    kv = lambda: [stage_info(s.address).kv_used_bytes for s in mesh.stages]  # noqa: E731
+    wait_until(lambda: kv() == before, 5, lambda: f"every request's KV to be given back: {kv()}, {before} before")
 
 
 def test_a_newcomer_joins_the_running_batch(mesh, images):
@@ -84,10 +81,7 @@ def test_a_newcomer_joins_the_running_batch(mesh, images):
     out: dict = {}
     t = threading.Thread(target=lambda: out.setdefault("long", mesh.generate(long, max_tokens=120)))
     t.start()
-    deadline = time.monotonic() + 30
-    while not any(s.name == "step" and s.attributes["vlmesh.tokens"] == 1 for s in SPANS.get_finished_spans()):
-        assert time.monotonic() < deadline, "the long request never started decoding"
-        time.sleep(0.01)
+    wait_until(lambda: any(s.name == "step" and s.attributes["vlmesh.tokens"] == 1 for s in SPANS.get_finished_spans()), 30, "the long request to decode", interval=0.01)
     _, _, last = mesh.generate(newcomer, max_tokens=4)
     t.join(120)
     long_trace = out["long"][2].trace_id

@@ -544,19 +544,12 @@ class FakeCoordinator(pb_grpc.CoordinatorServiceServicer):
         self.closed.append(request.session_id)
         return pb.CloseSessionResponse(existed=self.sessions.pop(request.session_id, None) is not None)
 
-    def GetKVLog(self, request, context):  # noqa: N802
-        if request.session_id not in self.sessions:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session {request.session_id}")
-        for layer in range(2):
-            key = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT16, shape=[1, 1, 2], data=b"\0" * 4)
-            yield pb.GetKVLogResponse(delta=tensor_pb2.KVDelta(layer=layer, start_position=0, key=key, value=key))
-
     def GetModelInfo(self, request, context):  # noqa: N802
         self._authorize(context)
         if self.model_info_error:
             abort_rich(context, grpc.StatusCode.UNAVAILABLE, "stage 1 is down", "STAGE_UNAVAILABLE")
         return pb.GetModelInfoResponse(
-            model_type="qwen2_vl", num_layers=28, stage_layers=["0:14", "14:28"], max_sequence_length=32768
+            model_type="qwen2_vl", num_layers=28, stage_layers=[pb.LayerRange(start=0, end=14), pb.LayerRange(start=14, end=28)], max_sequence_length=32768
         )
 
 
@@ -725,8 +718,6 @@ def test_not_found_becomes_client_error(coordinator: tuple[FakeCoordinator, str]
         assert "unknown session nope" in info.value.details
         assert isinstance(info.value.__cause__, grpc.RpcError)
         assert isinstance(info.value, vlmesh.VlmeshError)
-        with pytest.raises(vlmesh.NotFound):
-            client.kv_log("nope")
         assert client.close_session("nope") is False
 
 
@@ -748,7 +739,7 @@ def test_value_error_before_any_rpc(coordinator: tuple[FakeCoordinator, str]) ->
             client.stream([{"role": "user", "content": [{"type": "audio"}]}])  # raises before iteration
         with pytest.raises(ValueError, match="top_p"):
             client.chat("hi", top_p=1.5)
-        with pytest.raises(ValueError, match="stop strings"):
+        with pytest.raises(ValueError, match="stop must be a non-empty string"):
             client.chat("hi", stop=[""])
         with pytest.raises(TypeError):
             client.stream("hi", temprature=1.0)  # type: ignore[call-arg]
@@ -763,15 +754,11 @@ def test_deadline_and_unavailable(coordinator: tuple[FakeCoordinator, str]) -> N
         client.model_info()
 
 
-def test_model_info_and_kv_log(coordinator: tuple[FakeCoordinator, str]) -> None:
+def test_model_info(coordinator: tuple[FakeCoordinator, str]) -> None:
     _, address = coordinator
     with vlmesh.Client(address) as client:
         info = client.model_info()
-        assert info == vlmesh.ModelInfo("qwen2_vl", 28, ["0:14", "14:28"], 32768)
-        with client.session() as session:
-            log = client.kv_log(session.id)
-    assert [d.layer for d in log] == [0, 1]
-    assert isinstance(log[0], tensor_pb2.KVDelta) and list(log[0].key.shape) == [1, 1, 2]
+        assert info == vlmesh.ModelInfo("qwen2_vl", 28, [(0, 14), (14, 28)], 32768)
 
 
 def test_async_client(coordinator: tuple[FakeCoordinator, str]) -> None:
@@ -789,7 +776,6 @@ def test_async_client(coordinator: tuple[FakeCoordinator, str]) -> None:
                 assert session.id == "s1"
                 await session.chat("one")
                 assert [d async for d in session.stream("two")] == ["Hel", "lo", " wor", "ld"]
-                assert len(await client.kv_log(session.id)) == 2
             assert session.closed and fake.closed == ["s1"]
 
             other = await client.session()

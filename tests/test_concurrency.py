@@ -4,13 +4,12 @@ generate(); cancelled requests and idle sessions give their KV back."""
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from meshutil import images_of, reference, stage_holds, start_mesh, to_proto
+from meshutil import images_of, reference, stage_holds, start_mesh, to_proto, wait_until
 from services.common.tracing import setup_tracing
 from vlmesh.v1 import coordinator_pb2 as cpb
 
@@ -60,14 +59,15 @@ def test_cancelled_stream_leaves_the_session_usable(mesh, images):
     call.cancel()
     # The cancelled turn never happened: the next request on the session is its first turn again
     # (once the engine has let go of the cancelled one, the session is no longer busy).
-    deadline = time.monotonic() + 5
-    while True:
+    def again():
         try:
-            got, _, last = mesh.generate(first, session_id=sid, max_tokens=6)
-            break
+            return mesh.generate(first, session_id=sid, max_tokens=6)
         except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.ABORTED or time.monotonic() > deadline:
+            if err.code() != grpc.StatusCode.ABORTED:
                 raise
+            return None
+
+    got, _, last = wait_until(again, 5, "the session to be free again")
     assert got == ref.generate_ids(ref.prompt_ids(first), images_of(first), 6)[0]
     assert last.usage.cached_tokens == 0
 
@@ -76,10 +76,7 @@ def test_idle_sessions_expire_everywhere(mesh):
     sid = mesh.stub.CreateSession(cpb.CreateSessionRequest()).session_id
     mesh.generate([{"role": "user", "content": "hello"}], session_id=sid, max_tokens=2)
     assert all(stage_holds(s.address, sid) for s in mesh.stages)
-    deadline = time.monotonic() + 10
-    while any(stage_holds(s.address, sid) for s in mesh.stages) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not any(stage_holds(s.address, sid) for s in mesh.stages)
+    wait_until(lambda: not any(stage_holds(s.address, sid) for s in mesh.stages), 10, "the stages to drop the idle session", interval=0.2)
     with pytest.raises(grpc.RpcError) as err:
         mesh.generate([{"role": "user", "content": "still there?"}], session_id=sid, max_tokens=2)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND

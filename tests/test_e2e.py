@@ -78,7 +78,7 @@ def test_stage_memory_scales_with_its_layers(tmp_path):
     import grpc
 
     from services.common import tensors
-    from services.common.server import wait_healthy
+    from services.common.channels import wait_healthy
     from services.launcher import free_port
     from services.tiny import make_tiny
     from vlmesh.internal.v1 import stage_pb2, stage_pb2_grpc

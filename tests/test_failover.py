@@ -43,8 +43,9 @@ class Chaos:
         status = self.mesh.status()
         up_per_range: dict[str, int] = {}
         for r in status.stages:
-            up_per_range[r.layers] = up_per_range.get(r.layers, 0) + (r.state == cpb.REPLICA_STATE_UP)
-        holding = [r for r in status.stages if r.pinned_sessions > 0 and r.state == cpb.REPLICA_STATE_UP and up_per_range[r.layers] > 1]
+            key = (r.layers.start, r.layers.end)
+            up_per_range[key] = up_per_range.get(key, 0) + (r.state == cpb.REPLICA_STATE_UP)
+        holding = [r for r in status.stages if r.pinned_sessions > 0 and r.state == cpb.REPLICA_STATE_UP and up_per_range[(r.layers.start, r.layers.end)] > 1]
         if not holding:
             return
         victim = self.mesh.stage_name(self.rng.choice(holding).address)

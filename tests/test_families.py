@@ -245,7 +245,7 @@ def test_kv_log_equals_generate_past_key_values(mesh, images, videos):
     _, out = ref.generate_ids(ref.prompt_ids(messages), images_of(messages), MAX_NEW, videos=videos_of(messages))
     sid = mesh.stub.CreateSession(cpb.CreateSessionRequest()).session_id
     mesh.generate(messages, session_id=sid, max_tokens=MAX_NEW)
-    log = kv_log(mesh.stub, sid)
+    log = kv_log(mesh.channel, sid)
     cache = out.past_key_values
     assert sorted(log) == list(range(len(cache.layers)))
     for layer, d in log.items():

@@ -84,12 +84,14 @@ class FakeCoordinator(pb_grpc.CoordinatorServiceServicer):
 
     def GetModelInfo(self, request, context):  # noqa: N802
         self._check_key(context)
-        return pb.GetModelInfoResponse(model_type=MODEL, num_layers=2, stage_layers=["0:2"], max_sequence_length=4096)
+        return pb.GetModelInfoResponse(model_type=MODEL, num_layers=2, stage_layers=[pb.LayerRange(start=0, end=2)], max_sequence_length=4096)
 
 
-def _serve_fake() -> tuple[grpc.Server, FakeCoordinator, health.HealthServicer, str]:
+def _serve_fake(max_message_bytes: int | None = None) -> tuple[grpc.Server, FakeCoordinator, health.HealthServicer, str]:
+    """The fake on 127.0.0.1; `max_message_bytes`: the largest request it takes (gRPC's 4 MiB if None)."""
     fake = FakeCoordinator()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    options = [] if max_message_bytes is None else [("grpc.max_receive_message_length", max_message_bytes)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=options)
     pb_grpc.add_CoordinatorServiceServicer_to_server(fake, server)
     health_servicer = health.HealthServicer()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

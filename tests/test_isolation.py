@@ -13,7 +13,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from meshutil import images_of, reference, stage_info, start_mesh, to_proto
+from meshutil import images_of, reference, stage_info, start_mesh, to_proto, wait_until
 from services.common.errors import reason_of
 from vlmesh.v1 import coordinator_pb2 as cpb
 
@@ -130,18 +130,12 @@ def test_cancel_gives_the_kv_back_within_2s(slow_prefill_mesh, when):
     before = kv_used(mesh)
     prompt = [{"role": "user", "content": "shapes and colours " * 120}]
     call = mesh.stub.Generate(cpb.GenerateRequest(messages=to_proto(prompt), max_tokens=500))
-    deadline = time.monotonic() + 60
     if when == "prefill":
-        while not all(a > b for a, b in zip(kv_used(mesh), before)):  # the prompt has started
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
+        wait_until(lambda: all(a > b for a, b in zip(kv_used(mesh), before)), 60, "the prompt to start", interval=0.005)
     else:
         next(iter(call))  # the first token: decoding
     call.cancel()
-    cancelled = time.monotonic()
-    while kv_used(mesh) != before:
-        assert time.monotonic() - cancelled < 2.0, f"KV still held 2 s after the cancel: {kv_used(mesh)} vs {before}"
-        time.sleep(0.02)
+    wait_until(lambda: kv_used(mesh) == before, 2.0, lambda: f"the KV to be given back after the cancel: {kv_used(mesh)} vs {before}", interval=0.02)
 
 
 @pytest.mark.slow

@@ -14,11 +14,12 @@ import torch
 from PIL import Image
 
 from conftest import png
-from meshutil import coordinator_tls, images_of, reference, start_mesh, to_proto
+from meshutil import coordinator_tls, images_of, kv_log, reference, start_mesh, to_proto
 from services.common import tensors
 from services.common.certs import make_certs
 from services.common.errors import reason_of
-from services.common.server import MeshTLS, sync_mesh_channel
+from services.common.channels import sync_mesh_channel
+from services.common.tls import MeshTLS
 from services.coordinator.auth import digest
 from vlmesh.internal.v1 import stage_pb2, stage_pb2_grpc
 from vlmesh.v1 import coordinator_pb2 as cpb
@@ -130,7 +131,7 @@ def test_a_session_belongs_to_its_key(mesh):
     gen(mesh, ASK, "bob", session_id=sid, max_tokens=3)
     for call in (
         lambda: gen(mesh, ASK, "carol", session_id=sid, max_tokens=3),
-        lambda: list(mesh.stub.GetKVLog(cpb.GetKVLogRequest(session_id=sid), metadata=as_key("carol"), timeout=10)),
+        lambda: kv_log(mesh.channel, sid, metadata=as_key("carol")),
     ):
         with pytest.raises(grpc.RpcError) as err:
             call()

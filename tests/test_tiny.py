@@ -246,6 +246,33 @@ def test_bpe_merges():
     assert 500 <= len(merges) <= 1000
 
 
+def test_shipped_shapes_model_matches_what_tiny_builds():
+    """The shapes checkpoint in services/assets was trained with tiny's tokenizer (plus the shapes
+    task's text) and Qwen2-VL template: the data files they are built from must still build exactly
+    those. Editing a line of tiny_data/corpus.txt or a template would silently change them."""
+    from services.shapes import SHIPPED_MODEL, data
+
+    shipped = json.loads((SHIPPED_MODEL / "tokenizer.json").read_text())
+    built = json.loads(tiny.build_tokenizer(extra_corpus=data.corpus()).to_str())
+    assert built["model"]["vocab"] == shipped["model"]["vocab"]
+    assert built["model"]["merges"] == shipped["model"]["merges"]
+    assert [t["content"] for t in built["added_tokens"]] == [t["content"] for t in shipped["added_tokens"]]
+    assert (SHIPPED_MODEL / "chat_template.jinja").read_text() == tiny.CHAT_TEMPLATE
+
+
+def test_data_files_are_package_data():
+    """Every file tiny reads from services/tiny_data/ is named by pyproject's package-data, so a
+    non-editable install (a wheel, the container image) has it too."""
+    import fnmatch
+    import tomllib
+
+    root = Path(tiny.__file__).resolve().parent
+    globs = tomllib.loads((root.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["services"]
+    files = sorted(f.relative_to(root).as_posix() for f in (root / "tiny_data").iterdir())
+    assert {"corpus.txt", "qwen2_vl_chat_template.jinja", "qwen3_vl_chat_template.jinja"} <= {Path(f).name for f in files}
+    assert [f for f in files if not any(fnmatch.fnmatchcase(f, g) for g in globs)] == []
+
+
 def test_processor_expands_image(ckpt):
     from transformers import AutoProcessor
 

@@ -6,7 +6,7 @@ DIR gets ca.crt (give it to every service: --mesh-ca), ca.key (keep it offline: 
 certificates), for each of coordinator, stage, vision a NAME.crt and NAME.key (--mesh-cert,
 --mesh-key), and tls.crt / tls.key, one certificate every service may share (what the
 Kubernetes Secret `vlmesh-mesh-tls` holds). Every mesh certificate names the DNS name the mesh's clients check
-(services.common.server.MESH_SERVER_NAME), so replicas are reachable at any address. With
+(services.common.tls.MESH_SERVER_NAME), so replicas are reachable at any address. With
 --public-host, public.crt / public.key are a server certificate for the coordinator's public
 port (--public-tls-cert / --public-tls-key); a real deployment would rather use one from its own
 CA there. ECDSA P-256 keys, SHA-256 signatures."""
@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .server import MESH_SERVER_NAME
+from .tls import MESH_SERVER_NAME
 
 SERVICES = ("coordinator", "stage", "vision")
 

@@ -79,3 +79,4 @@ class ServiceConfig:
     insecure: bool = field(False, "plaintext inside the mesh, no certificates (anyone who reaches a port can use it)")
     reflection: bool = field(True, "serve gRPC server reflection (grpcurl without proto files)")
     max_message_mb: int = field(256, "largest gRPC message accepted, in MiB")
+    shutdown_grace: float = field(5.0, "on SIGTERM, seconds in-flight calls get to finish after the service reports NOT_SERVING")

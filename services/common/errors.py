@@ -1,103 +1,99 @@
-"""One exception type per gRPC status code. Raised inside the services as plain exceptions;
-the interceptor in `server.py` turns them into statuses at the service edge, with a
-`google.rpc.ErrorInfo` whose `reason` programs can test instead of matching message text."""
+"""The services' side of the mesh's one error vocabulary.
+
+The classes are the client library's (`vlmesh.errors`: one per gRPC code, and below those one per
+thing that happened); the services raise them as plain exceptions, and the interceptor turns them
+into statuses at the service edge (`VlmeshError.to_status`: a `google.rpc.ErrorInfo` whose
+`reason` programs can test instead of matching message text). What this module adds is the
+services' own concern: turning a downstream service's failure (a failed RPC, or the status of one
+step of a batch) back into that vocabulary, so it travels on unchanged.
+"""
 
 from __future__ import annotations
 
 import grpc
-from google.protobuf import any_pb2
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import status_pb2
+from vlmesh.errors import (
+    ERROR_DOMAIN,
+    STATUS_DETAILS_KEY,
+    TRACE_ID_KEY,
+    Aborted,
+    AlreadyExists,
+    Cancelled,
+    DataLoss,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    KVBudgetFull,
+    MessageTooLarge,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    QuotaExceeded,
+    ResourceExhausted,
+    SessionBusy,
+    ShuttingDown,
+    StageDown,
+    TooManyImages,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+    Unknown,
+    UnknownSession,
+    VlmeshError,
+    WrongStage,
+    error_for,
+    reason_of,
+)
+from vlmesh.errors import from_rpc_error as _decode
 
-DOMAIN = "vlmesh.dev"
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
+__all__ = [
+    "ERROR_DOMAIN",
+    "STATUS_DETAILS_KEY",
+    "TRACE_ID_KEY",
+    "Aborted",
+    "AlreadyExists",
+    "Cancelled",
+    "DataLoss",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "Internal",
+    "InvalidArgument",
+    "KVBudgetFull",
+    "MessageTooLarge",
+    "NotFound",
+    "OutOfRange",
+    "PermissionDenied",
+    "QuotaExceeded",
+    "ResourceExhausted",
+    "SessionBusy",
+    "ShuttingDown",
+    "StageDown",
+    "TooManyImages",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "Unknown",
+    "UnknownSession",
+    "VlmeshError",
+    "WrongStage",
+    "from_rpc_error",
+    "from_status",
+    "reason_of",
+    "short",
+    # Old names, until the tree-wide rename (the code raising them is being changed elsewhere).
+    "Conflict",
+    "InvalidInput",
+]
 
+# Old names of the same classes (not new ones: `except InvalidArgument` catches an InvalidInput).
+InvalidInput = InvalidArgument
+Conflict = SessionBusy
 
-class VlmeshError(Exception):
-    """Base of every error a client may see; `code` is its gRPC status, `reason` its ErrorInfo
-    reason (UPPER_SNAKE_CASE, stable across releases)."""
-
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
-    default_reason = "INTERNAL"
-
-    def __init__(self, message: str, *, reason: str | None = None):
-        super().__init__(message)
-        self.reason = reason or self.default_reason
-
-    def to_status(self) -> status_pb2.Status:
-        info = any_pb2.Any()
-        info.Pack(error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN))
-        return status_pb2.Status(code=self.code.value[0], message=str(self), details=[info])
-
-
-class InvalidInput(VlmeshError):
-    """Bad image, bad tensor, prompt too long, unknown parameter."""
-
-    code = grpc.StatusCode.INVALID_ARGUMENT
-    default_reason = "INVALID_INPUT"
-
-
-class Unauthenticated(VlmeshError):
-    """No API key, or one the service does not know."""
-
-    code = grpc.StatusCode.UNAUTHENTICATED
-    default_reason = "UNAUTHENTICATED"
-
-
-class UnknownSession(VlmeshError):
-    """A session id that this service does not hold (or that belongs to another key)."""
-
-    code = grpc.StatusCode.NOT_FOUND
-    default_reason = "UNKNOWN_SESSION"
-
-
-class KVBudgetFull(VlmeshError):
-    """A bounded resource is full: the KV cache, images per request, a per-key quota."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    default_reason = "KV_BUDGET_FULL"
-
-
-class WrongStage(VlmeshError):
-    """A step that this stage cannot run: its KV position disagrees, or it asks for a role
-    (first/last stage) that this stage does not have."""
-
-    code = grpc.StatusCode.FAILED_PRECONDITION
-    default_reason = "WRONG_STAGE"
-
-
-class Conflict(VlmeshError):
-    """A concurrent use the service refuses, e.g. two turns of one session at once."""
-
-    code = grpc.StatusCode.ABORTED
-    default_reason = "SESSION_BUSY"
-
-
-class Cancelled(VlmeshError):
-    """The caller cancelled the request."""
-
-    code = grpc.StatusCode.CANCELLED
-    default_reason = "CANCELLED"
-
-
-class DeadlineExceeded(VlmeshError):
-    """The caller's deadline passed before the request finished."""
-
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
-    default_reason = "DEADLINE_EXCEEDED"
-
-
-class StageDown(VlmeshError):
-    """A downstream service cannot be reached (or every replica of it is down)."""
-
-    code = grpc.StatusCode.UNAVAILABLE
-    default_reason = "STAGE_UNAVAILABLE"
-
-
-_BY_CODE: dict[grpc.StatusCode, type[VlmeshError]] = {
-    cls.code: cls
-    for cls in (InvalidInput, Unauthenticated, UnknownSession, KVBudgetFull, WrongStage, Conflict, Cancelled, DeadlineExceeded, StageDown)
-}
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
+# A downstream service that is down, stalled or went away mid-call: the coordinator retries
+# another replica, whatever the callee said about why.
+_DOWNSTREAM_GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 
 def short(identifier: str, limit: int = 40) -> str:
@@ -105,32 +101,27 @@ def short(identifier: str, limit: int = 40) -> str:
     return repr(identifier if len(identifier) <= limit else identifier[:limit] + "...")
 
 
-def reason_of(status: status_pb2.Status) -> str | None:
-    for d in status.details:
-        if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            d.Unpack(info)
-            return info.reason
-    return None
+def _passed_on(code: grpc.StatusCode, details: str, reason: str | None) -> VlmeshError:
+    err = error_for(code, details, reason)
+    if err.reason is None:  # the callee attached none: the class's own, as if raised here
+        err.reason = err.default_reason
+    return err
 
 
 def from_status(status: status_pb2.Status, what: str) -> VlmeshError:
-    """The error a downstream service reported (an RPC's status or a step's), as our type."""
+    """The error a downstream service reported for one step (a `google.rpc.Status`), as ours;
+    `what` (e.g. "stage 127.0.0.1:50061") prefixes its message."""
     code = _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
-    cls = _BY_CODE.get(code, VlmeshError)
-    return cls(f"{what}: {status.message}", reason=reason_of(status))
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return StageDown(f"{what}: {status.message}", reason=reason_of(status))
+    return _passed_on(code, f"{what}: {status.message}", reason_of(status))
 
 
 def from_rpc_error(err: grpc.RpcError, what: str) -> VlmeshError:
-    """Map a failed call to a downstream service back to our type, so it travels on unchanged."""
-    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
-    details = err.details() if hasattr(err, "details") else str(err)
-    trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
-    reason = None
-    for key, value in trailers or ():
-        if key == STATUS_DETAILS_KEY:
-            reason = reason_of(status_pb2.Status.FromString(value))
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-        return StageDown(f"{what}: {code.name}: {details}")
-    cls = _BY_CODE.get(code, VlmeshError)
-    return cls(f"{what}: {details}", reason=reason)
+    """A failed call to a downstream service, as ours: a callee that is gone (UNAVAILABLE,
+    DEADLINE_EXCEEDED, CANCELLED) is a `StageDown` the coordinator retries elsewhere; anything
+    else keeps its code and reason."""
+    got = _decode(err)
+    if got.code in _DOWNSTREAM_GONE:
+        return StageDown(f"{what}: {got.code.name}: {got.details}")
+    return _passed_on(got.code, f"{what}: {got.details}", got.reason)

@@ -7,10 +7,9 @@ import sys
 import warnings
 
 import torch
-
 from vlmesh.v1 import tensor_pb2
 
-from .errors import InvalidInput
+from .errors import InvalidArgument
 
 # torch.frombuffer over protobuf's immutable bytes warns once per call; the decoded tensors are
 # only ever read (layers never write their inputs in place), so the zero-copy view is safe.
@@ -49,25 +48,25 @@ def from_proto(
     dtypes: tuple[torch.dtype, ...] | None = None,
     shape: tuple[int | None, ...] | None = None,
 ) -> torch.Tensor:
-    """Decode without a copy. Every check raises InvalidInput naming the field, because these
+    """Decode without a copy. Every check raises InvalidArgument naming the field, because these
     tensors come from the network."""
     if msg.dtype not in _FROM_WIRE:
-        raise InvalidInput(f"{name}: unknown dtype enum {msg.dtype}")
+        raise InvalidArgument(f"{name}: unknown dtype enum {msg.dtype}")
     dtype = _FROM_WIRE[msg.dtype]
     if dtypes is not None and dtype not in dtypes:
         allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise InvalidInput(f"{name}: dtype {str(dtype).removeprefix('torch.')} not accepted (want {allowed})")
+        raise InvalidArgument(f"{name}: dtype {str(dtype).removeprefix('torch.')} not accepted (want {allowed})")
     dims = list(msg.shape)
     if any(d < 0 for d in dims):
-        raise InvalidInput(f"{name}: negative dimension in shape {dims}")
+        raise InvalidArgument(f"{name}: negative dimension in shape {dims}")
     if shape is not None:
         if len(dims) != len(shape) or any(w is not None and w != d for w, d in zip(shape, dims)):
             want = "[" + ", ".join("*" if w is None else str(w) for w in shape) + "]"
-            raise InvalidInput(f"{name}: shape {dims} does not match {want}")
+            raise InvalidArgument(f"{name}: shape {dims} does not match {want}")
     itemsize = torch.empty((), dtype=dtype).element_size()
     numel = math.prod(dims)
     if len(msg.data) != numel * itemsize:
-        raise InvalidInput(f"{name}: {len(msg.data)} bytes for shape {dims} of {dtype} (want {numel * itemsize})")
+        raise InvalidArgument(f"{name}: {len(msg.data)} bytes for shape {dims} of {dtype} (want {numel * itemsize})")
     if numel == 0:
         return torch.empty(dims, dtype=dtype)
     return torch.frombuffer(msg.data, dtype=dtype).view(dims)

@@ -3,13 +3,21 @@ never show a stop string (or the part of one that may still be completing)."""
 
 from __future__ import annotations
 
+from typing import Protocol
+
+
+class Decoder(Protocol):
+    """What the detokenizer needs of a transformers tokenizer."""
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = ..., clean_up_tokenization_spaces: bool = ...) -> str: ...
+
 
 class IncrementalDetokenizer:
     """The windowed scheme vLLM uses: decode a short window of recent tokens and emit what it
     adds over the window without the newest token, holding back replacement characters that mean
     a multi-byte character is still incomplete."""
 
-    def __init__(self, tokenizer, stop: list[str] | None = None):
+    def __init__(self, tokenizer: Decoder, stop: list[str] | None = None):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.prefix_offset = 0

@@ -1,53 +1,72 @@
 """The engine: the one owner of sessions and requests (vLLM v1's loop: schedule, execute, update).
 
-gRPC handlers never touch a session. They post messages (add a request, abort it, close a
-session) and read each request's output queue. Everything that changes a session or a request
-runs on the engine's event loop, in the engine's own coroutines: the loop that schedules
-micro-batches, the tasks that prepare a prompt (template, vision, M-RoPE), the tasks that run a
-micro-batch through the stages and apply its outcome, and the tasks that repair a session's
-placement when a replica is lost. Every way a turn can end (finish, error, client gone,
-deadline, cancel in any phase) goes through `_end`, which releases it at once."""
+Everything reaches the engine as a message in its inbox: what handlers ask (add a request,
+cancel it, create or close a session, a status snapshot), what the mesh saw (a replica restarted
+or answers again), and what the engine's own tasks found (a turn prepared, a session placed, a
+micro-batch run, leases renewed). One loop takes them in order and alone applies them, so every
+field of a session or request has one writer: `_run` and the methods it calls. Tasks do the
+waiting (vision, the stages, the KV log's restores) and change nothing.
+
+A round of the loop: apply the inbox, then plan (`_plan`: which requests step, as an immutable
+`MicroBatch`), execute (a task: `Runner.execute`), and, when its outcome arrives, update
+(`_apply_step`). Every way a turn can end (finish, error, client gone, deadline, cancel in any
+phase) goes through `_end`, which releases it at once."""
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import secrets
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from opentelemetry import context as otel_context
-from opentelemetry import trace
 
-from services.common.errors import Cancelled, Conflict, DeadlineExceeded, InvalidInput, KVBudgetFull, StageDown, UnknownSession, VlmeshError, short
-from services.common.tracing import metadata, tracer
+from services.common.errors import (
+    Cancelled,
+    SessionBusy,
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    KVBudgetFull,
+    QuotaExceeded,
+    ResourceExhausted,
+    ShuttingDown,
+    StageDown,
+    UnknownSession,
+    VlmeshError,
+    short,
+)
+from services.common.geometry import KVGeometry
+from services.common.tracing import inject
 from vlmesh.internal.v1 import stage_pb2, vision_pb2
 from vlmesh.v1 import coordinator_pb2, tensor_pb2
 
 from .auth import Quota
-from .detokenizer import IncrementalDetokenizer
+from .batch import BatchOutcome, MicroBatch, StepOutcome, StepPlan
+from .detokenizer import Decoder, IncrementalDetokenizer
 from .kv_log import KVLog
+from .placement import Placement, Placer
 from .prefix import PrefixCache
-from .prompt import PromptBuilder
-from .rope import RopeIndex
-from .runner import Runner, StepOutcome, StepPlan
+from .prepare import Prepared, Preparer
+from .replicas import ReplicaRecovered, ReplicaRestarted
+from .request import Observer, Phase, RequestSpec, RequestState, RequestSummary, Stream, TokenEmitted, Turn
 from .scheduler import Scheduler, SchedulerConfig
 from .session import Session
 from .stage_client import Mesh, StageReplica
 from .store import SessionStore
-from .vision_client import VisionPool
-from .visual import Visual, VisualRows
+from .visual import VisualRows
 
 log = logging.getLogger(__name__)
-_tracer = tracer("coordinator")
 
 FINISH_STOP = coordinator_pb2.FINISH_REASON_STOP
 FINISH_LENGTH = coordinator_pb2.FINISH_REASON_LENGTH
 FINISH_STOP_STRING = coordinator_pb2.FINISH_REASON_STOP_STRING
+MAX_RECOVERIES = 3  # steps of one request lost to replicas in a row before it fails
 
 
 @dataclass(frozen=True)
@@ -56,33 +75,42 @@ class EngineConfig:
     max_images: int = 16  # per request
     vision_timeout: float = 300.0
     session_ttl: float = 1800.0
+    max_sessions: int = 4096  # live persistent sessions, all keys together (0 = no cap)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     prefix_cache_sessions: int = 64  # finished one-shot sessions kept with their KV (0 = off)
     quotas: dict[str, Quota] = field(default_factory=dict)  # API key name -> its quotas
+    housekeeping_s: float = 1.0
+    trace_decode_every: int = 16  # a decode step gets its own span for the first and every Nth token (1 = every step)
+
+
+class Execute(Protocol):
+    """What runs a micro-batch (the Runner; a fake in unit tests)."""
+
+    hop_timeout: float
+
+    async def execute(self, batch: MicroBatch) -> BatchOutcome: ...
 
 
 @dataclass(frozen=True)
-class GenerateParams:
-    """What a Generate call asks for, validated by the handler."""
-
-    sampling: tensor_pb2.SamplingParams
-    max_tokens: int  # 0 = the default
-    stop: tuple[str, ...]
-    logprobs: int
-    include_stop_token_text: bool
+class Counts:
+    sessions: int  # persistent sessions plus requests in progress
+    running: int
+    waiting: int
 
 
-class Observer(Protocol):
-    """Told about every request's tokens and end, on the engine's loop (metrics)."""
+@dataclass(frozen=True)
+class Snapshot:
+    counts: Counts
+    pinned: dict[str, int]  # replica address -> sessions pinned there
 
-    def on_token(self, r: Request, now: float) -> None: ...
 
-    def on_end(self, r: Request, finish: int | None, error: VlmeshError | None) -> None: ...
+# ---------------------------------------------------------------------- inbox messages
 
 
 @dataclass(frozen=True)
 class _Add:
-    request: Request
+    spec: RequestSpec
+    stream: Stream
 
 
 @dataclass(frozen=True)
@@ -92,73 +120,86 @@ class _Cancel:
 
 
 @dataclass(frozen=True)
-class _Close:
-    session_id: str
-
-
-class Phase(enum.Enum):
-    PREPARING = "preparing"  # template, vision, M-RoPE (a task)
-    READY = "ready"  # in the scheduler's queue
-    ENDED = "ended"
-
-
-@dataclass
-class Turn:
-    """What a turn changes in its session: enough to undo it if it fails."""
-
-    tokens: int
-    visual_positions: int
-    visuals: int
-    messages: int
-    rope_delta: int
-    cached: int
-
-
-@dataclass(eq=False)
-class Request:
-    """One Generate call. Created by `Engine.add`; every field below `out` is the engine's."""
-
-    id: str
-    session_id: str  # "" = one-shot
+class _CreateSession:
     owner: str
-    messages: list[dict]  # template messages of this turn
-    inputs: list[vision_pb2.VisualInput]  # its images and videos, in prompt order
-    params: GenerateParams
-    deadline: float | None  # time.monotonic() by which the client wants the answer
-    trace_context: otel_context.Context | None
-    arrival: float = field(default_factory=time.monotonic)
-    out: asyncio.Queue = field(default_factory=asyncio.Queue)  # GenerateResponse | VlmeshError | None (end)
+    reply: asyncio.Future[str]
 
-    phase: Phase = Phase.PREPARING
-    session: Session | None = None
-    turn: Turn | None = None
-    task: asyncio.Task | None = None  # preparing, fetching visual rows or repairing placement
-    in_flight: bool = False
-    abort: VlmeshError | None = None  # why the engine must end it when its step returns
-    rows: VisualRows | None = None  # the visual embeddings this request may still feed
-    positions: torch.Tensor | None = None  # [3, L] M-RoPE positions of the history at prepare time
-    sampling: tensor_pb2.SamplingParams = field(default_factory=tensor_pb2.SamplingParams)
-    max_tokens: int = 0
-    detok: IncrementalDetokenizer | None = None
-    generated: list[int] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)  # the reply as streamed
-    seen: set[int] = field(default_factory=set)  # distinct tokens so far (repetition penalty)
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    first_token_at: float | None = None
-    last_token_at: float | None = None  # (metrics: inter-token latency)
-    finish: coordinator_pb2.FinishReason.ValueType | None = None  # how it ended, when it ended well
-    started_at: float | None = None  # first step scheduled
-    span: trace.Span | None = None
 
-    @property
-    def feedable(self) -> bool:
-        return self.phase is Phase.READY and not self.in_flight and self.task is None and self.abort is None
+@dataclass(frozen=True)
+class _CloseSession:
+    session_id: str
+    owner: str | None  # None: the engine's own decision (expiry)
+    reply: asyncio.Future[bool] | None
 
-    @property
-    def remaining(self) -> int:
-        s = self.session
-        return len(s.token_ids) - s.cached if s is not None else 0
+
+@dataclass(frozen=True)
+class _Lookup:
+    session_id: str
+    owner: str
+    reply: asyncio.Future[str]
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    reply: asyncio.Future[Snapshot]
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    request_id: str
+    result: Prepared | VlmeshError
+
+
+@dataclass(frozen=True)
+class _Placed:
+    request_id: str
+    result: Placement | VlmeshError
+
+
+@dataclass(frozen=True)
+class _RowsFetched:
+    request_id: str
+    result: list[vision_pb2.VisualEmbedding] | VlmeshError
+
+
+@dataclass(frozen=True)
+class _TaskDone:
+    request_id: str  # an evict-then-resume finished: the request may step again
+
+
+@dataclass(frozen=True)
+class _StepDone:
+    outcome: BatchOutcome
+
+
+@dataclass(frozen=True)
+class _LeasesRenewed:
+    address: str
+    unknown: frozenset[str]  # session ids the replica no longer holds
+
+
+@dataclass(frozen=True)
+class _Tick:
+    pass
+
+
+_Message = (
+    _Add
+    | _Cancel
+    | _CreateSession
+    | _CloseSession
+    | _Lookup
+    | _Snapshot
+    | _Prepared
+    | _Placed
+    | _RowsFetched
+    | _TaskDone
+    | _StepDone
+    | _LeasesRenewed
+    | _Tick
+    | ReplicaRestarted
+    | ReplicaRecovered
+)
 
 
 class Engine:
@@ -166,152 +207,247 @@ class Engine:
         self,
         cfg: EngineConfig,
         mesh: Mesh,
-        vision: VisionPool,
-        prompts: PromptBuilder,
-        rope: RopeIndex,
-        tokenizer,
+        preparer: Preparer,
+        tokenizer: Decoder,
         eos_token_ids: set[int],
-        max_positions: int,
         kv_log: KVLog,
         store: SessionStore | None,
-        runner: Runner,
-        deepstack_layers: int,
-        kv_heads: int = 0,
-        head_dim: int = 0,
+        runner: Execute,
+        text_config: Any,  # the checkpoint's text config (KV geometry)
+        observers: tuple[Observer, ...] = (),
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.cfg = cfg
         self.mesh = mesh
-        self.vision = vision
-        self.prompts = prompts
-        self.rope = rope
+        self.preparer = preparer
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
-        self.max_positions = max_positions
+        self.max_positions: int = preparer.max_positions
         self.kv_log = kv_log
         self.store = store
         self.runner = runner
-        self.deepstack_layers = deepstack_layers
-        self.kv_heads, self.head_dim = kv_heads, head_dim
+        self.geometry = KVGeometry.from_text_config(text_config)
+        self.observers = observers
+        self.clock = clock
         self.scheduler = Scheduler(cfg.scheduler)
-        self.sessions: dict[str, Session] = {}
-        self.requests: dict[str, Request] = {}
+        self.placer = Placer(mesh, kv_log, self._load, lambda positions: runner.hop_timeout + 1e-3 * positions)
         self.prefix = PrefixCache(cfg.prefix_cache_sessions)
-        self._inbox: deque[_Add | _Cancel | _Close] = deque()
+        self.sessions: dict[str, Session] = {}
+        self.requests: dict[str, RequestState] = {}
+        self.counts = Counts(0, 0, 0)  # republished every round: read by other threads (metrics)
+        self._moved: dict[str, set[str]] = {}  # replica address -> sessions moved away from it while it held their KV
+        self._batches: dict[int, tuple[str, ...]] = {}  # micro-batch id -> its requests, while in flight
+        self._batch_count = 0
+        self._last_renew = 0.0
+        self._inbox: deque[_Message] = deque()
         self._wake = asyncio.Event()
-        self._batches: set[asyncio.Task] = set()
-        self._tasks: set[asyncio.Task] = set()
-        self._loop_task: asyncio.Task | None = None
-        self.observers: list[Observer] = []  # metrics
-        runner.recover = self.recover
-        mesh.on_restart = self.on_replica_restart
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one that may touch the state (set by start)
+        mesh.subscribe(self.post)
         if store is not None:
             for s in store.load():
                 self.sessions[s.id] = s
 
-    # ------------------------------------------------------------------ messages from handlers
+    # ------------------------------------------------------------------ the one door
 
-    def add(self, req: Request) -> None:
-        self._post(_Add(req))
-
-    def cancel(self, request_id: str, why: VlmeshError) -> None:
-        self._post(_Cancel(request_id, why))
-
-    def create_session(self, owner: str) -> Session:
-        """A new persistent session (no other state is touched: safe to do inline)."""
-        quota = self.cfg.quotas.get(owner, Quota())
-        live = sum(1 for x in self.sessions.values() if x.persistent and x.owner == owner)
-        if quota.max_sessions and live >= quota.max_sessions:
-            raise KVBudgetFull(f"quota max_sessions of key {owner!r}: {live} live sessions", reason="QUOTA_EXCEEDED")
-        s = Session.new(owner, persistent=True)
-        self.sessions[s.id] = s
-        self._spawn(self._save(s))
-        return s
-
-    def close_session(self, session_id: str, owner: str) -> bool:
-        s = self.sessions.get(session_id)
-        if s is None or not s.persistent or s.owner != owner:
-            return False
-        self._post(_Close(session_id))
-        return True
-
-    def session_for(self, session_id: str, owner: str) -> Session:
-        """A session of this owner; NOT_FOUND for any other (no existence leak)."""
-        s = self.sessions.get(session_id)
-        if s is None or not s.persistent or s.owner != owner:
-            raise UnknownSession(f"unknown session {short(session_id)} (closed, expired, or never created)")
-        return s
-
-    def _post(self, message: _Add | _Cancel | _Close) -> None:
+    def post(self, message: _Message) -> None:
+        """The one way in. From another thread (a metrics scrape, a test) it hops onto the loop."""
+        if self._loop is not None and _running_loop() is not self._loop:
+            self._loop.call_soon_threadsafe(self.post, message)
+            return
         self._inbox.append(message)
         self._wake.set()
+
+    def add(self, spec: RequestSpec) -> Stream:
+        stream = Stream()
+        self.post(_Add(spec, stream))
+        return stream
+
+    def cancel(self, request_id: str, why: VlmeshError) -> None:
+        self.post(_Cancel(request_id, why))
+
+    async def create_session(self, owner: str) -> str:
+        """A new persistent session's id."""
+        return await self._ask(lambda f: _CreateSession(owner, f))
+
+    async def close_session(self, session_id: str, owner: str) -> bool:
+        return await self._ask(lambda f: _CloseSession(session_id, owner, f))
+
+    async def session_id_for(self, session_id: str, owner: str) -> str:
+        """The id of a session of this owner; NOT_FOUND for any other (no existence leak)."""
+        return await self._ask(lambda f: _Lookup(session_id, owner, f))
+
+    async def snapshot(self) -> Snapshot:
+        return await self._ask(_Snapshot)
+
+    async def _ask(self, make: Callable[[asyncio.Future[Any]], _Message]) -> Any:
+        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.post(make(reply))
+        return await reply
 
     # ------------------------------------------------------------------ the loop
 
     def start(self) -> None:
-        self._loop_task = asyncio.get_running_loop().create_task(self._run())
-        self._spawn(self._housekeeping())
+        loop = self._loop = asyncio.get_running_loop()
+        self._loop_task = loop.create_task(self._run())
+        self._tasks.add(loop.create_task(self._ticks()))
 
     async def stop(self) -> None:
-        for t in [*self._tasks, *self._batches, *([self._loop_task] if self._loop_task else [])]:
+        tasks = [*self._tasks, *([self._loop_task] if self._loop_task else [])]
+        for t in tasks:
             t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
         for r in list(self.requests.values()):
-            self._end(r, error=StageDown("the coordinator is shutting down"))
+            self._end(r, error=ShuttingDown("the coordinator is shutting down"))
 
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
             try:
-                while self._inbox:
-                    m = self._inbox.popleft()
-                    if isinstance(m, _Add):
-                        self._on_add(m.request)
-                    elif isinstance(m, _Cancel):
-                        r = self.requests.get(m.request_id)
-                        if r is not None:
-                            self._on_cancel(r, m.why)
-                    else:
-                        self._on_close(m.session_id)
-                self._check_deadlines()
-                while batch := self.scheduler.next_batch(len(self._batches)):
-                    self._launch(batch)  # type: ignore[arg-type]
+                self.round()
             except Exception:  # noqa: BLE001 - the loop must survive anything one round does
                 log.exception("engine round failed")
 
-    def _spawn(self, coro) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro)
+    def round(self) -> None:
+        """Apply what arrived, then start what can start."""
+        assert self._loop is None or _running_loop() is self._loop, "engine state touched off its loop"
+        while self._inbox:
+            self._apply(self._inbox.popleft())
+        self._place_waiting()
+        while (picked := self.scheduler.next_batch(len(self._batches))) and (batch := self._plan(picked)) is not None:
+            self._spawn(self._execute(batch))
+        self.counts = self._count()
+
+    def _apply(self, m: _Message) -> None:
+        handlers: dict[type, Callable[[Any], None]] = {
+            _Add: self._on_add,
+            _Cancel: self._on_cancel_message,
+            _CreateSession: self._on_create_session,
+            _CloseSession: self._on_close_session,
+            _Lookup: self._on_lookup,
+            _Snapshot: lambda m: _reply(m.reply, lambda: Snapshot(self._count(), self._pinned())),
+            _Prepared: self._on_prepared,
+            _Placed: self._on_placed,
+            _RowsFetched: self._on_rows,
+            _TaskDone: self._on_task_done,
+            _StepDone: lambda m: self._apply_step(m.outcome),
+            _LeasesRenewed: self._on_leases,
+            _Tick: lambda m: self._housekeeping(),
+            ReplicaRestarted: lambda m: self._on_replica_restarted(m.address),
+            ReplicaRecovered: lambda m: self._release_moved(m.address),
+        }
+        handlers[type(m)](m)
+
+    def _spawn(self, work: Awaitable[_Message | None]) -> asyncio.Task[None]:
+        """A task that waits on something and posts what it found (never changes state itself)."""
+
+        async def run() -> None:
+            try:
+                message = await work
+            except asyncio.CancelledError:
+                return
+            if message is not None:
+                self.post(message)
+
+        task = asyncio.get_running_loop().create_task(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
+    async def _ticks(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.housekeeping_s)
+            self.post(_Tick())
+
+    # ------------------------------------------------------------------ sessions
+
+    def _on_create_session(self, m: _CreateSession) -> None:
+        def create() -> str:
+            live = [x for x in self.sessions.values() if x.persistent]
+            if self.cfg.max_sessions and len(live) >= self.cfg.max_sessions:
+                raise ResourceExhausted(
+                    f"the coordinator holds {len(live)} live sessions, its limit (--max-sessions); close some or wait for idle ones to expire",
+                    reason="SESSION_LIMIT",
+                )
+            quota = self.cfg.quotas.get(m.owner, Quota())
+            mine = sum(1 for x in live if x.owner == m.owner)
+            if quota.max_sessions and mine >= quota.max_sessions:
+                raise QuotaExceeded(f"quota max_sessions of key {m.owner!r}: {mine} live sessions")
+            s = Session.new(m.owner, persistent=True, now=self.clock())
+            self.sessions[s.id] = s
+            self._save(s)
+            return s.id
+
+        _reply(m.reply, create)
+
+    def _session_of(self, session_id: str, owner: str) -> Session:
+        s = self.sessions.get(session_id)
+        if s is None or not s.persistent or s.owner != owner:
+            raise UnknownSession(f"unknown session {short(session_id)} (closed, expired, or never created)")
+        return s
+
+    def _on_lookup(self, m: _Lookup) -> None:
+        _reply(m.reply, lambda: self._session_of(m.session_id, m.owner).id)
+
+    def _on_close_session(self, m: _CloseSession) -> None:
+        s = self.sessions.get(m.session_id)
+        if s is None or not s.persistent or (m.owner is not None and s.owner != m.owner):
+            if m.reply is not None:
+                _reply(m.reply, lambda: False)
+            return
+        del self.sessions[s.id]
+        for r in list(self.requests.values()):
+            if r.session is s:
+                self._on_cancel(r, Cancelled("the session was closed"))
+        self._release(s)
+        if self.store is not None:
+            self._spawn(self._nothing(self.store.delete(s.id)))
+        if m.reply is not None:
+            _reply(m.reply, lambda: True)
+
     # ------------------------------------------------------------------ request lifecycle
 
-    def _on_add(self, r: Request) -> None:
-        self.requests[r.id] = r
+    def _on_add(self, m: _Add) -> None:
+        spec = m.spec
         try:
-            if r.session_id:
-                s = self.session_for(r.session_id, r.owner)
-                if s.busy:
-                    raise Conflict(f"session {short(s.id)} is already generating")
-            else:
-                s = Session.new(r.owner, persistent=False)
-                self.sessions[s.id] = s
-            if len(r.inputs) > self.cfg.max_images:
-                raise InvalidInput(f"{len(r.inputs)} images and videos in one request; the limit is {self.cfg.max_images}")
-            quota = self.cfg.quotas.get(r.owner, Quota())
-            running = sum(1 for x in self.requests.values() if x.owner == r.owner and x.session is not None)
-            if quota.max_requests and running >= quota.max_requests:
-                raise KVBudgetFull(f"quota max_requests of key {r.owner!r}: {running} requests in flight", reason="QUOTA_EXCEEDED")
+            s = self._session_for_turn(spec)
         except VlmeshError as err:
-            self._end(r, error=err)
+            _refuse(m.stream, spec, err, self.clock())
             return
+        now = self.clock()
         s.busy = True
-        s.last_used = time.monotonic()
-        r.session = s
-        r.turn = Turn(len(s.token_ids), len(s.visual_positions), len(s.visuals), len(s.messages), s.rope_delta, s.cached)
+        s.last_used = now
+        turn = Turn(len(s.token_ids), len(s.visual_positions), len(s.visuals), len(s.messages), s.rope_delta, s.cached)
+        r = RequestState(spec, m.stream, s, turn, carrier=_carrier(spec))
+        self.requests[spec.id] = r
         r.task = self._spawn(self._prepare(r))
 
-    def _on_cancel(self, r: Request, why: VlmeshError) -> None:
+    def _session_for_turn(self, spec: RequestSpec) -> Session:
+        if spec.session_id:
+            s = self._session_of(spec.session_id, spec.owner)
+            if s.busy:
+                raise SessionBusy(f"session {short(s.id)} is already generating")
+        if len(spec.inputs) > self.cfg.max_images:
+            raise InvalidArgument(f"{len(spec.inputs)} images and videos in one request; the limit is {self.cfg.max_images}")
+        quota = self.cfg.quotas.get(spec.owner, Quota())
+        running = sum(1 for x in self.requests.values() if x.spec.owner == spec.owner)
+        if quota.max_requests and running >= quota.max_requests:
+            raise QuotaExceeded(f"quota max_requests of key {spec.owner!r}: {running} requests in flight")
+        if spec.session_id:
+            return s
+        one_shot = Session.new(spec.owner, persistent=False, now=self.clock())
+        self.sessions[one_shot.id] = one_shot
+        return one_shot
+
+    def _on_cancel_message(self, m: _Cancel) -> None:
+        r = self.requests.get(m.request_id)
+        if r is not None:
+            self._on_cancel(r, m.why)
+
+    def _on_cancel(self, r: RequestState, why: VlmeshError) -> None:
         if r.phase is Phase.ENDED:
             return
         if r.in_flight:
@@ -320,79 +456,64 @@ class Engine:
         self._end(r, error=why)
 
     def _check_deadlines(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for r in list(self.requests.values()):
-            if r.deadline is not None and now > r.deadline and r.phase is not Phase.ENDED:
+            if r.spec.deadline is not None and now > r.spec.deadline and r.phase is not Phase.ENDED:
                 self._on_cancel(r, DeadlineExceeded("the request's deadline passed"))
 
-    async def _prepare(self, r: Request) -> None:
-        """Template, vision and M-RoPE for the turn; then the request joins the scheduler."""
-        s = r.session
-        assert s is not None and r.turn is not None
+    async def _prepare(self, r: RequestState) -> _Prepared:
         try:
-            history_msgs = s.messages
-            last = s.token_ids[-1] if s.token_ids else None
-            prompt = self.prompts.new_text(history_msgs, r.messages)
-            prompt.text = self.prompts.closing(last) + prompt.text
-            # Embeddings are needed for every visual with rows still to feed: the new ones, and
-            # old ones when the session's KV must be rebuilt.
-            first_row = s.visual_rows_from(s.cached)
-            k0 = s.visual_index_of_row(first_row)
-            old = s.visuals[k0:]
-            embeddings = await self._encode([v.source for v in old] + list(r.inputs), r.deadline, r.trace_context)
-            new_visuals = [Visual.from_encoding(src, e) for src, e in zip(r.inputs, embeddings[len(old) :])]
-            new_ids = await asyncio.to_thread(self.prompts.tokenize, prompt, new_visuals, not s.token_ids)
-            history = s.token_ids + new_ids
-            if len(history) >= self.max_positions:
-                raise InvalidInput(f"prompt of {len(history)} tokens leaves no room within the model's limit of {self.max_positions}")
-            visuals = s.visuals + new_visuals
-            positions, delta = await asyncio.to_thread(self.rope.positions, history, visuals)
-        except asyncio.CancelledError:
-            return
+            return _Prepared(r.id, await self.preparer.prepare(r.spec, r.session))
         except VlmeshError as err:
-            r.task = None
-            self._end(r, error=err)
-            return
+            return _Prepared(r.id, err)
         except Exception as err:  # noqa: BLE001 - a bad prompt fails its request alone
             log.exception("preparing request %s failed", r.id)
-            r.task = None
-            self._end(r, error=VlmeshError(f"preparing the prompt failed: {type(err).__name__}: {err}"))
+            return _Prepared(r.id, Internal(f"preparing the prompt failed: {type(err).__name__}: {err}"))
+
+    def _on_prepared(self, m: _Prepared) -> None:
+        r = self.requests.get(m.request_id)
+        if r is None:
             return
         r.task = None
-        if r.phase is Phase.ENDED:
+        if isinstance(m.result, VlmeshError):
+            self._end(r, error=m.result)
             return
-        # Apply the turn to the session (undone by _end if the turn fails).
+        try:
+            self._begin_turn(r, m.result)
+        except VlmeshError as err:
+            self._end(r, error=err)
+            return
+        r.phase = Phase.READY
+        self.scheduler.add(r)
+
+    def _begin_turn(self, r: RequestState, p: Prepared) -> None:
+        """Apply the prepared turn to the session (undone by _end if the turn fails)."""
+        s = r.session
         base = len(s.token_ids)
-        s.visual_positions += [base + i for i, t in enumerate(new_ids) if t in self.prompts.placeholder_ids]
+        visuals = s.visuals + list(p.new_visuals)
+        s.visual_positions += [base + i for i, t in enumerate(p.new_ids) if t in self.preparer.prompts.placeholder_ids]
         if len(s.visual_positions) != sum(v.rows for v in visuals):
-            self._end(r, error=InvalidInput("the prompt's visual placeholders do not match its images and videos"))
-            return
-        s.token_ids = history
+            raise InvalidArgument("the prompt's visual placeholders do not match its images and videos")
+        s.token_ids = s.token_ids + list(p.new_ids)
         s.visuals = visuals
-        s.rope_delta = delta
-        r.positions = positions
-        r.rows = VisualRows(k0, sum(v.rows for v in s.visuals[:k0]), list(embeddings))
-        r.max_tokens = min(r.params.max_tokens or self.cfg.default_max_tokens, self.max_positions - len(history))
-        r.sampling.CopyFrom(r.params.sampling)
+        s.rope_delta = p.rope_delta
+        history = len(s.token_ids)
+        r.positions = p.positions
+        r.rows = VisualRows(p.first_visual, sum(v.rows for v in s.visuals[: p.first_visual]), list(p.embeddings))
+        r.max_tokens = min(r.spec.params.max_tokens or self.cfg.default_max_tokens, self.max_positions - history)
+        r.sampling.CopyFrom(r.spec.params.sampling)
         if r.sampling.temperature > 0 and not r.sampling.HasField("seed"):
             # Sampling is a pure function of (seed, position): a seed of our own makes a turn
             # that fails over reproduce exactly what it would have sampled.
             r.sampling.seed = secrets.randbits(63)
-        r.seen = set(history)
-        r.detok = IncrementalDetokenizer(self.tokenizer, list(r.params.stop))
+        r.seen = set(s.token_ids)
+        r.detok = IncrementalDetokenizer(self.tokenizer, list(r.spec.params.stop))
         if not s.persistent:
             self._adopt_prefix(r)
-        try:
-            self._check_fits(len(history))
-            self._check_kv_quota(r)
-        except VlmeshError as err:
-            self._end(r, error=err)
-            return
+        self._check_fits(history)
+        self._check_kv_quota(r)
         r.cached_tokens = s.cached
-        r.prompt_tokens = len(history) - s.cached
-        r.phase = Phase.READY
-        self.scheduler.add(r)
-        self._wake.set()
+        r.prompt_tokens = history - s.cached
 
     def _range_kv(self) -> list[tuple[str, int, int]]:
         """(layers, K+V bytes one position takes there, the smallest replica budget) per range."""
@@ -400,8 +521,8 @@ class Engine:
         for g in self.mesh.ranges:
             infos = [x.info for x in g.replicas if x.info is not None]
             if infos:
-                itemsize = 2 if infos[0].dtype in ("bfloat16", "float16") else 4
-                out.append((g.label, 2 * (g.end - g.start) * self.kv_heads * self.head_dim * itemsize, min(i.kv_budget_bytes for i in infos)))
+                per = self.geometry.bytes_per_token(g.end - g.start, infos[0].dtype)
+                out.append((g.label, per, min(i.kv_budget_bytes for i in infos)))
         return out
 
     def kv_bytes_per_token(self) -> int:
@@ -416,59 +537,34 @@ class Engine:
                     f"the conversation needs {positions} positions; layers {label} hold at most {budget // bpt} (KV budget {budget >> 20} MiB)"
                 )
 
-    def _check_kv_quota(self, r: Request) -> None:
+    def _check_kv_quota(self, r: RequestState) -> None:
         """Before any memory is spent on it: the turn's KV (prompt and max_tokens) fits the key's
         quota, once the key's own parked prefixes have made room."""
-        quota = self.cfg.quotas.get(r.owner, Quota())
+        owner = r.spec.owner
+        quota = self.cfg.quotas.get(owner, Quota())
         s = r.session
-        if not quota.max_kv_mb or s is None:
+        if not quota.max_kv_mb:
             return
         bpt = self.kv_bytes_per_token()
         need = (len(s.token_ids) - s.cached + r.max_tokens) * bpt
 
         def held() -> int:
-            mine = [x for x in [*self.sessions.values(), *self.prefix.sessions()] if x.owner == r.owner and x is not s]
+            mine = [x for x in [*self.sessions.values(), *self.prefix.sessions()] if x.owner == owner and x is not s]
             return (sum(x.cached for x in mine) + s.cached) * bpt
 
         while held() + need > quota.max_kv_mb << 20:
-            old = self.prefix.evict_of(r.owner)
+            old = self.prefix.evict_of(owner)
             if old is None:
-                raise KVBudgetFull(
-                    f"quota max_kv_mb of key {r.owner!r}: the key's sessions hold {held() >> 20} MiB and this turn needs up to {need >> 20} MiB more",
-                    reason="QUOTA_EXCEEDED",
+                raise QuotaExceeded(
+                    f"quota max_kv_mb of key {owner!r}: the key's sessions hold {held() >> 20} MiB and this turn needs up to {need >> 20} MiB more"
                 )
             self._release(old)
 
-    async def _encode(
-        self, inputs: list[vision_pb2.VisualInput], deadline: float | None, ctx: otel_context.Context | None
-    ) -> list[vision_pb2.VisualEmbedding]:
-        if not inputs:
-            return []
-        # Rebuilding a long session may need more visuals than one request may carry.
-        size = self.cfg.max_images
-        parts = [inputs[i : i + size] for i in range(0, len(inputs), size)]
-        with _tracer.start_as_current_span(
-            "vision",
-            context=ctx,
-            kind=trace.SpanKind.CLIENT,
-            attributes={"rpc.system": "grpc", "rpc.service": "vlmesh.internal.v1.VisionService", "rpc.method": "Encode", "vlmesh.inputs": len(inputs)},
-        ) as span:
-            resps = await asyncio.gather(*(self.vision.encode(p, deadline, self.cfg.vision_timeout, metadata()) for p in parts))
-            out = [e for resp in resps for e in resp.embeddings]
-            span.set_attribute("vlmesh.cache_hits", sum(e.cache_hit for e in out))
-        if len(out) != len(inputs):
-            raise StageDown(f"vision answered {len(out)} of {len(inputs)} inputs")
-        layers = {len(e.deepstack) for e in out}
-        if len(layers) != 1 or layers.pop() != self.deepstack_layers:
-            raise StageDown("vision returned DeepStack features that do not match the model")
-        return out
-
-    def _adopt_prefix(self, r: Request) -> None:
+    def _adopt_prefix(self, r: RequestState) -> None:
         """Prefix caching: a one-shot request whose history starts with what a parked session's
         stages hold takes that session's KV over and feeds only the rest."""
         s = r.session
-        assert s is not None
-        hit = self.prefix.take(s.token_ids, s.visuals, s.visual_positions, r.owner)
+        hit = self.prefix.take(s.token_ids, s.visuals, s.visual_positions, r.spec.owner)
         if hit is None:
             return
         parked, length = hit
@@ -482,121 +578,55 @@ class Engine:
         self.kv_log.truncate(s.id, length)
         log.debug("request %s reuses %d cached positions of %s", r.id, length, short(s.id))
 
-    # ------------------------------------------------------------------ stepping
-
-    def _launch(self, batch: list[tuple[Request, int]]) -> None:
-        for r, _ in batch:
-            r.in_flight = True
-            if r.started_at is None:
-                r.started_at = time.monotonic()
-        task = asyncio.get_running_loop().create_task(self._step(batch))
-        self._batches.add(task)
-        task.add_done_callback(self._batch_done)
-
-    def _batch_done(self, task: asyncio.Task) -> None:
-        self._batches.discard(task)
-        self._wake.set()
-
-    async def _step(self, batch: list[tuple[Request, int]]) -> None:
-        plans: list[StepPlan] = []
-        runnable: list[tuple[Request, int]] = []
-        for r, n in batch:
-            s = r.session
-            assert s is not None
-            cached = s.cached
-            try:
-                await self._place(r)
-            except VlmeshError as err:
-                r.in_flight = False
-                self._end(r, error=err)
-                continue
-            if r.phase is Phase.ENDED or r.abort is not None or r.task is not None or s.cached != cached:
-                # Ended, cancelled, or its KV is being rebuilt: not this round.
-                r.in_flight = False
-                if r.abort is not None:
-                    self._end(r, error=r.abort)
-                continue
-            plans.append(self._plan(r, min(n, r.remaining)))
-            runnable.append((r, min(n, r.remaining)))
-        began = time.monotonic()
-        outcomes = await self.runner.execute(plans) if plans else []
-        if plans and all(o.error is None and not o.replay for o in outcomes):
-            self.scheduler.costs.observe(sum(len(p.token_ids) for p in plans if p.sample is None or len(p.token_ids) > 1), time.monotonic() - began)
-        for (r, n), outcome in zip(runnable, outcomes):
-            r.in_flight = False
-            try:
-                self._update(r, n, outcome)
-            except Exception as err:  # noqa: BLE001 - one request's bad update fails it alone
-                log.exception("updating request %s failed", r.id)
-                self._end(r, error=VlmeshError(f"internal error: {type(err).__name__}: {err}"))
-
-    async def _place(self, r: Request) -> None:
-        """Pin the session to an up replica of every range, restoring its KV where a pinned
-        replica was lost; replay (feed the history again) where the log cannot restore it."""
-        s = r.session
-        assert s is not None
-        for i, rng in enumerate(self.mesh.ranges):
-            addr = s.replicas.get(i)
-            rep = self.mesh.replicas.get(addr) if addr else None
-            if rep is not None and rep.up:
-                continue
-            if not rng.up() or (rep is not None and not rep.up):
-                await self.mesh.refresh(i)  # down a moment ago may be up again now
-                addr = s.replicas.get(i)  # (a restart seen by the probe drops the pin)
-                rep = self.mesh.replicas.get(addr) if addr else None
-                if rep is not None and rep.up:
-                    continue
-            if s.cached == 0:
-                s.replicas[i] = self.mesh.pick(i, load=self._load).address
-                continue
-            if await self._restore(s, i, exclude={addr} if addr else set()) is None:
-                self._replay(r)
-                return
+    # ------------------------------------------------------------------ placement
 
     def _load(self, rep: StageReplica) -> int:
         return sum(1 for s in self.sessions.values() if rep.address in s.replicas.values())
 
-    async def _restore(self, s: Session, index: int, exclude: set[str]) -> StageReplica | None:
-        """Put the session's KV for range `index` on an up replica from the KV log."""
-        rng = self.mesh.ranges[index]
-        entries = self.kv_log.entries(s.id, range(rng.start, rng.end), s.cached)
-        if entries is None:
-            return None
-        candidates = [x for x in rng.up() if x.address not in exclude] or rng.up()
-        for rep in sorted(candidates, key=self._load):
-            try:
-                with _tracer.start_as_current_span(
-                    "restore", attributes={"session.id": s.id, "vlmesh.layers": rng.label, "server.address": rep.address, "vlmesh.positions": s.cached}
-                ):
-                    await rep.restore(s.id, s.cached, entries, timeout=self.runner.hop_timeout + 1e-3 * s.cached)
-            except VlmeshError as err:
-                log.warning("restoring %s on %s failed: %s", short(s.id), rep.address, err)
+    def _place_waiting(self) -> None:
+        """Requests about to step whose session lacks an up replica on some range: pin it (no
+        I/O needed for a fresh session), or place it in a task of its own, so a restore never
+        stalls the sessions batched beside it."""
+        for r in self.scheduler.queue:
+            if not isinstance(r, RequestState) or not r.feedable or not self.placer.unplaced(r.session.replicas):
                 continue
-            s.replicas[index] = rep.address
-            log.info("session %s: layers %s restored on %s (%d positions, no recompute)", short(s.id), rng.label, rep.address, s.cached)
-            return rep
-        return None
+            s = r.session
+            fresh = self.placer.pick_fresh(s.replicas) if s.cached == 0 and not r.avoid else None
+            if fresh is not None:
+                s.replicas.update(fresh)
+                continue
+            r.task = self._spawn(self._place(r.id, s.id, dict(s.replicas), s.cached, r.avoid))
 
-    async def recover(self, plan: StepPlan, index: int, dead: StageReplica | None) -> StageReplica | None:
-        """The runner lost a hop of this session's step on range `index`."""
-        s = plan.session
-        if not self.mesh.ranges[index].up():
-            await self.mesh.refresh(index)
-        if plan.start == 0:  # nothing to restore: any up replica starts it afresh
-            rng = self.mesh.ranges[index]
-            up = [x for x in rng.up() if dead is None or x.address != dead.address] or rng.up()
-            if not up:
-                return None
-            s.replicas[index] = min(up, key=self._load).address
-            return self.mesh.replicas[s.replicas[index]]
-        return await self._restore(s, index, exclude={dead.address} if dead is not None else set())
+    async def _place(self, request_id: str, session_id: str, pins: dict[int, str], cached: int, avoid: frozenset[str]) -> _Placed:
+        try:
+            return _Placed(request_id, await self.placer.place(session_id, pins, cached, avoid))
+        except VlmeshError as err:
+            return _Placed(request_id, err)
 
-    def _replay(self, r: Request) -> None:
+    def _on_placed(self, m: _Placed) -> None:
+        r = self.requests.get(m.request_id)
+        p = m.result
+        if r is None:
+            if isinstance(p, Placement):  # ended meanwhile: what was restored for it goes
+                self._release_on(p.session_id, [a for i, a in p.pins.items() if p.moved_from.get(i) != a])
+            return
+        r.task = None
+        if isinstance(p, VlmeshError):
+            self._end(r, error=p)
+            return
+        r.avoid = frozenset()
+        if p.replay:
+            self._replay(r)
+            return
+        r.session.replicas.update(p.pins)
+        for addr in p.moved_from.values():
+            self._moved.setdefault(addr, set()).add(p.session_id)
+
+    def _replay(self, r: RequestState) -> None:
         """The session's KV is lost on some range and the log cannot restore it: start its KV
         afresh everywhere and feed its whole history again (the sample at the end is the one
         the lost step would have made)."""
         s = r.session
-        assert s is not None
         log.warning("session %s: KV lost and not in the KV log; replaying %d tokens", short(s.id), len(s.token_ids))
         self.kv_log.drop(s.id)
         s.forget_kv()
@@ -609,77 +639,185 @@ class Engine:
         if r.rows is None or r.rows.first > 0:
             r.task = self._spawn(self._fetch_rows(r))
 
-    async def _fetch_rows(self, r: Request) -> None:
+    async def _fetch_rows(self, r: RequestState) -> _RowsFetched:
         """Embeddings of every visual of the session (for a replay from position 0)."""
-        s = r.session
-        assert s is not None
         try:
-            embeddings = await self._encode([v.source for v in s.visuals], r.deadline, r.trace_context)
-        except asyncio.CancelledError:
-            return
+            sources = [v.source for v in r.session.visuals]
+            return _RowsFetched(r.id, await self.preparer.encode(sources, r.spec.deadline, r.spec.trace_context))
         except VlmeshError as err:
-            r.task = None
-            self._end(r, error=err)
-            return
-        r.rows = VisualRows(0, 0, embeddings)
-        r.task = None
-        self._wake.set()
+            return _RowsFetched(r.id, err)
 
-    def _plan(self, r: Request, n: int) -> StepPlan:
+    def _on_rows(self, m: _RowsFetched) -> None:
+        r = self.requests.get(m.request_id)
+        if r is None:
+            return
+        r.task = None
+        if isinstance(m.result, VlmeshError):
+            self._end(r, error=m.result)
+        else:
+            r.rows = VisualRows(0, 0, m.result)
+
+    def _on_replica_restarted(self, address: str) -> None:
+        """A replica came back empty: sessions pinned there are placed again (restored) before
+        their next step. A step in flight there fails on its own and is placed again too."""
+        self._moved.pop(address, None)
+        for s in [*self.sessions.values(), *self.prefix.sessions()]:
+            for i, addr in list(s.replicas.items()):
+                if addr == address:
+                    del s.replicas[i]
+
+    def _release_moved(self, address: str) -> None:
+        """A replica that was down or stalled answers again, with the KV of sessions moved away
+        from it: give that KV back now rather than when its lease runs out."""
+        gone = self._moved.pop(address, set())
+        still = {s.id for s in [*self.sessions.values(), *self.prefix.sessions()] if address in s.replicas.values()}
+        for sid in gone - still:
+            self._release_on(sid, [address])
+
+    # ------------------------------------------------------------------ stepping
+
+    def _plan(self, picked: list[tuple[Any, int]]) -> MicroBatch | None:
+        """The immutable micro-batch the runner gets: ids, replicas, tokens, positions, visual rows."""
+        steps: list[StepPlan] = []
+        ids: list[str] = []
+        for r, n in picked:
+            assert isinstance(r, RequestState)
+            try:
+                steps.append(self._step_plan(r, min(n, r.remaining)))
+            except VlmeshError as err:
+                self._end(r, error=err)
+                continue
+            ids.append(r.id)
+            r.in_flight = True
+            if r.started_at is None:
+                r.started_at = self.clock()
+        if not steps:
+            return None
+        self._batch_count += 1
+        self._batches[self._batch_count] = tuple(ids)
+        return MicroBatch(self._batch_count, tuple(steps))
+
+    def _step_plan(self, r: RequestState, n: int) -> StepPlan:
         s = r.session
-        assert s is not None and r.positions is not None and r.rows is not None
-        start = s.cached
-        end = start + n
-        ids = s.token_ids[start:end]
+        assert r.positions is not None and r.rows is not None
+        start, end = s.cached, s.cached + n
         known = r.positions.shape[1]
         if end <= known:
             positions = r.positions[:, start:end]
+        elif n == 1 and start >= known:  # a decode step (the common case: one op, not three)
+            positions = torch.full((3, 1), start + s.rope_delta, dtype=torch.long)
         else:  # generated tokens: text positions after the prompt, offset by the rope delta
             tail = torch.arange(max(start, known), end) + s.rope_delta
             positions = torch.cat([r.positions[:, start:known], tail.expand(3, -1)], dim=1) if start < known else tail.expand(3, -1).clone()
-        plan = StepPlan(s, start, ids, positions, rewind=s.rewind, trace_context=r.trace_context, deadline=r.deadline)
+        visual: tensor_pb2.Tensor | None = None
+        deepstack: list[tensor_pb2.Tensor] = []
+        spans: tuple[tuple[int, int], ...] = ()
         lo, hi = s.visual_rows_from(start), s.visual_rows_from(end)
         if hi > lo:
-            offsets = [p - start for p in s.visual_positions[lo:hi]]
-            plan.visual_spans = _spans(offsets)
-            plan.visual, plan.deepstack = r.rows.rows(lo, hi, self.deepstack_layers)
+            spans = _spans([p - start for p in s.visual_positions[lo:hi]])
+            visual, deepstack = r.rows.rows(lo, hi, self.preparer.deepstack_layers)
+        sample = None
+        every = max(1, self.cfg.trace_decode_every)
+        traced = n > 1 or len(r.generated) <= 1 or len(r.generated) % every == 0
         if end == len(s.token_ids):
-            plan.sample = stage_pb2.SampleRequest(params=r.sampling, top_logprobs=r.params.logprobs)
+            sample = stage_pb2.SampleRequest(params=r.sampling, top_logprobs=r.spec.params.logprobs)
             if r.sampling.repetition_penalty not in (0.0, 1.0):
-                plan.sample.penalty_token_ids.extend(sorted(r.seen))
-        return plan
+                sample.penalty_token_ids.extend(sorted(r.seen))
+        return StepPlan(
+            session_id=s.id,
+            replicas=tuple(s.replicas[i] for i in range(len(self.mesh.ranges))),
+            start=start,
+            token_ids=tuple(s.token_ids[start:end]),
+            positions=positions,
+            visual_spans=spans,
+            visual=visual,
+            deepstack=tuple(deepstack),
+            sample=sample,
+            rewind=s.rewind,
+            trace_context=r.spec.trace_context,
+            traced=traced,
+            carrier=r.carrier,
+            deadline=r.spec.deadline,
+        )
 
-    def _update(self, r: Request, fed: int, outcome: StepOutcome) -> None:
+    async def _execute(self, batch: MicroBatch) -> _StepDone:
+        try:
+            return _StepDone(await self.runner.execute(batch))
+        except Exception as err:  # noqa: BLE001 - a runner bug fails its batch alone
+            log.exception("micro-batch %d failed", batch.id)
+            failed = StepOutcome(error=Internal(f"internal error: {type(err).__name__}: {err}"))
+            return _StepDone(BatchOutcome(batch, tuple(failed for _ in batch.steps)))
+
+    def _apply_step(self, outcome: BatchOutcome) -> None:
+        ids = self._batches.pop(outcome.batch.id, ())
+        if outcome.steps and all(o.error is None and o.lost is None for o in outcome.steps):
+            self.scheduler.costs.observe(sum(p.prompt_tokens for p in outcome.batch.steps), outcome.wall_s)
+        for rid, plan, o in zip(ids, outcome.batch.steps, outcome.steps):
+            r = self.requests.get(rid)
+            if r is None:
+                continue
+            r.in_flight = False
+            try:
+                self._update(r, len(plan.token_ids), o)
+            except Exception as err:  # noqa: BLE001 - one request's bad update fails it alone
+                log.exception("updating request %s failed", r.id)
+                self._end(r, error=Internal(f"internal error: {type(err).__name__}: {err}"))
+
+    def _update(self, r: RequestState, fed: int, o: StepOutcome) -> None:
         s = r.session
-        assert s is not None
-        if outcome.replay and outcome.error is None and r.abort is None:
-            self._replay(r)
+        if o.lost is not None and o.error is None:
+            if r.abort is not None:
+                self._end(r, error=r.abort)
+            else:
+                self._on_lost(r, o)
             return
-        if outcome.error is not None:
-            if outcome.error.reason == "KV_BUDGET_FULL" and r.abort is None and len(self.prefix):
+        if o.error is not None:
+            if o.error.reason == "KV_BUDGET_FULL" and r.abort is None and len(self.prefix):
                 # Parked prefixes give their KV back, then the step runs again. Ranges that ran
                 # it hold its positions already; the retry drops them first.
                 s.rewind = True
                 r.task = self._spawn(self._evict_then_resume(r))
                 return
-            self._end(r, error=outcome.error)
+            self._end(r, error=o.error)
             return
         s.cached += fed
         s.rewind = False
-        self.kv_log.append(s.id, outcome.kv_deltas)
+        r.recoveries = 0
+        self.kv_log.append(s.id, list(o.kv_deltas))
         if r.abort is not None:
             self._end(r, error=r.abort)
             return
-        token = outcome.token
-        if token is None:
+        if o.token is None:
             if s.cached == len(s.token_ids):  # a final chunk must have sampled
-                self._end(r, error=VlmeshError("the last stage returned no token"))
+                self._end(r, error=Internal("the last stage returned no token"))
             return
-        now = time.monotonic()
+        self._emit(r, o.token)
+
+    def _on_lost(self, r: RequestState, o: StepOutcome) -> None:
+        """A hop of the step was lost: place the range again (restore or replay) and step again.
+        Ranges before it ran the step already: the retry drops those positions first."""
+        assert o.lost is not None
+        r.recoveries += 1
+        if r.recoveries > MAX_RECOVERIES:
+            self._end(r, error=StageDown(f"the step failed on {MAX_RECOVERIES + 1} replicas in a row: {o.lost.why}"))
+            return
+        s = r.session
+        s.rewind = True
+        if s.replicas.get(o.lost.range_index) == o.lost.address:
+            del s.replicas[o.lost.range_index]
+        if o.lost.replica_down:  # a stalled replica may come back with the KV: released there then
+            self._moved.setdefault(o.lost.address, set()).add(s.id)
+        r.avoid = r.avoid | {o.lost.address}
+
+    def _emit(self, r: RequestState, token: stage_pb2.SampledToken) -> None:
+        """A sampled token: append it, stream it, and end the turn if it ends here."""
+        s = r.session
+        now = self.clock()
+        for obs in self.observers:
+            obs.on_token(TokenEmitted(r.id, r.spec.arrival, now, r.last_token_at))
         if r.first_token_at is None:
             r.first_token_at = now
-        for obs in self.observers:
-            obs.on_token(r, now)
+        r.last_token_at = now
         tid = token.token_id
         s.token_ids.append(tid)
         r.generated.append(tid)
@@ -687,16 +825,25 @@ class Engine:
         resp = coordinator_pb2.GenerateResponse(token_ids=[tid])
         if len(r.generated) == 1:
             resp.session_id = s.id if s.persistent else ""
-        if r.params.logprobs > 0:
+        if r.spec.params.logprobs > 0:
             resp.logprobs.add(token=tensor_pb2.TokenLogprob(token_id=tid, logprob=token.logprob), top=list(token.top_logprobs))
+        finish, resp.text = self._text_of(r, tid)
+        r.text.append(resp.text)
+        r.stream.items.put_nowait(resp)
+        if finish is not None:
+            self._end(r, finish=finish)
+
+    def _text_of(self, r: RequestState, tid: int) -> tuple[coordinator_pb2.FinishReason.ValueType | None, str]:
+        """(how the turn ends here, or None; the text this token releases)."""
         assert r.detok is not None
-        finish = None
+        finish: coordinator_pb2.FinishReason.ValueType | None = None
+        text = ""
         if tid in self.eos_token_ids:
             finish = FINISH_STOP
-            if r.params.include_stop_token_text:
-                resp.text = self.tokenizer.decode([tid], skip_special_tokens=False)
+            if r.spec.params.include_stop_token_text:
+                text = self.tokenizer.decode([tid], skip_special_tokens=False)
         else:
-            resp.text = r.detok.push(tid)
+            text = r.detok.push(tid)
             if r.detok.stopped:
                 finish = FINISH_STOP_STRING
         if finish is None and len(r.generated) >= r.max_tokens:
@@ -705,20 +852,16 @@ class Engine:
             # Whatever the detokenizer still holds back (an unfinished character, a possible
             # stop string) is final now; it comes before an end-of-turn token's own text.
             held = r.detok.flush()
-            resp.text = held + resp.text if finish == FINISH_STOP else resp.text + held
-        r.text.append(resp.text)
-        r.out.put_nowait(resp)
-        if finish is not None:
-            self._end(r, finish=finish)
+            text = held + text if finish == FINISH_STOP else text + held
+        return finish, text
 
     # ------------------------------------------------------------------ ending a turn
 
-    def _end(self, r: Request, finish: coordinator_pb2.FinishReason.ValueType | None = None, error: VlmeshError | None = None) -> None:
+    def _end(self, r: RequestState, finish: coordinator_pb2.FinishReason.ValueType | None = None, error: VlmeshError | None = None) -> None:
         """The one place a turn ends, however it ends."""
         if r.phase is Phase.ENDED:
             return
         r.phase = Phase.ENDED
-        r.finish = finish
         if r.task is not None:
             r.task.cancel()
             r.task = None
@@ -726,30 +869,40 @@ class Engine:
         self.requests.pop(r.id, None)
         s = r.session
         ok = error is None
+        if not ok:
+            self._undo(s, r.turn)
+        elif s.persistent:
+            s.messages = s.messages + list(r.spec.messages) + [{"role": "assistant", "content": "".join(r.text)}]
+        s.busy = False
+        s.last_used = self.clock()
+        if not s.persistent:
+            self._retire_one_shot(s, parked=ok)
+        summary = RequestSummary(
+            r.id,
+            s.id if s.persistent else "",
+            r.spec.arrival,
+            r.started_at,
+            r.first_token_at,
+            self.clock(),
+            r.prompt_tokens,
+            r.cached_tokens,
+            len(r.generated),
+            finish,
+            error,
+        )
         for obs in self.observers:
-            obs.on_end(r, finish, error)
-        if s is not None:
-            if not ok and r.turn is not None:
-                self._undo(s, r.turn)
-            if ok and s.persistent:
-                s.messages = s.messages + r.messages + [{"role": "assistant", "content": "".join(r.text)}]
-            s.busy = False
-            s.last_used = time.monotonic()
-            if not s.persistent:
-                self._retire_one_shot(s, parked=ok)
-        if ok:
-            final = coordinator_pb2.GenerateResponse(
-                finish_reason=finish or coordinator_pb2.FINISH_REASON_UNSPECIFIED,
-                usage=coordinator_pb2.Usage(prompt_tokens=r.prompt_tokens, completion_tokens=len(r.generated), cached_tokens=r.cached_tokens),
-            )
-            if s is not None and s.persistent:
-                self._spawn(self._save_then(s, r, final))
-                return
-            r.out.put_nowait(final)
+            obs.on_end(summary)
+        if error is not None:
+            _close(r.stream, summary, error)
+            return
+        final = coordinator_pb2.GenerateResponse(
+            finish_reason=finish or coordinator_pb2.FINISH_REASON_UNSPECIFIED,
+            usage=coordinator_pb2.Usage(prompt_tokens=r.prompt_tokens, completion_tokens=len(r.generated), cached_tokens=r.cached_tokens),
+        )
+        if s.persistent and self.store is not None:
+            self._spawn(self._save_then(s, r.stream, summary, final))
         else:
-            assert error is not None
-            r.out.put_nowait(error)
-        r.out.put_nowait(None)
+            _close(r.stream, summary, final)
 
     def _undo(self, s: Session, t: Turn) -> None:
         del s.token_ids[t.tokens :]
@@ -770,116 +923,150 @@ class Engine:
         else:
             self._release(s)
 
-    async def _evict_then_resume(self, r: Request, count: int = 4) -> None:
+    async def _evict_then_resume(self, r: RequestState, count: int = 4) -> _TaskDone:
         """Give back the KV of the least recently used parked prefixes, then let `r` step again."""
         evicted = [e for e in (self.prefix.evict() for _ in range(count)) if e is not None]
         for old in evicted:
             self.kv_log.drop(old.id)
         await asyncio.gather(*(self.mesh.replicas[a].release(old.id) for old in evicted for a in old.replicas.values() if a in self.mesh.replicas))
-        r.task = None
-        self._wake.set()
+        return _TaskDone(r.id)
+
+    def _on_task_done(self, m: _TaskDone) -> None:
+        r = self.requests.get(m.request_id)
+        if r is not None:
+            r.task = None
 
     def _release(self, s: Session) -> None:
         self.kv_log.drop(s.id)
-        reps = [self.mesh.replicas[a] for a in s.replicas.values() if a in self.mesh.replicas]
+        addrs = list(s.replicas.values())
         s.replicas = {}
-        for rep in reps:
-            self._spawn(rep.release(s.id))
+        self._release_on(s.id, addrs)
 
-    async def _save_then(self, s: Session, r: Request, final: coordinator_pb2.GenerateResponse) -> None:
+    def _release_on(self, session_id: str, addresses: list[str]) -> None:
+        for a in addresses:
+            rep = self.mesh.replicas.get(a)
+            if rep is not None:
+                self._spawn(self._nothing(rep.release(session_id)))
+
+    @staticmethod
+    async def _nothing(work: Awaitable[Any]) -> None:
+        await work
+
+    async def _save_then(self, s: Session, stream: Stream, summary: RequestSummary, final: coordinator_pb2.GenerateResponse) -> None:
         try:
-            await self._save(s)
+            await self._save_now(s)
         finally:
-            r.out.put_nowait(final)
-            r.out.put_nowait(None)
+            _close(stream, summary, final)
 
-    async def _save(self, s: Session) -> None:
+    def _save(self, s: Session) -> None:
         if self.store is not None:
-            try:
-                await self.store.save(s)
-            except Exception:  # noqa: BLE001 - the answer stands; the next save may work
-                log.exception("saving session %s failed", short(s.id))
+            self._spawn(self._save_now(s))
 
-    def _on_close(self, session_id: str) -> None:
-        s = self.sessions.pop(session_id, None)
-        if s is None:
-            return
-        for r in list(self.requests.values()):
-            if r.session is s:
-                self._on_cancel(r, Cancelled("the session was closed"))
-        self._release(s)
-        if self.store is not None:
-            self._spawn(self.store.delete(session_id))
+    async def _save_now(self, s: Session) -> None:
+        assert self.store is not None
+        try:
+            await self.store.save(s)
+        except Exception:  # noqa: BLE001 - the answer stands; the next save may work
+            log.exception("saving session %s failed", short(s.id))
 
     # ------------------------------------------------------------------ housekeeping
 
-    def on_replica_restart(self, rep: StageReplica) -> None:
-        """A replica came back empty: sessions pinned there must be restored before their next
-        step (their pin is dropped; _place restores them)."""
-        for s in self.sessions.values():
-            for i, addr in list(s.replicas.items()):
-                if addr == rep.address and not any(r.session is s and r.in_flight for r in self.requests.values()):
-                    del s.replicas[i]
+    def _housekeeping(self) -> None:
+        """Deadlines, idle sessions, leases, moved KV to give back: every tick."""
+        self._check_deadlines()
+        now = self.clock()
+        for s in [s for s in self.sessions.values() if s.persistent and not s.busy and now - s.last_used > self.cfg.session_ttl]:
+            log.info("session %s expired after %.0fs idle", short(s.id), self.cfg.session_ttl)
+            self._on_close_session(_CloseSession(s.id, None, None))
+        for addr in [a for a in self._moved if (rep := self.mesh.replicas.get(a)) is not None and rep.up]:
+            self._release_moved(addr)
+        lease = min((r.info.lease_seconds for r in self.mesh.replicas.values() if r.info and r.info.lease_seconds), default=60.0)
+        if now - self._last_renew > lease / 3:
+            self._last_renew = now
+            for addr, ids in self._held().items():
+                rep = self.mesh.replicas.get(addr)
+                if rep is not None and rep.up:
+                    self._spawn(self._renew(rep, ids))
 
-    async def _housekeeping(self) -> None:
-        """Leases, idle sessions, prefix-cache bounds, deadlines: every few seconds."""
-        every = 1.0
-        last_renew = 0.0
-        while True:
-            await asyncio.sleep(every)
-            try:
-                self._check_deadlines()
-                now = time.monotonic()
-                for s in [s for s in self.sessions.values() if s.persistent and not s.busy and now - s.last_used > self.cfg.session_ttl]:
-                    log.info("session %s expired after %.0fs idle", short(s.id), self.cfg.session_ttl)
-                    self._on_close(s.id)
-                lease = min((r.info.lease_seconds for r in self.mesh.replicas.values() if r.info and r.info.lease_seconds), default=60.0)
-                if now - last_renew > lease / 3:
-                    last_renew = now
-                    await self._renew_leases()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001
-                log.exception("housekeeping failed")
-
-    async def _renew_leases(self) -> None:
-        held: dict[str, list[Session]] = {}
+    def _held(self) -> dict[str, list[str]]:
+        held: dict[str, list[str]] = {}
         for s in [*self.sessions.values(), *self.prefix.sessions()]:
             for addr in s.replicas.values():
-                held.setdefault(addr, []).append(s)
-        for addr, sessions in held.items():
-            rep = self.mesh.replicas.get(addr)
-            if rep is None or not rep.up:
-                continue
-            try:
-                unknown = set(await rep.renew([s.id for s in sessions]))
-            except Exception as err:  # noqa: BLE001 - the next round tries again
-                log.info("renewing leases on %s failed: %s", addr, err)
-                continue
-            for s in sessions:
-                if s.id in unknown and not any(r.session is s and r.in_flight for r in self.requests.values()):
-                    for i, a in list(s.replicas.items()):
-                        if a == addr:
-                            del s.replicas[i]
+                held.setdefault(addr, []).append(s.id)
+        return held
+
+    async def _renew(self, rep: StageReplica, ids: list[str]) -> _LeasesRenewed | None:
+        try:
+            return _LeasesRenewed(rep.address, frozenset(await rep.renew(ids)))
+        except Exception as err:  # noqa: BLE001 - the next round tries again
+            log.info("renewing leases on %s failed: %s", rep.address, err)
+            return None
+
+    def _on_leases(self, m: _LeasesRenewed) -> None:
+        flying = {r.session.id for r in self.requests.values() if r.in_flight}
+        for s in [*self.sessions.values(), *self.prefix.sessions()]:
+            if s.id in m.unknown and s.id not in flying:
+                for i, a in list(s.replicas.items()):
+                    if a == m.address:
+                        del s.replicas[i]
 
     # ------------------------------------------------------------------ status
 
-    def status(self) -> dict[str, int]:
+    def _count(self) -> Counts:
         waiting = sum(1 for r in self.requests.values() if r.phase is Phase.PREPARING or (r.phase is Phase.READY and r.started_at is None))
-        return {
-            "sessions": sum(1 for s in self.sessions.values() if s.persistent) + len(self.requests),
-            "running": len(self.requests) - waiting,
-            "waiting": waiting,
-        }
+        return Counts(sum(1 for s in self.sessions.values() if s.persistent) + len(self.requests), len(self.requests) - waiting, waiting)
+
+    def _pinned(self) -> dict[str, int]:
+        return {addr: len(ids) for addr, ids in self._held().items()}
 
 
-def _spans(offsets: list[int]) -> list[tuple[int, int]]:
-    """Sorted offsets as runs: [3, 4, 5, 9] -> [(3, 3), (9, 1)]."""
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _carrier(spec: RequestSpec) -> tuple[tuple[str, str], ...]:
+    """The request's trace context as W3C headers: its untraced steps' stage spans join it."""
+    if spec.trace_context is None:
+        return ()
+    token = otel_context.attach(spec.trace_context)
+    try:
+        return tuple(inject().items())
+    finally:
+        otel_context.detach(token)
+
+
+def _reply(reply: asyncio.Future[Any], compute: Callable[[], Any]) -> None:
+    if reply.done():  # the asker went away
+        return
+    try:
+        reply.set_result(compute())
+    except VlmeshError as err:
+        reply.set_exception(err)
+
+
+def _close(stream: Stream, summary: RequestSummary, last: coordinator_pb2.GenerateResponse | VlmeshError) -> None:
+    stream.items.put_nowait(last)
+    stream.items.put_nowait(None)
+    if not stream.summary.done():
+        stream.summary.set_result(summary)
+
+
+def _refuse(stream: Stream, spec: RequestSpec, err: VlmeshError, now: float) -> None:
+    """A request refused before it had any state."""
+    _close(stream, RequestSummary(spec.id, spec.session_id, spec.arrival, None, None, now, 0, 0, 0, None, err), err)
+
+
+def _spans(offsets: list[int]) -> tuple[tuple[int, int], ...]:
+    """Sorted offsets as runs: [3, 4, 5, 9] -> ((3, 3), (9, 1))."""
     out: list[tuple[int, int]] = []
     for o in offsets:
         if out and out[-1][0] + out[-1][1] == o:
             out[-1] = (out[-1][0], out[-1][1] + 1)
         else:
             out.append((o, 1))
-    return out
+    return tuple(out)
+
 

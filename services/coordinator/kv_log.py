@@ -75,9 +75,6 @@ class KVLog:
     def enabled(self) -> bool:
         return self.budget > 0
 
-    def __contains__(self, session_id: str) -> bool:
-        return session_id in self._logs
-
     def append(self, session_id: str, deltas: list[tensor_pb2.KVDelta]) -> None:
         """Add a step's deltas. A delta that does not continue its layer where the log ends (a
         gap) leaves the session without a usable log: it is dropped."""
@@ -152,10 +149,6 @@ class KVLog:
             for layer, entries in sorted(log.layers.items())
             if entries
         }
-
-    def session_bytes(self, session_id: str) -> int:
-        log = self._logs.get(session_id)
-        return log.nbytes if log is not None else 0
 
     def drop(self, session_id: str) -> None:
         log = self._logs.pop(session_id, None)

@@ -18,7 +18,7 @@ import re
 import threading
 from dataclasses import dataclass
 
-from services.common.errors import InvalidInput
+from services.common.errors import InvalidArgument
 
 from .visual import Visual, images, videos
 
@@ -98,7 +98,7 @@ class PromptBuilder:
         else:
             before = self.render(history, add_generation_prompt=False, contents=[]) if history else ""
         if not full.startswith(before):
-            raise InvalidInput("the chat template does not render this conversation incrementally")
+            raise InvalidArgument("the chat template does not render this conversation incrementally")
         return PromptText(full[len(before) :], contents)
 
     def closing(self, last_token: int | None) -> str:
@@ -124,7 +124,7 @@ class PromptBuilder:
         imgs, vids = images(visuals), videos(visuals)
         for what, token, items in (("image", p.image_token, imgs), ("video", p.video_token, vids)):
             if text.count(token) != len(items):
-                raise InvalidInput(f"{text.count(token)} {what} placeholders in the prompt but {len(items)} {what}s")
+                raise InvalidArgument(f"{text.count(token)} {what} placeholders in the prompt but {len(items)} {what}s")
         if visuals:
             image_inputs = {"image_grid_thw": torch.tensor([v.grid_thw for v in imgs])}
             video_inputs = {"video_grid_thw": torch.tensor([v.grid_thw for v in vids]), "video_metadata": [v.metadata() for v in vids]}

@@ -40,9 +40,8 @@ class SchedulerConfig:
 class StepCosts:
     """What micro-batches have cost, to size the prompt chunk when chunk_tokens is 0 (auto): as
     many prompt tokens as cost about half a decode step, so a new prompt at most about doubles the
-    running requests' time per token. Measured on the 2B config on 2 CPU cores, that is about 25
-    tokens (a decode step of 8 sessions took 0.6 s, a prompt token about 22 ms); on the tiny model
-    hundreds (its steps are mostly fixed overhead)."""
+    running requests' time per token (what that comes to on the 2B and tiny models:
+    bench/results/NOTES.md)."""
 
     decode_s: float | None = None  # EWMA wall time of a micro-batch without prompt tokens
     token_s: float | None = None  # EWMA wall time per prompt token beyond that
@@ -77,10 +76,6 @@ class Scheduler:
     def remove(self, r: Schedulable) -> None:
         if r in self.queue:
             self.queue.remove(r)
-
-    @property
-    def running(self) -> int:
-        return len(self.queue)
 
     def next_batch(self, in_flight_batches: int) -> list[tuple[Schedulable, int]]:
         """(request, tokens to feed) for the next micro-batch; empty when none should start."""

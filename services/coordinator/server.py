@@ -11,6 +11,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,23 +21,30 @@ from opentelemetry import trace
 from services.common import tensors
 from services.common.checkpoint import Checkpoint, open_checkpoint
 from services.common.config import ServiceConfig, field
-from services.common.errors import Cancelled, InvalidInput, UnknownSession, VlmeshError
+from services.common.errors import Cancelled, InvalidArgument, ResourceExhausted, UnknownSession, VlmeshError
 from services.common.metrics import CoordinatorMetrics
-from services.common.server import MeshTLS, RunningServer, abort, prepare_process, serve_main, start_server
+from services.common.interceptor import abort
+from services.common.serve import prepare_process, serve_main
+from services.common.server import RunningServer, start_server
+from services.common.tls import MeshTLS
 from services.common.tracing import extract, trace_id_hex, tracer
-from vlmesh.internal.v1 import vision_pb2
+from vlmesh.internal.v1 import admin_pb2, admin_pb2_grpc, vision_pb2
 from vlmesh.v1 import coordinator_pb2, coordinator_pb2_grpc, tensor_pb2
 
 from .auth import Keyring
-from .engine import Engine, EngineConfig, GenerateParams, Request
-from .telemetry import FINISH_NAMES, EngineMetrics
+from .engine import Engine, EngineConfig
 from .kv_log import KVLog, pin_mmap_threshold
+from .limits import RateLimiter, peer_host
+from .prepare import Preparer
 from .prompt import PromptBuilder
+from .request import GenerateParams, Message, RequestSpec, RequestSummary
 from .rope import RopeIndex
+from .replicas import ProbePolicy
 from .runner import Runner
 from .scheduler import SchedulerConfig
 from .stage_client import Mesh
 from .store import SessionStore
+from .telemetry import FINISH_NAMES, EngineMetrics
 from .vision_client import VisionPool
 
 log = logging.getLogger(__name__)
@@ -71,11 +79,17 @@ class CoordinatorConfig(ServiceConfig):
     kv_log_mb: int = field(1024, "memory for the KV log that restores a lost replica without recompute (0 = off: replay instead)")
     prefix_cache_sessions: int = field(64, "finished one-shot requests whose KV is kept for prefix reuse (0 = off)")
     session_ttl: float = field(1800.0, "close sessions idle for this many seconds")
+    max_sessions: int = field(4096, "most live sessions (CreateSession), all API keys together (0 = no cap)")
+    session_rate: float = field(20.0, "sessions one client address may create per second, on average (0 = no limit)")
+    session_burst: int = field(200, "sessions one client address may create at once, beyond --session-rate")
     state_dir: str = field("", "directory of the durable session store (SQLite; default ~/.local/state/vlmesh/coordinator-PORT; 'none' = memory only)")
     hop_timeout: float = field(30.0, "seconds a stage may take for one step before its replica counts as stalled")
     hop_timeout_per_token: float = field(0.05, "extra seconds of the hop timeout per token in the step")
     vision_timeout: float = field(300.0, "seconds the vision service may take for one request")
-    health_interval: float = field(1.0, "seconds between health probes of each replica")
+    trace_decode_every: int = field(16, "give a decode step a span of its own for a request's first token and every Nth (1 = every step; the others' stage spans join the request's)")
+    health_interval: float = field(1.0, "seconds between health probe rounds")
+    probe_failures: int = field(3, "unanswered health probes in a row before a connected replica counts as down (a refused connection or broken stream counts at once)")
+    probe_timeout: float = field(1.0, "seconds a health probe waits for its answer (a stage with slow steps gets twice its slowest recent step)")
     startup_timeout: float = field(600.0, "seconds to wait for the stages and vision at start")
     api_keys_file: str = field("", "API keys (hashed) and their quotas, see `vlmesh keys new`; empty = no keys")
     public_tls_cert: str = field("", "PEM certificate of the public port (TLS); empty = plaintext")
@@ -83,21 +97,21 @@ class CoordinatorConfig(ServiceConfig):
     max_prompt_chars: int = field(0, "most characters of text in one request, checked before tokenising (0 = 8 x the model's context)")
 
 
-def parse_messages(messages, max_chars: int = 1 << 30) -> tuple[list[dict], list[vision_pb2.VisualInput]]:
+def parse_messages(messages, max_chars: int = 1 << 30) -> tuple[list[Message], list[vision_pb2.VisualInput]]:
     """Template messages (images and videos as bare {"type": ...} parts) and the vision inputs,
     in prompt order. Text longer than max_chars in all is refused before anything tokenises it."""
     if not messages:
-        raise InvalidInput("a request needs at least one message")
+        raise InvalidArgument("a request needs at least one message")
     chars = sum(len(c.text) for m in messages for c in m.content if c.WhichOneof("kind") == "text")
     if chars > max_chars:
-        raise InvalidInput(f"the request holds {chars} characters of text; the limit is {max_chars}")
+        raise InvalidArgument(f"the request holds {chars} characters of text; the limit is {max_chars}")
     out, inputs = [], []
     for i, m in enumerate(messages):
         role = _ROLES.get(m.role)
         if role is None:
-            raise InvalidInput(f"message {i}: role must be system, user or assistant")
+            raise InvalidArgument(f"message {i}: role must be system, user or assistant")
         if not m.content:
-            raise InvalidInput(f"message {i}: no content")
+            raise InvalidArgument(f"message {i}: no content")
         content = []
         for c in m.content:
             kind = c.WhichOneof("kind")
@@ -105,21 +119,21 @@ def parse_messages(messages, max_chars: int = 1 << 30) -> tuple[list[dict], list
                 content.append({"type": "text", "text": c.text})
             elif kind == "image":
                 if not c.image:
-                    raise InvalidInput(f"message {i}: empty image")
+                    raise InvalidArgument(f"message {i}: empty image")
                 content.append({"type": "image"})
                 inputs.append(vision_pb2.VisualInput(image_bytes=c.image))
             elif kind == "video":
                 if not c.video:
-                    raise InvalidInput(f"message {i}: empty video")
+                    raise InvalidArgument(f"message {i}: empty video")
                 content.append({"type": "video"})
                 inputs.append(vision_pb2.VisualInput(video_bytes=c.video))
             elif kind == "video_frames":
                 if not c.video_frames.frames:
-                    raise InvalidInput(f"message {i}: video without frames")
+                    raise InvalidArgument(f"message {i}: video without frames")
                 content.append({"type": "video"})
                 inputs.append(vision_pb2.VisualInput(video_frames=c.video_frames))
             else:
-                raise InvalidInput(f"message {i}: content item with no text, image or video")
+                raise InvalidArgument(f"message {i}: content item with no text, image or video")
         out.append({"role": role, "content": content})
     return out, inputs
 
@@ -129,19 +143,19 @@ def parse_params(request: coordinator_pb2.GenerateRequest) -> GenerateParams:
 
     p = request.sampling
     if not (math.isfinite(p.temperature) and p.temperature >= 0):
-        raise InvalidInput(f"temperature must be a finite number >= 0, got {p.temperature}")
+        raise InvalidArgument(f"temperature must be a finite number >= 0, got {p.temperature}")
     if not (0.0 <= p.top_p <= 1.0):
-        raise InvalidInput(f"top_p must be in [0, 1], got {p.top_p}")
+        raise InvalidArgument(f"top_p must be in [0, 1], got {p.top_p}")
     if p.top_k < 0:
-        raise InvalidInput(f"top_k must be >= 0, got {p.top_k}")
+        raise InvalidArgument(f"top_k must be >= 0, got {p.top_k}")
     if not (math.isfinite(p.repetition_penalty) and p.repetition_penalty >= 0):
-        raise InvalidInput(f"repetition_penalty must be a finite number >= 0, got {p.repetition_penalty}")
+        raise InvalidArgument(f"repetition_penalty must be a finite number >= 0, got {p.repetition_penalty}")
     if request.max_tokens < 0:
-        raise InvalidInput("max_tokens must be >= 0")
+        raise InvalidArgument("max_tokens must be >= 0")
     if not 0 <= request.logprobs <= 20:
-        raise InvalidInput("logprobs must be in [0, 20]")
+        raise InvalidArgument("logprobs must be in [0, 20]")
     if any(not s for s in request.stop):
-        raise InvalidInput("stop strings must not be empty")
+        raise InvalidArgument("stop strings must not be empty")
     return GenerateParams(p, request.max_tokens, tuple(request.stop), request.logprobs, request.include_stop_token_text)
 
 
@@ -157,12 +171,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self.kv_log = kv_log
         self.mesh = mesh
         self.vision = vision
+        self.session_rate = RateLimiter(cfg.session_rate, cfg.session_burst)
 
     def owner(self, context: grpc.aio.ServicerContext) -> str:
         """The caller's API key name; UNAUTHENTICATED without a known key (when keys are set)."""
         return self.keys.identify(context.invocation_metadata())
 
-    async def Generate(self, request, context):
+    async def Generate(self, request: coordinator_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
         span = _tracer.start_span(
             "generate",
             context=extract(context.invocation_metadata()),
@@ -170,7 +185,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             attributes={"rpc.system": "grpc", "rpc.service": "vlmesh.v1.CoordinatorService", "rpc.method": "Generate"},
         )
         trace_id = trace_id_hex(span)
-        req: Request | None = None
+        spec: RequestSpec | None = None
+        stream = None
         ended = False
         first = True
         try:
@@ -178,19 +194,21 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             messages, inputs = parse_messages(request.messages, self.max_chars)
             params = parse_params(request)
             left = context.time_remaining()
-            req = Request(
+            now = time.monotonic()
+            spec = RequestSpec(
                 id=uuid.uuid4().hex,
                 session_id=request.session_id,
                 owner=owner,
-                messages=messages,
-                inputs=inputs,
+                messages=tuple(messages),
+                inputs=tuple(inputs),
                 params=params,
-                deadline=None if left is None else time.monotonic() + left,
+                deadline=None if left is None else now + left,
                 trace_context=trace.set_span_in_context(span),
+                arrival=now,
             )
-            self.engine.add(req)
+            stream = self.engine.add(spec)
             while True:
-                item = await req.out.get()
+                item = await stream.items.get()
                 if item is None:
                     ended = True
                     break
@@ -201,56 +219,48 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                     item.trace_id = trace_id
                     first = False
                 yield item
-            _close_span(span, req, None)
+            _close_span(span, stream.summary.result(), None)
         except VlmeshError as err:
             err.trace_id = trace_id  # type: ignore[attr-defined]
-            _close_span(span, req, err)
+            _close_span(span, stream.summary.result() if stream is not None and stream.summary.done() else None, err)
             await abort(context, err, trace_id)
         finally:
-            if req is not None and not ended:  # the client went away (or its deadline passed)
-                self.engine.cancel(req.id, Cancelled("the client cancelled the request"))
-                _close_span(span, req, Cancelled("cancelled"))
+            if spec is not None and not ended:  # the client went away (or its deadline passed)
+                self.engine.cancel(spec.id, Cancelled("the client cancelled the request"))
+                _close_span(span, None, Cancelled("cancelled"))
 
-    async def CreateSession(self, request, context):
-        s = self.engine.create_session(self.owner(context))
-        return coordinator_pb2.CreateSessionResponse(session_id=s.id)
-
-    async def CloseSession(self, request, context):
-        return coordinator_pb2.CloseSessionResponse(existed=self.engine.close_session(request.session_id, self.owner(context)))
-
-    async def GetKVLog(self, request, context):
-        s = self.engine.session_for(request.session_id, self.owner(context))
-        merged = self.kv_log.merged(s.id)
-        if merged is None:
-            raise UnknownSession("the session has no KV log (the log is off, or was dropped to stay within its budget)", reason="NO_KV_LOG")
-        for layer, (k, v) in merged.items():
-            yield coordinator_pb2.GetKVLogResponse(
-                delta=tensor_pb2.KVDelta(layer=layer, start_position=0, key=tensors.to_proto(k), value=tensors.to_proto(v))
+    async def CreateSession(self, request: coordinator_pb2.CreateSessionRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.CreateSessionResponse:
+        owner = self.owner(context)
+        if not self.session_rate.allow(peer_host(context.peer() or "")):
+            raise ResourceExhausted(
+                f"this client creates sessions faster than --session-rate {self.cfg.session_rate:g}/s allows; retry later", reason="SESSION_RATE"
             )
+        return coordinator_pb2.CreateSessionResponse(session_id=await self.engine.create_session(owner))
 
-    async def GetModelInfo(self, request, context):
+    async def CloseSession(self, request: coordinator_pb2.CloseSessionRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.CloseSessionResponse:
+        return coordinator_pb2.CloseSessionResponse(existed=await self.engine.close_session(request.session_id, self.owner(context)))
+
+    async def GetModelInfo(self, request: coordinator_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.GetModelInfoResponse:
         self.owner(context)  # any key will do, but a key it must be
         return coordinator_pb2.GetModelInfoResponse(
             model_type=self.ckpt.config.model_type,
             num_layers=self.ckpt.text_config.num_hidden_layers,
-            stage_layers=[g.label for g in self.mesh.ranges],
+            stage_layers=[coordinator_pb2.LayerRange(start=g.start, end=g.end) for g in self.mesh.ranges],
             max_sequence_length=self.ckpt.text_config.max_position_embeddings,
         )
 
-    async def GetMeshStatus(self, request, context):
+    async def GetMeshStatus(self, request: coordinator_pb2.GetMeshStatusRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.GetMeshStatusResponse:
         self.owner(context)
         await asyncio.gather(*(i.refresh_stats() for i in self.vision.instances.values()))
         resp = coordinator_pb2.GetMeshStatusResponse(model_type=self.ckpt.config.model_type)
-        pinned: dict[str, int] = {}
-        for s in self.engine.sessions.values():
-            for a in s.replicas.values():
-                pinned[a] = pinned.get(a, 0) + 1
+        snap = await self.engine.snapshot()
+        pinned = snap.pinned
         reps = sorted(self.mesh.replicas.values(), key=lambda r: (r.layers or (1 << 30, 0), r.address))
         for r in reps:
             info = r.info
             resp.stages.add(
                 address=r.address,
-                layers=f"{info.layer_start}:{info.layer_end}" if info else "",
+                layers=coordinator_pb2.LayerRange(start=info.layer_start, end=info.layer_end) if info else None,
                 state=coordinator_pb2.REPLICA_STATE_UP if r.up else coordinator_pb2.REPLICA_STATE_DOWN,
                 kv_used_bytes=info.kv_used_bytes if info else 0,
                 kv_budget_bytes=info.kv_budget_bytes if info else 0,
@@ -269,46 +279,61 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 cache_entries=st.cache_entries if st else 0,
                 cache_bytes=st.cache_bytes if st else 0,
             )
-        status = self.engine.status()
-        resp.num_sessions = status["sessions"]
-        resp.requests_running = status["running"]
-        resp.requests_waiting = status["waiting"]
+        resp.num_sessions = snap.counts.sessions
+        resp.requests_running = snap.counts.running
+        resp.requests_waiting = snap.counts.waiting
         resp.kv_log_bytes = self.kv_log.bytes
         resp.kv_log_budget_bytes = self.kv_log.budget
         return resp
 
 
-def _close_span(span: trace.Span, req: Request | None, err: VlmeshError | None) -> None:
+class CoordinatorAdminServicer(admin_pb2_grpc.CoordinatorAdminServiceServicer):
+    """Internal hooks (the mesh's own tests and tools), behind the same API keys."""
+
+    def __init__(self, engine: Engine, kv_log: KVLog, keys: Keyring):
+        self.engine = engine
+        self.kv_log = kv_log
+        self.keys = keys
+
+    async def GetKVLog(self, request: admin_pb2.GetKVLogRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[admin_pb2.GetKVLogResponse]:
+        sid = await self.engine.session_id_for(request.session_id, self.keys.identify(context.invocation_metadata()))
+        merged = self.kv_log.merged(sid)
+        if merged is None:
+            raise UnknownSession("the session has no KV log (the log is off, or was dropped to stay within its budget)", reason="NO_KV_LOG")
+        for layer, (k, v) in merged.items():
+            yield admin_pb2.GetKVLogResponse(
+                delta=tensor_pb2.KVDelta(layer=layer, start_position=0, key=tensors.to_proto(k), value=tensors.to_proto(v))
+            )
+
+
+def _close_span(span: trace.Span, summary: RequestSummary | None, err: VlmeshError | None) -> None:
     if not span.is_recording():
         return
     trace_id = trace_id_hex(span)
-    outcome = err.code.name if err is not None else FINISH_NAMES.get(req.finish or 0, "stop") if req is not None else "?"
-    if req is not None:
-        s = req.session
+    outcome = err.code.name if err is not None else FINISH_NAMES.get(summary.finish or 0, "stop") if summary is not None else "?"
+    if summary is not None:
         log.info(
             "generate %s: %s, %d prompt + %d cached -> %d tokens, session %s, trace %s",
-            req.id[:12],
+            summary.id[:12],
             outcome,
-            req.prompt_tokens,
-            req.cached_tokens,
-            len(req.generated),
-            s.id[:12] if s is not None and s.persistent else "-",
+            summary.prompt_tokens,
+            summary.cached_tokens,
+            summary.generated_tokens,
+            summary.session_id[:12] or "-",
             trace_id,
             extra={"trace_id": trace_id},
         )
-        if req.finish is not None:
-            span.set_attribute("vlmesh.finish_reason", FINISH_NAMES.get(req.finish, "stop"))
-    if req is not None:
-        s = req.session
-        if s is not None:
-            span.set_attribute("session.id", s.id)
-        span.set_attribute("vlmesh.prompt_tokens", req.prompt_tokens)
-        span.set_attribute("vlmesh.cached_tokens", req.cached_tokens)
-        span.set_attribute("vlmesh.generated_tokens", len(req.generated))
-        if req.first_token_at is not None:
-            span.set_attribute("vlmesh.ttft_s", req.first_token_at - req.arrival)
-        if req.started_at is not None:
-            span.set_attribute("vlmesh.queue_s", req.started_at - req.arrival)
+        if summary.finish is not None:
+            span.set_attribute("vlmesh.finish_reason", FINISH_NAMES.get(summary.finish, "stop"))
+        if summary.session_id:
+            span.set_attribute("session.id", summary.session_id)
+        span.set_attribute("vlmesh.prompt_tokens", summary.prompt_tokens)
+        span.set_attribute("vlmesh.cached_tokens", summary.cached_tokens)
+        span.set_attribute("vlmesh.generated_tokens", summary.generated_tokens)
+        if summary.first_token_at is not None:
+            span.set_attribute("vlmesh.ttft_s", summary.first_token_at - summary.arrival)
+        if summary.started_at is not None:
+            span.set_attribute("vlmesh.queue_s", summary.started_at - summary.arrival)
     if err is not None:
         span.set_attribute("rpc.grpc.status_code", err.code.value[0])
         span.set_status(trace.Status(trace.StatusCode.ERROR, str(err)))
@@ -339,8 +364,9 @@ async def start(cfg: CoordinatorConfig) -> RunningServer:
         pin_mmap_threshold()
     state_dir = cfg.state_dir or _default_state_dir(cfg.port)
     store = None if state_dir == "none" else await asyncio.to_thread(SessionStore, state_dir)
-    mesh = Mesh(cfg.stages, tls, ckpt.text_config.num_hidden_layers, watch_interval=cfg.health_interval)
-    vision = VisionPool(cfg.vision, tls, watch_interval=cfg.health_interval)
+    policy = ProbePolicy(interval=cfg.health_interval, failures=cfg.probe_failures, timeout=cfg.probe_timeout)
+    mesh = Mesh(cfg.stages, tls, ckpt.text_config.num_hidden_layers, policy=policy)
+    vision = VisionPool(cfg.vision, tls, policy=policy)
     await asyncio.gather(mesh.connect(cfg.startup_timeout), vision.connect(cfg.startup_timeout))
     depth = len(mesh.ranges) if cfg.pipeline else 1
     engine_cfg = EngineConfig(
@@ -348,29 +374,26 @@ async def start(cfg: CoordinatorConfig) -> RunningServer:
         max_images=cfg.max_images,
         vision_timeout=cfg.vision_timeout,
         session_ttl=cfg.session_ttl,
+        max_sessions=cfg.max_sessions,
+        trace_decode_every=cfg.trace_decode_every,
         scheduler=SchedulerConfig(max_batch=cfg.max_batch, chunk_tokens=cfg.chunk_tokens, pipeline_depth=depth),
         prefix_cache_sessions=cfg.prefix_cache_sessions,
         quotas=keys.quotas,
     )
-    runner = Runner(mesh, cfg.hop_timeout, cfg.hop_timeout_per_token)
-    engine = Engine(
-        engine_cfg,
-        mesh,
-        vision,
+    metrics = CoordinatorMetrics.create()
+    observer = EngineMetrics(metrics)
+    runner = Runner(mesh, cfg.hop_timeout, cfg.hop_timeout_per_token, observers=(observer,))
+    preparer = Preparer(
         PromptBuilder(processor, sorted(eos_ids)),
         RopeIndex(ckpt, processor),
-        processor.tokenizer,
-        eos_ids,
-        ckpt.text_config.max_position_embeddings,
-        kv_log,
-        store,
-        runner,
+        vision,
+        tc.max_position_embeddings,
+        cfg.max_images,
+        cfg.vision_timeout,
         ckpt.family.deepstack_layers(ckpt.config),
-        kv_heads=tc.num_key_value_heads,
-        head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads,
     )
-    metrics = CoordinatorMetrics.create()
-    engine.observers.append(EngineMetrics(metrics, engine))
+    engine = Engine(engine_cfg, mesh, preparer, processor.tokenizer, eos_ids, kv_log, store, runner, tc, observers=(observer,))
+    observer.watch_counts(lambda: engine.counts.running, lambda: engine.counts.waiting)
     engine.start()
     servicer = CoordinatorServicer(cfg, ckpt, engine, kv_log, mesh, vision, keys)
 
@@ -381,7 +404,10 @@ async def start(cfg: CoordinatorConfig) -> RunningServer:
             store.close()
 
     return await start_server(
-        [(coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server, servicer, "vlmesh.v1.CoordinatorService")],
+        [
+            (coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server, servicer, "vlmesh.v1.CoordinatorService"),
+            (admin_pb2_grpc.add_CoordinatorAdminServiceServicer_to_server, CoordinatorAdminServicer(engine, kv_log, keys), "vlmesh.internal.v1.CoordinatorAdminService"),
+        ],
         cfg,
         cfg.port,
         internal=False,

@@ -33,8 +33,8 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
 
     @classmethod
-    def new(cls, owner: str, persistent: bool) -> Session:
-        return cls(uuid.uuid4().hex, owner, persistent)
+    def new(cls, owner: str, persistent: bool, now: float) -> Session:
+        return cls(uuid.uuid4().hex, owner, persistent, last_used=now)
 
     def visual_rows_from(self, position: int) -> int:
         """Index of the first visual row at or after `position`."""

@@ -1,7 +1,7 @@
 """The coordinator's only way to the stages.
 
-Each layer range may be served by several replicas. Every replica is health-watched (GetInfo
-with a short deadline, which also tells its KV use and whether it restarted); each has one
+Each layer range may be served by several replicas. Every replica is health-watched under the
+pool's probe policy (replicas.py: GetInfo, which also tells its KV use and whether it restarted); each has one
 long-lived Forward stream whose requests and responses are matched in order, so several
 micro-batches can be in flight on it. A response that does not come within the hop's deadline
 counts as a stalled replica: the stream is torn down, its pending steps fail with StageDown,
@@ -10,18 +10,18 @@ and the replica is down until it answers a health probe again."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
 import grpc.aio
 
+from services.common.channels import mesh_channel
 from services.common.errors import StageDown, VlmeshError, from_rpc_error
-from services.common.server import MeshTLS, mesh_channel
+from services.common.tls import MeshTLS
 from vlmesh.internal.v1 import stage_pb2, stage_pb2_grpc
 
 from . import replicas
@@ -86,67 +86,55 @@ class _ForwardStream:
             raise self.broken or StageDown(f"stage {self.address} stalled") from None
 
 
-@dataclass
-class StageReplica:
-    address: str
-    tls: MeshTLS | None
-    channel: grpc.aio.Channel = field(init=False)
-    stub: stage_pb2_grpc.StageServiceStub = field(init=False)
-    health: replicas.Health = field(default_factory=replicas.Health)
-    info: stage_pb2.GetInfoResponse | None = None
-    stream: _ForwardStream | None = None
+class StageReplica(replicas.Replica):
+    """One stage replica: its channel, its Forward stream, what its last GetInfo said."""
 
-    def __post_init__(self) -> None:
-        self.channel = mesh_channel(self.address, self.tls)
+    kind = "stage"
+
+    def __init__(self, address: str, tls: MeshTLS | None):
+        super().__init__(address)
+        self.tls = tls
+        self.channel = mesh_channel(address, tls)
         self.stub = stage_pb2_grpc.StageServiceStub(self.channel)
+        self.info: stage_pb2.GetInfoResponse | None = None  # written by check
+        self.stream: _ForwardStream | None = None  # written by forward and lost
+        # Compute seconds of its last few steps (written by forward): a busy replica's probes get longer to answer.
+        self._steps: deque[float] = deque(maxlen=8)
 
     @property
     def layers(self) -> tuple[int, int] | None:
         return (self.info.layer_start, self.info.layer_end) if self.info is not None else None
 
-    @property
-    def up(self) -> bool:
-        return self.health.up
+    def probe_deadline(self, policy: replicas.ProbePolicy) -> float:
+        return policy.deadline(max(self._steps, default=0.0))
 
-    async def probe(self, timeout: float) -> bool:
-        """Ask GetInfo; returns True when the replica restarted (its KV is gone)."""
+    async def check(self, timeout: float) -> replicas.Probe:
+        """GetInfo, which also tells its layers, KV use and instance id (a new id: it restarted)."""
         try:
             # wait_for_ready: a replica that restarted a moment ago is reached as soon as it listens,
             # instead of failing fast while the channel is still backing off.
             info = await self.stub.GetInfo(stage_pb2.GetInfoRequest(), timeout=timeout, wait_for_ready=True)
         except grpc.RpcError as err:
-            if self.health.mark(False):
-                log.warning("stage %s is down: %s", self.address, err.code().name)
-            self._drop_stream(StageDown(f"stage {self.address} is down"))
-            return False
-        restarted = self.info is not None and info.instance_id != self.info.instance_id
+            return replicas.classify(err, self.channel)
         self.info = info
-        if self.health.mark(True):
-            log.info("stage %s (%d:%d) is up", self.address, info.layer_start, info.layer_end)
-        if restarted:
-            log.warning("stage %s restarted: the KV it held is gone", self.address)
-            self._drop_stream(StageDown(f"stage {self.address} restarted"))
-        return restarted
+        return replicas.Probe(replicas.Outcome.ANSWERED, instance=info.instance_id)
 
-    def mark_down(self, err: VlmeshError) -> None:
-        if self.health.mark(False):
-            log.warning("stage %s is down: %s", self.address, err)
-        self._drop_stream(err)
-
-    def _drop_stream(self, err: VlmeshError) -> None:
+    def lost(self, why: str) -> None:
         if self.stream is not None:
-            self.stream.fail(err)
+            self.stream.fail(StageDown(why))
             self.stream = None
 
     async def forward(self, request: stage_pb2.ForwardRequest, timeout: float) -> stage_pb2.ForwardResponse:
         if self.stream is None or self.stream.broken is not None:
             self.stream = _ForwardStream(self.stub, self.address)
         try:
-            return await self.stream.send(request, timeout)
+            response = await self.stream.send(request, timeout)
         except VlmeshError as err:
             if isinstance(err, StageDown):
-                self.mark_down(err)
+                self.mark_down(str(err))  # a broken stream or a step past the hop timeout: down at once
             raise
+        self._steps.append(response.compute_us / 1e6)
+        return response
 
     async def restore(self, session_id: str, length: int, entries: list[Entry], timeout: float) -> None:
         def messages():
@@ -164,7 +152,7 @@ class StageReplica:
         except grpc.RpcError as err:
             failure = from_rpc_error(err, f"restore on stage {self.address}")
             if isinstance(failure, StageDown):
-                self.mark_down(failure)
+                self.mark_down(str(failure))
             raise failure from None
 
     async def release(self, session_id: str) -> None:
@@ -178,7 +166,7 @@ class StageReplica:
         return list(resp.unknown_session_ids)
 
     async def close(self) -> None:
-        self._drop_stream(StageDown(f"stage {self.address} closed"))
+        await super().close()
         await self.channel.close()
 
 
@@ -196,9 +184,11 @@ class StageRange:
         return [r for r in self.replicas if r.up]
 
 
-class Mesh:
+class Mesh(replicas.ReplicaPool[StageReplica]):
     """Every stage replica, grouped by layer range. The ranges are fixed when the mesh first
     covers the model; a replica that joins later must serve one of them."""
+
+    kind = "stage"
 
     def __init__(
         self,
@@ -207,55 +197,40 @@ class Mesh:
         num_layers: int,
         watch_interval: float = 1.0,
         probe_timeout: float = 1.0,
-        on_restart: Callable[[StageReplica], None] | None = None,
+        policy: replicas.ProbePolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ):
-        self.entries = replicas.split_entries(spec)
+        """`policy` (when given) replaces watch_interval and probe_timeout; clock and sleep are for tests."""
+        super().__init__(spec, policy or replicas.ProbePolicy(interval=watch_interval, timeout=probe_timeout), clock=clock, sleep=sleep)
         self.tls = tls
         self.num_layers = num_layers
-        self.watch_interval = watch_interval
-        self.probe_timeout = probe_timeout
-        self.on_restart = on_restart
-        self.replicas: dict[str, StageReplica] = {}
         self.ranges: list[StageRange] = []
-        self._watch: asyncio.Task | None = None
 
-    async def connect(self, wait: float = 120.0) -> None:
-        """Find every replica and its range; wait until the ranges cover the model exactly once
-        with at least one replica each, then keep watching."""
-        deadline = time.monotonic() + wait
-        last_note = ""
-        while True:
-            await self._sync(await replicas.resolve(self.entries))
-            await self._probe_all()
-            note = self._coverage()
-            if not note:
-                break
-            if note != last_note:
-                log.info("waiting for stages: %s", note)
-                last_note = note
-            if time.monotonic() > deadline:
-                raise StageDown(f"the stages do not cover the model after {wait:.0f}s: {note}")
-            await asyncio.sleep(0.2)
-        spans = sorted({r.layers for r in self.replicas.values() if r.layers is not None})
-        self.ranges = [StageRange(a, b) for a, b in spans]
-        for r in self.replicas.values():
-            self._place(r)
-        log.info("stages: %s", ", ".join(f"{g.label} x{len(g.replicas)}" for g in self.ranges))
-        self._watch = asyncio.get_running_loop().create_task(
-            replicas.watch(self.watch_interval, self.entries, self._sync, self._probe_all)
-        )
+    def _make(self, address: str) -> StageReplica:
+        return StageReplica(address, self.tls)
 
-    def _coverage(self) -> str:
+    def _missing(self) -> str:
         """'' when the up replicas' ranges tile [0, num_layers); else what is wrong."""
         spans = sorted({r.layers for r in self.replicas.values() if r.up and r.layers is not None})
         at = 0
         for a, b in spans:
             if a != at:
-                return f"{'overlap' if a < at else 'gap'} at layer {at} ({a}:{b})"
+                return f"the stages do not cover the model: {'overlap' if a < at else 'gap'} at layer {at} ({a}:{b})"
             at = b
         if at != self.num_layers:
-            return f"layers {at}:{self.num_layers} have no replica up"
+            return f"the stages do not cover the model: layers {at}:{self.num_layers} have no replica up"
         return ""
+
+    def _connected(self) -> None:
+        spans = sorted({r.layers for r in self.replicas.values() if r.up and r.layers is not None})
+        self.ranges = [StageRange(a, b) for a, b in spans]
+        for r in self.replicas.values():
+            self._place(r)
+        log.info("stages: %s", ", ".join(f"{g.label} x{len(g.replicas)}" for g in self.ranges))
+
+    def _probed(self, rep: StageReplica, change: replicas.Change | None) -> None:
+        self._place(rep)
 
     def _place(self, r: StageReplica) -> None:
         if not self.ranges or r.layers is None:
@@ -267,40 +242,17 @@ class Mesh:
                 return
         log.error("stage %s serves layers %d:%d, which is not one of the mesh's ranges; ignored", r.address, *r.layers)
 
-    async def _sync(self, addresses: list[str]) -> None:
-        for a in addresses:
-            if a not in self.replicas:
-                self.replicas[a] = StageReplica(a, self.tls)
-                log.info("stage replica %s added", a)
-
-    async def _probe_all(self) -> None:
-        reps = list(self.replicas.values())
-        restarted = await asyncio.gather(*(r.probe(self.probe_timeout) for r in reps))
-        for r, again in zip(reps, restarted):
-            self._place(r)
-            if again and self.on_restart is not None:
-                self.on_restart(r)
-
     async def refresh(self, index: int) -> None:
         """Probe range `index`'s replicas now instead of at the next watch round: a replica
         that restarted a moment ago serves the very next request."""
-        reps = self.ranges[index].replicas
-        restarted = await asyncio.gather(*(r.probe(self.probe_timeout) for r in reps))
-        for r, again in zip(reps, restarted):
-            if again and self.on_restart is not None:
-                self.on_restart(r)
+        await self.probe(self.ranges[index].replicas, count_misses=False)
 
     def pick(self, index: int, exclude: frozenset[str] | set[str] = frozenset(), load: Callable[[StageReplica], int] | None = None) -> StageReplica:
-        """An up replica of range `index` for a new session: the least loaded."""
+        """An up replica of range `index` for a new session: the least loaded, and one whose last
+        probe was answered over one that missed it (it may be stalling)."""
         g = self.ranges[index]
         candidates = [r for r in g.up() if r.address not in exclude]
         if not candidates:
             raise StageDown(f"no replica of layers {g.label} is up")
-        return min(candidates, key=load or (lambda r: r.info.kv_used_bytes if r.info else 0))
-
-    async def close(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
-        await asyncio.gather(*(r.close() for r in self.replicas.values()))
+        key = load or (lambda r: r.info.kv_used_bytes if r.info else 0)
+        return min(candidates, key=lambda r: (r.health.suspect, key(r)))

@@ -1,17 +1,15 @@
 """What the engine reports to Prometheus: per-request latencies and token counts, in vLLM's
-series (services/common/metrics.py)."""
+series (services/common/metrics.py). An observer: it is told what happened and writes nothing of
+the engine's."""
 
 from __future__ import annotations
 
-import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
-from services.common.errors import VlmeshError
 from services.common.metrics import CoordinatorMetrics
 from vlmesh.v1 import coordinator_pb2
 
-if TYPE_CHECKING:
-    from .engine import Engine, Request
+from .request import RequestSummary, TokenEmitted
 
 FINISH_NAMES: dict[int, str] = {
     coordinator_pb2.FINISH_REASON_STOP: "stop",
@@ -21,29 +19,31 @@ FINISH_NAMES: dict[int, str] = {
 
 
 class EngineMetrics:
-    """An engine observer: on_token and on_end are called from the engine's loop."""
-
-    def __init__(self, metrics: CoordinatorMetrics, engine: Engine):
+    def __init__(self, metrics: CoordinatorMetrics):
         self.m = metrics
-        metrics.requests_running.set_function(lambda: engine.status()["running"])
-        metrics.requests_waiting.set_function(lambda: engine.status()["waiting"])
-        engine.runner.on_hop = lambda label, seconds: metrics.stage_hop_latency.labels(label).observe(seconds)
 
-    def on_token(self, r: Request, now: float) -> None:
-        if r.last_token_at is None:
-            self.m.time_to_first_token.observe(now - r.arrival)
+    def watch_counts(self, running: Callable[[], int], waiting: Callable[[], int]) -> None:
+        """Gauges read at scrape time (from the metrics server's thread: `running`/`waiting`
+        must read a published snapshot, never live engine state)."""
+        self.m.requests_running.set_function(running)
+        self.m.requests_waiting.set_function(waiting)
+
+    def on_hop(self, label: str, seconds: float) -> None:
+        self.m.stage_hop_latency.labels(label).observe(seconds)
+
+    def on_token(self, event: TokenEmitted) -> None:
+        if event.previous_at is None:
+            self.m.time_to_first_token.observe(event.at - event.arrival)
         else:
-            self.m.inter_token_latency.observe(now - r.last_token_at)
-        r.last_token_at = now
+            self.m.inter_token_latency.observe(event.at - event.previous_at)
 
-    def on_end(self, r: Request, finish: int | None, error: VlmeshError | None) -> None:  # finish: a FinishReason
-        now = time.monotonic()
-        self.m.e2e_request_latency.observe(now - r.arrival)
-        if r.started_at is not None:
-            self.m.request_queue_time.observe(r.started_at - r.arrival)
-        self.m.prompt_tokens.inc(r.prompt_tokens)
-        self.m.generation_tokens.inc(len(r.generated))
-        if finish is not None:
-            self.m.request_success.labels(FINISH_NAMES.get(finish, "stop")).inc()
-        elif error is not None and error.code.name == "CANCELLED":
+    def on_end(self, summary: RequestSummary) -> None:
+        self.m.e2e_request_latency.observe(summary.ended_at - summary.arrival)
+        if summary.started_at is not None:
+            self.m.request_queue_time.observe(summary.started_at - summary.arrival)
+        self.m.prompt_tokens.inc(summary.prompt_tokens)
+        self.m.generation_tokens.inc(summary.generated_tokens)
+        if summary.finish is not None:
+            self.m.request_success.labels(FINISH_NAMES.get(summary.finish, "stop")).inc()
+        elif summary.error is not None and summary.error.code.name == "CANCELLED":
             self.m.request_success.labels("abort").inc()

@@ -4,17 +4,17 @@ that finds its instance down or stalled is sent to the next one."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 
 import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.channels import mesh_channel
 from services.common.errors import DeadlineExceeded, StageDown, from_rpc_error
-from services.common.server import MeshTLS, mesh_channel
+from services.common.tls import MeshTLS
 from vlmesh.internal.v1 import vision_pb2, vision_pb2_grpc
 
 from . import replicas
@@ -22,27 +22,24 @@ from . import replicas
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class VisionInstance:
-    address: str
-    tls: MeshTLS | None
-    channel: grpc.aio.Channel = field(init=False)
-    stub: vision_pb2_grpc.VisionServiceStub = field(init=False)
-    health: replicas.Health = field(default_factory=replicas.Health)
-    stats: vision_pb2.GetStatsResponse | None = None
+class VisionInstance(replicas.Replica):
+    kind = "vision"
 
-    def __post_init__(self) -> None:
-        self.channel = mesh_channel(self.address, self.tls)
+    def __init__(self, address: str, tls: MeshTLS | None):
+        super().__init__(address)
+        self.tls = tls
+        self.channel = mesh_channel(address, tls)
         self.stub = vision_pb2_grpc.VisionServiceStub(self.channel)
+        self.stats: vision_pb2.GetStatsResponse | None = None  # written by refresh_stats
 
-    async def probe(self, timeout: float) -> None:
+    async def check(self, timeout: float) -> replicas.Probe:
         try:
             resp = await health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout, wait_for_ready=True)
-            up = resp.status == health_pb2.HealthCheckResponse.SERVING
-        except grpc.RpcError:
-            up = False
-        if self.health.mark(up):
-            (log.info if up else log.warning)("vision %s is %s", self.address, "up" if up else "down")
+        except grpc.RpcError as err:
+            return replicas.classify(err, self.channel)
+        if resp.status != health_pb2.HealthCheckResponse.SERVING:
+            return replicas.Probe(replicas.Outcome.GONE, detail=health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+        return replicas.Probe(replicas.Outcome.ANSWERED)
 
     async def refresh_stats(self, timeout: float = 2.0) -> None:
         try:
@@ -50,38 +47,35 @@ class VisionInstance:
         except grpc.RpcError:
             pass
 
+    async def close(self) -> None:
+        await super().close()
+        await self.channel.close()
 
-class VisionPool:
-    def __init__(self, spec: str, tls: MeshTLS | None, watch_interval: float = 1.0, probe_timeout: float = 1.0):
-        self.entries = replicas.split_entries(spec)
+
+class VisionPool(replicas.ReplicaPool[VisionInstance]):
+    kind = "vision"
+
+    def __init__(
+        self,
+        spec: str,
+        tls: MeshTLS | None,
+        watch_interval: float = 1.0,
+        probe_timeout: float = 1.0,
+        policy: replicas.ProbePolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ):
+        """`policy` (when given) replaces watch_interval and probe_timeout; clock and sleep are for tests."""
+        super().__init__(spec, policy or replicas.ProbePolicy(interval=watch_interval, timeout=probe_timeout), clock=clock, sleep=sleep)
         self.tls = tls
-        self.watch_interval = watch_interval
-        self.probe_timeout = probe_timeout
-        self.instances: dict[str, VisionInstance] = {}
         self._next = 0
-        self._watch: asyncio.Task | None = None
 
-    async def connect(self, wait: float = 120.0) -> None:
-        deadline = time.monotonic() + wait
-        while True:
-            await self._sync(await replicas.resolve(self.entries))
-            await self._probe_all()
-            if any(i.health.up for i in self.instances.values()):
-                break
-            if time.monotonic() > deadline:
-                raise StageDown(f"no vision instance of {', '.join(self.entries)} is up after {wait:.0f}s")
-            await asyncio.sleep(0.2)
-        self._watch = asyncio.get_running_loop().create_task(
-            replicas.watch(self.watch_interval, self.entries, self._sync, self._probe_all)
-        )
+    def _make(self, address: str) -> VisionInstance:
+        return VisionInstance(address, self.tls)
 
-    async def _sync(self, addresses: list[str]) -> None:
-        for a in addresses:
-            if a not in self.instances:
-                self.instances[a] = VisionInstance(a, self.tls)
-
-    async def _probe_all(self) -> None:
-        await asyncio.gather(*(i.probe(self.probe_timeout) for i in self.instances.values()))
+    @property
+    def instances(self) -> dict[str, VisionInstance]:
+        return self.replicas
 
     def _order(self) -> list[VisionInstance]:
         """Up instances first, round-robin among them; down ones last (they may be back)."""
@@ -109,14 +103,7 @@ class VisionPool:
                 failure = from_rpc_error(err, f"vision {inst.address}")
                 if not isinstance(failure, StageDown):
                     raise failure from None
-                inst.health.mark(False)
+                inst.mark_down(str(failure))
                 log.warning("vision %s failed (%s); trying another instance", inst.address, failure)
                 last = failure
         raise StageDown(f"no vision instance could encode the request: {last}") if last else StageDown("no vision instance")
-
-    async def close(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
-        await asyncio.gather(*(i.channel.close() for i in self.instances.values()))

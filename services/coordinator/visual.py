@@ -6,15 +6,19 @@ session's KV must be rebuilt."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from services.common.errors import InvalidInput
+from services.common.errors import InvalidArgument
 from vlmesh.internal.v1 import vision_pb2
 from vlmesh.v1 import tensor_pb2
 
 
+VisualKind = Literal["image", "video"]
+
+
 @dataclass(frozen=True)
 class Visual:
-    kind: str  # "image" | "video"
+    kind: VisualKind
     source: vision_pb2.VisualInput  # what was sent to the vision service
     grid_thw: tuple[int, int, int]
     content_hash: str
@@ -73,7 +77,7 @@ class VisualRows:
     def rows(self, a: int, b: int, deepstack_layers: int) -> tuple[tensor_pb2.Tensor, list[tensor_pb2.Tensor]]:
         """Session-wide rows [a, b) as one Tensor (and one per DeepStack layer)."""
         if a < self.row_base or b > self.end_row:
-            raise InvalidInput(f"visual rows [{a}, {b}) are not held (have [{self.row_base}, {self.end_row}))")
+            raise InvalidArgument(f"visual rows [{a}, {b}) are not held (have [{self.row_base}, {self.end_row}))")
         main = [_slice(e.embeddings, *span) for e, span in self._parts(a, b)]
         stack = [[_slice(e.deepstack[k], *span) for e, span in self._parts(a, b)] for k in range(deepstack_layers)]
         return _cat(main), [_cat(s) for s in stack]

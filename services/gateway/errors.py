@@ -1,30 +1,36 @@
 """OpenAI's error shape, ``{"error": {"message", "type", "param", "code"}}``, and the HTTP status
-of each failure, including those the coordinator reports as gRPC statuses."""
+of each failure: the gateway's own, and those the coordinator reports, by their class in the mesh's
+one error vocabulary (`vlmesh.errors`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import grpc
+from vlmesh import errors as mesh
 
-from vlmesh import VlmeshError
-
-# gRPC status -> (HTTP status, OpenAI error type, code when the server gave no ErrorInfo reason)
-_BY_STATUS: dict[grpc.StatusCode, tuple[int, str, str | None]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", None),
-    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error", None),
-    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error", None),
-    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error", "invalid_api_key"),
-    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error", None),
-    grpc.StatusCode.NOT_FOUND: (404, "not_found_error", None),
-    grpc.StatusCode.ABORTED: (409, "conflict_error", None),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error", "resource_exhausted"),
-    grpc.StatusCode.UNIMPLEMENTED: (501, "server_error", None),
-    grpc.StatusCode.UNAVAILABLE: (503, "server_error", "unavailable"),
+# Error class -> (HTTP status, OpenAI error type, code when the server gave no ErrorInfo reason).
+# Looked up along the error's class hierarchy, so what happened (a subclass) can answer otherwise
+# than its gRPC code: 429 is for quotas and load only, which the openai SDK retries; a message
+# too large or too many images would fail the same way again.
+_HTTP: dict[type[mesh.VlmeshError], tuple[int, str, str | None]] = {
+    mesh.InvalidArgument: (400, "invalid_request_error", None),
+    mesh.OutOfRange: (400, "invalid_request_error", None),
+    mesh.FailedPrecondition: (400, "invalid_request_error", None),
+    mesh.TooManyImages: (400, "invalid_request_error", None),
+    mesh.Unauthenticated: (401, "authentication_error", "invalid_api_key"),
+    mesh.PermissionDenied: (403, "permission_error", None),
+    mesh.NotFound: (404, "not_found_error", None),
+    mesh.Aborted: (409, "conflict_error", None),
+    mesh.AlreadyExists: (409, "conflict_error", None),
+    mesh.MessageTooLarge: (413, "invalid_request_error", "request_too_large"),
+    mesh.ResourceExhausted: (429, "rate_limit_error", "resource_exhausted"),
+    mesh.Unimplemented: (501, "server_error", None),
+    mesh.Unavailable: (503, "server_error", "unavailable"),
     # The coordinator cancels calls when it shuts down; the caller may simply try again.
-    grpc.StatusCode.CANCELLED: (503, "server_error", "unavailable"),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error", "timeout"),
+    mesh.Cancelled: (503, "server_error", "unavailable"),
+    mesh.DeadlineExceeded: (504, "timeout_error", "timeout"),
 }
+_SERVER_ERROR = (500, "server_error", None)
 
 
 class ApiError(Exception):
@@ -57,9 +63,14 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return ApiError(400, message, param=param, code=code)
 
 
-def from_vlmesh_error(err: VlmeshError) -> ApiError:
+def http_status(err: mesh.VlmeshError) -> tuple[int, str, str | None]:
+    """(HTTP status, OpenAI error type, default code) of a mesh error."""
+    return next((_HTTP[cls] for cls in type(err).__mro__ if cls in _HTTP), _SERVER_ERROR)
+
+
+def from_vlmesh_error(err: mesh.VlmeshError) -> ApiError:
     """The API error for a failed coordinator call (its ErrorInfo reason becomes the code)."""
-    status, kind, code = _BY_STATUS.get(err.code, (500, "server_error", None))
+    status, kind, code = http_status(err)
     if err.reason and code != "invalid_api_key":  # clients look for OpenAI's own code on a 401
         code = err.reason.lower()
     return ApiError(status, err.details, type=kind, code=code, trace_id=err.trace_id)

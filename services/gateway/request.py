@@ -8,7 +8,9 @@ define are refused as OpenAI refuses them, except vLLM's `top_k` and `repetition
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +21,18 @@ from .errors import invalid
 
 #: Most alternatives `top_logprobs` may ask for (OpenAI's limit).
 MAX_TOP_LOGPROBS = 20
+#: Deepest nesting of arrays and objects a request body may have. A chat request needs 6 levels;
+#: Python's parser gives up near 1,000 with a RecursionError, and code walking a parsed value
+#: would too.
+MAX_JSON_DEPTH = 64
+
+# A JSON string once its escaped backslashes and quotes are gone; an unterminated one runs to
+# the end, so the pattern always matches at a quote and a scan never retries inside a string.
+_JSON_STRING = re.compile(rb'"[^"]*"?')
+# Brackets as one kind of pair, "(" and ")" (nesting counts both kinds alike), every other byte
+# deleted: for bytes.translate.
+_AS_PARENS = bytes.maketrans(b"[{]}", b"(())")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # Accepted and without effect on the reply.
@@ -76,6 +90,43 @@ class ChatRequest:
     #: Alternatives per token when logprobs were asked for (0..20); None = no logprobs.
     top_logprobs: int | None
     user: str | None
+
+
+def _nesting_ok(raw: bytes) -> bool:
+    """Whether `raw` nests arrays and objects at most MAX_JSON_DEPTH deep (or is not JSON), in
+    bytes operations only: no Python loop over the body's bytes, and no recursion."""
+    # Escaped backslashes first, then escaped quotes: what is left of a string holds no quote.
+    unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    brackets = _JSON_STRING.sub(b"", unescaped).translate(_AS_PARENS, _NOT_BRACKETS)
+    if brackets.count(b"(") <= MAX_JSON_DEPTH:
+        return True  # every real request
+    # Each pass removes the innermost pairs (replace does not rescan the pairs it uncovers): the
+    # passes that empty it are its depth.
+    for _ in range(MAX_JSON_DEPTH):
+        inner = brackets.replace(b"()", b"")
+        if not inner:
+            return True
+        if inner == brackets:
+            return True  # brackets that do not pair up: not JSON, which the parser reports
+        brackets = inner
+    return False
+
+
+def json_body(raw: bytes) -> Any:
+    """The parsed body.
+
+    Raises:
+        ApiError: 400 if it is not JSON, or nests deeper than MAX_JSON_DEPTH (checked before
+            parsing: the parser's own limit is a RecursionError).
+    """
+    if not _nesting_ok(raw):
+        raise invalid(f"the request body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels, the limit")
+    try:
+        return json.loads(raw)
+    except RecursionError:  # brackets that do not pair up, nested past the parser's limit
+        raise invalid(f"the request body is not valid JSON, and nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise invalid(f"the request body is not valid JSON: {e}") from e
 
 
 def _is_number(value: Any) -> bool:

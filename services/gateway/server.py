@@ -4,7 +4,8 @@ a coordinator through `vlmesh.AsyncClient`.
 Each caller's ``Authorization: Bearer KEY`` travels on as the coordinator call's
 ``authorization`` metadata; the gateway keeps no keys and no state of its own. A caller that
 disconnects cancels its generation: the client library cancels the gRPC call, and the
-coordinator frees the request's KV on the stages.
+coordinator frees the request's KV on the stages. Each API request is a span of its own, which
+starts a trace or continues the caller's (a W3C ``traceparent`` header).
 """
 
 from __future__ import annotations
@@ -12,32 +13,38 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.telemetry import TelemetryConfig
+from opentelemetry import trace
 from starlette.exceptions import HTTPException
 
 from services.common.config import ServiceConfig, add_config_arguments, config_from_args, field
-from services.common.server import setup_logging
+from services.common.logs import setup_logging
+from services.common.tracing import metadata as trace_metadata
+from services.common.tracing import setup_tracing, shutdown_tracing, trace_id_hex
 from vlmesh import AsyncClient, ChatEvent, VlmeshError
 
 from .errors import ApiError, from_vlmesh_error, invalid
-from .request import ChatRequest, parse_chat_request
+from .request import ChatRequest, json_body, parse_chat_request
 from .response import Reply, sse
 from .tokens import TokenPieces
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 TRACE_HEADER = "vlmesh-trace-id"
+# The coordinator's default --max-message-mb: a body the gateway takes must fit in the one gRPC
+# message it becomes (a base64 data URL shrinks to 3/4 there; text does not grow).
+COORDINATOR_MAX_MESSAGE_MB = 32
 
 
 @dataclass(kw_only=True)
@@ -53,7 +60,11 @@ class GatewayConfig(ServiceConfig):
         "", "model id to serve under (default: the --model directory's name, else the model type)"
     )
     request_timeout: float = field(600.0, "seconds a request may take at the coordinator (0 = no limit); past it: 504")
-    max_request_mb: int = field(64, "largest request body, in MB (images travel inside as data URLs)")
+    max_request_mb: int = field(
+        COORDINATOR_MAX_MESSAGE_MB,
+        "largest request body, in MiB (images travel inside as data URLs); at most the coordinator's --max-message-mb, "
+        "which refuses larger requests (413 either way)",
+    )
     allow_private_urls: str = field(
         "", "let image URLs reach non-public addresses: 'all', or comma-separated networks (default: public hosts only)"
     )
@@ -137,14 +148,16 @@ def _api_key(request: Request) -> str:
 
 
 def _client(gateway: Gateway, request: Request) -> AsyncClient:
+    """The caller's client: its key, and the context of the request's span (the coordinator's
+    spans join its trace)."""
     try:
-        return gateway.client.with_options(api_key=_api_key(request))
+        return gateway.client.with_options(api_key=_api_key(request), metadata=trace_metadata())
     except ValueError as e:
         raise ApiError(401, str(e), type="authentication_error", code="invalid_api_key") from e
 
 
 async def _json_body(request: Request, limit: int) -> Any:
-    too_large = ApiError(413, f"the request body is larger than {limit >> 20} MB", code="request_too_large")
+    too_large = ApiError(413, f"the request body is larger than {limit >> 20} MiB", code="request_too_large")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
@@ -154,10 +167,7 @@ async def _json_body(request: Request, limit: int) -> Any:
         if size > limit:
             raise too_large
         chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise invalid(f"the request body is not valid JSON: {e}") from e
+    return json_body(b"".join(chunks))
 
 
 def _trace(trace_id: str | None) -> dict[str, str]:
@@ -212,8 +222,15 @@ async def _stream(request: Request, client: AsyncClient, chat: ChatRequest, repl
     return StreamingResponse(_events(events, first, chat, reply), media_type="text/event-stream", headers=headers)
 
 
+def _untraced(scope: MutableMapping[str, Any]) -> bool:
+    """Health probes (a supervisor's, every second) would flood the trace store."""
+    return scope.get("path") == "/health"
+
+
 def _error_response(err: ApiError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=_trace(err.trace_id))
+    # Refused before the coordinator named a trace: the gateway's own span names it.
+    trace_id = err.trace_id or trace_id_hex(trace.get_current_span())
+    return JSONResponse(err.body(), status_code=err.status, headers=_trace(trace_id))
 
 
 def create_app(cfg: GatewayConfig) -> FastAPI:
@@ -224,7 +241,11 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
         yield
         await gateway.client.close()
 
-    app = FastAPI(title="vlmesh gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # FastAPI's own OpenTelemetry spans: one SERVER span per request ("POST /v1/chat/completions"),
+    # a child of the caller's W3C traceparent if it sent one, around the whole response (a stream's
+    # last event included); the coordinator call inside it joins the same trace.
+    telemetry: TelemetryConfig = {"exclude": _untraced, "operation_spans": False}
+    app = FastAPI(title="vlmesh gateway", lifespan=lifespan, docs_url=None, redoc_url=None, telemetry=telemetry)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -316,10 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(parser, GatewayConfig)
     cfg = config_from_args(GatewayConfig, parser.parse_args(argv))
     setup_logging(cfg.log_level, cfg.log_format)
+    setup_tracing(cfg.service_name or "vlmesh-gateway", cfg.trace_exporter, cfg.otlp_endpoint)
     app = create_app(cfg)
     log.info("serving the OpenAI API on http://%s:%d/v1 for coordinator %s", cfg.host, cfg.port, cfg.coordinator)
     # log_config=None: uvicorn logs through the handlers setup_logging installed.
-    uvicorn.run(
-        app, host=cfg.host, port=cfg.port, log_config=None, log_level=cfg.log_level.lower(), timeout_graceful_shutdown=5
-    )
+    try:
+        uvicorn.run(
+            app, host=cfg.host, port=cfg.port, log_config=None, log_level=cfg.log_level.lower(), timeout_graceful_shutdown=5
+        )
+    finally:
+        shutdown_tracing()  # the last batch of spans reaches the collector
     return 0

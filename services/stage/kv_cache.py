@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from services.common.errors import KVBudgetFull, UnknownSession, WrongStage
+from services.common.geometry import KVGeometry
 
 
 @dataclass(frozen=True)
@@ -28,9 +31,14 @@ class KVShape:
     dtype: torch.dtype
     device: torch.device
 
+    @classmethod
+    def for_model(cls, text_config: Any, layers: range, dtype: torch.dtype, device: torch.device) -> KVShape:
+        g = KVGeometry.from_text_config(text_config)
+        return cls(layers, g.kv_heads, g.head_dim, dtype, device)
+
     @property
     def bytes_per_token(self) -> int:  # K and V of every owned layer
-        return 2 * len(self.layers) * self.kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        return KVGeometry(self.kv_heads, self.head_dim).bytes_per_token(len(self.layers), self.dtype)
 
 
 @dataclass
@@ -38,35 +46,66 @@ class SessionKV:
     keys: list[torch.Tensor]  # per owned layer [kv_heads, capacity, head_dim]
     values: list[torch.Tensor]
     length: int = 0  # positions filled (the rest of the capacity is scratch)
-    expires: float = 0.0  # time.monotonic() after which the lease has run out
+    expires: float = 0.0  # the cache's clock() after which the lease has run out
 
     @property
     def capacity(self) -> int:
         return self.keys[0].shape[1] if self.keys else 0
 
 
-class KVCache:
-    """All sessions' KV on this stage. Only the model runner thread changes buffers; the lock
-    guards the session table against the RPC handlers (release, renew, info)."""
+@dataclass(frozen=True)
+class Released:
+    existed: bool  # the stage held KV of the session
+    freed_bytes: int
 
-    def __init__(self, shape: KVShape, budget_bytes: int, lease_seconds: float, block_tokens: int = 256):
+
+class KVCache:
+    """All sessions' KV on this stage.
+
+    One thread, the model runner, writes buffers and lengths (reserve, commit, restore): the
+    first of those calls binds the cache to its thread and a call from any other thread is
+    refused, so the single writer is checked, not just agreed. The lock guards the session
+    table, which the RPC handlers also change (release, renew, expire) and read (info).
+    Leases run on `clock` (seconds, monotonic), injectable so that tests need not wait."""
+
+    def __init__(
+        self,
+        shape: KVShape,
+        budget_bytes: int,
+        lease_seconds: float,
+        block_tokens: int = 256,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.shape = shape
         self.budget = budget_bytes
         self.lease_seconds = lease_seconds
         self.block_tokens = block_tokens
+        self._clock = clock
         self._sessions: dict[str, SessionKV] = {}
         self._lock = threading.Lock()
+        self._owner: int | None = None  # thread id of the model runner, bound by its first write
 
     @property
     def used(self) -> int:
         with self._lock:
-            return sum(s.capacity for s in self._sessions.values()) * self.shape.bytes_per_token
+            return self._used()
 
     def __len__(self) -> int:
-        return len(self._sessions)
+        with self._lock:
+            return len(self._sessions)
+
+    def session_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._sessions)
+
+    def holds(self, session_id: str) -> bool:
+        with self._lock:
+            return session_id in self._sessions
 
     def length(self, session_id: str) -> int:
-        s = self._sessions.get(session_id)
+        with self._lock:
+            s = self._sessions.get(session_id)
         return s.length if s is not None else 0
 
     def check(self, session_id: str, start: int, rewind: bool = False) -> None:
@@ -74,7 +113,8 @@ class KVCache:
         the length held); changes nothing."""
         if start == 0:
             return
-        s = self._sessions.get(session_id)
+        with self._lock:
+            s = self._sessions.get(session_id)
         if s is None:
             raise UnknownSession("this stage holds no KV of the session", reason="KV_MISSING")
         if s.length != start and not (rewind and start < s.length):
@@ -83,26 +123,30 @@ class KVCache:
 
     def reserve(self, session_id: str, start: int, count: int) -> SessionKV:
         """Make room for positions [start, start + count) of a session (a step at 0 starts it
-        afresh); KVBudgetFull if the budget cannot take it, changing nothing."""
+        afresh, a lower `start` drops the positions after it); KVBudgetFull if the budget cannot
+        take it, changing nothing."""
         need = start + count
         with self._lock:
+            self._check_owner()
             s = self._sessions.get(session_id)
             if start == 0 or s is None:
                 old = s.capacity if s is not None else 0
                 cap = self._round(need)
-                self._admit(cap - old, session_id)
+                self._admit(cap - old)
                 s = self._sessions[session_id] = self._allocate(cap)
             else:
-                s.length = min(s.length, start)  # a rewind drops the positions after `start`
+                kept = min(s.length, start)
                 if need > s.capacity:
                     cap = self._round(need)
-                    self._admit(cap - s.capacity, session_id)
-                    s.keys, s.values = self._grow(s.keys, s.length, cap), self._grow(s.values, s.length, cap)
-            s.expires = time.monotonic() + self.lease_seconds
+                    self._admit(cap - s.capacity)
+                    s.keys, s.values = self._grow(s.keys, kept, cap), self._grow(s.values, kept, cap)
+                s.length = kept  # only once admitted: a refused step leaves the session as it was
+            s.expires = self._clock() + self.lease_seconds
             return s
 
     def commit(self, s: SessionKV, length: int) -> None:
         """The step that wrote up to `length` succeeded."""
+        self._check_owner()
         s.length = length
 
     def view(self, s: SessionKV, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:  # [1, H, length, D] each
@@ -118,14 +162,16 @@ class KVCache:
             s.values[i][:, :length] = v.to(self.shape.device, self.shape.dtype)
         s.length = length
 
-    def release(self, session_id: str) -> int:
+    def release(self, session_id: str) -> Released:
         with self._lock:
             s = self._sessions.pop(session_id, None)
-        return s.capacity * self.shape.bytes_per_token if s is not None else 0
+        if s is None:
+            return Released(False, 0)
+        return Released(True, s.capacity * self.shape.bytes_per_token)
 
     def renew(self, session_ids: list[str]) -> list[str]:
         """Extend the leases of the sessions held; return the ids not held."""
-        until = time.monotonic() + self.lease_seconds
+        until = self._clock() + self.lease_seconds
         unknown = []
         with self._lock:
             for sid in session_ids:
@@ -137,19 +183,29 @@ class KVCache:
         return unknown
 
     def expire(self) -> list[str]:
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             gone = [sid for sid, s in self._sessions.items() if s.expires < now]
             for sid in gone:
                 del self._sessions[sid]
         return gone
 
+    def _check_owner(self) -> None:
+        me = threading.get_ident()
+        if self._owner is None:
+            self._owner = me  # under the lock (reserve), so two first writers cannot both bind
+        elif self._owner != me:
+            raise RuntimeError(f"the KV cache is written only by the model runner's thread; {threading.current_thread().name} tried")
+
+    def _used(self) -> int:  # with the lock held
+        return sum(s.capacity for s in self._sessions.values()) * self.shape.bytes_per_token
+
     def _round(self, positions: int) -> int:
         b = self.block_tokens
         return -(-positions // b) * b
 
-    def _admit(self, extra_tokens: int, session_id: str) -> None:
-        used = sum(s.capacity for s in self._sessions.values()) * self.shape.bytes_per_token
+    def _admit(self, extra_tokens: int) -> None:  # with the lock held
+        used = self._used()
         want = extra_tokens * self.shape.bytes_per_token
         if used + want > self.budget:
             raise KVBudgetFull(f"KV budget full: {used} of {self.budget} bytes in use, the step needs {want} more")
@@ -188,7 +244,13 @@ class BatchKV:
     def __post_init__(self) -> None:
         self.deltas = [{} for _ in self.sessions]
 
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):  # [1, kv_heads, N, D] each
+    def update(
+        self,
+        key_states: torch.Tensor,  # [1, kv_heads, N, D]
+        value_states: torch.Tensor,  # [1, kv_heads, N, D]
+        layer_idx: int,
+        cache_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         i_layer = layer_idx - self.cache.shape.layers.start
         for i, (s, start, (offset, count)) in enumerate(zip(self.sessions, self.starts, self.spans)):
             k = key_states[0, :, offset : offset + count]

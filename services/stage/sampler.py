@@ -19,7 +19,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from services.common.errors import InvalidInput
+from services.common.errors import InvalidArgument
 
 _MASK64 = (1 << 64) - 1
 
@@ -34,13 +34,13 @@ class SamplingParams:
 
     def validate(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0.0):
-            raise InvalidInput(f"temperature must be a finite number >= 0, got {self.temperature}")
+            raise InvalidArgument(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
-            raise InvalidInput(f"top_k must be >= 0, got {self.top_k}")
+            raise InvalidArgument(f"top_k must be >= 0, got {self.top_k}")
         if not (0.0 <= self.top_p <= 1.0):  # also refuses NaN
-            raise InvalidInput(f"top_p must be in [0, 1], got {self.top_p}")
+            raise InvalidArgument(f"top_p must be in [0, 1], got {self.top_p}")
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty >= 0.0):
-            raise InvalidInput(f"repetition_penalty must be a finite number >= 0 (0 or 1 = off), got {self.repetition_penalty}")
+            raise InvalidArgument(f"repetition_penalty must be a finite number >= 0 (0 or 1 = off), got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from services.common.checkpoint import Checkpoint, build_on_meta, load_weights
-from services.common.errors import InvalidInput
+from services.common.errors import InvalidArgument
 
 from . import video
 from .video import VideoLimits
@@ -167,7 +167,7 @@ class VisionEncoder:
 
     def pixels(self, item: VisualItem, index: int) -> int:
         """What decoding `item` will hold in memory, in pixels, read from its header only; raises
-        InvalidInput for an unreadable header or a frame over max_image_pixels."""
+        InvalidArgument for an unreadable header or a frame over max_image_pixels."""
         if item.kind == "image":
             return self._header(item.data, f"image {index}")
         if item.kind == "frames":
@@ -179,9 +179,9 @@ class VisionEncoder:
         try:
             w, h = Image.open(io.BytesIO(data)).size  # the header only
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
-            raise InvalidInput(f"{what}: not a readable image ({type(exc).__name__}: {exc})") from None
+            raise InvalidArgument(f"{what}: not a readable image ({type(exc).__name__}: {exc})") from None
         if w * h > self.max_image_pixels:
-            raise InvalidInput(f"{what}: {w}x{h} = {w * h} pixels exceeds the limit of {self.max_image_pixels}")
+            raise InvalidArgument(f"{what}: {w}x{h} = {w * h} pixels exceeds the limit of {self.max_image_pixels}")
         return w * h
 
     def _decode(self, data: bytes, what: str) -> Image.Image:
@@ -189,13 +189,13 @@ class VisionEncoder:
             img = Image.open(io.BytesIO(data))
             w, h = img.size  # header only: refuse oversized images before decoding them
             if w * h > self.max_image_pixels:
-                raise InvalidInput(f"{what}: {w}x{h} = {w * h} pixels exceeds the limit of {self.max_image_pixels}")
+                raise InvalidArgument(f"{what}: {w}x{h} = {w * h} pixels exceeds the limit of {self.max_image_pixels}")
             img.load()
             return img.convert("RGB")
-        except InvalidInput:
+        except InvalidArgument:
             raise
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
-            raise InvalidInput(f"{what}: not a readable image ({type(exc).__name__}: {exc})") from None
+            raise InvalidArgument(f"{what}: not a readable image ({type(exc).__name__}: {exc})") from None
 
     def encode(self, items: list[VisualItem]) -> list[Encoded]:
         """Encode what the cache lacks: the new images in one pass, the new videos in one."""
@@ -241,7 +241,7 @@ class VisionEncoder:
                 videos=clips, video_metadata=metas, do_sample_frames=False, return_metadata=True, return_tensors="pt"
             )
         except (ValueError, ZeroDivisionError) as exc:  # e.g. too few frames for one temporal patch
-            raise InvalidInput(f"video {where[0] if len(where) == 1 else where}: cannot process it: {exc}") from None
+            raise InvalidArgument(f"video {where[0] if len(where) == 1 else where}: cannot process it: {exc}") from None
         seconds = inputs.get("second_per_grid_ts")
         infos = [
             VideoInfo(

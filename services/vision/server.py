@@ -19,9 +19,10 @@ from services.common.checkpoint import open_checkpoint
 from services.common.config import ServiceConfig
 from services.common.config import field as flag
 from services.common.devices import resolve_device
-from services.common.errors import InvalidInput, KVBudgetFull
+from services.common.errors import InvalidArgument, TooManyImages
 from services.common.metrics import VisionMetrics
-from services.common.server import RunningServer, prepare_process, serve_main, start_server
+from services.common.serve import prepare_process, serve_main
+from services.common.server import RunningServer, start_server
 from services.common.tracing import extract, tracer
 from vlmesh.internal.v1 import vision_pb2, vision_pb2_grpc
 
@@ -55,9 +56,9 @@ def decode_input(i: int, item: vision_pb2.VisualInput) -> VisualItem:
         return VisualItem("video", item.video_bytes)
     if kind == "video_frames" and item.video_frames.frames:
         if not all(item.video_frames.frames):
-            raise InvalidInput(f"input {i}: an empty video frame")
+            raise InvalidArgument(f"input {i}: an empty video frame")
         return VisualItem("frames", frames=tuple(item.video_frames.frames), fps=item.video_frames.fps)
-    raise InvalidInput(f"input {i}: no image or video bytes")
+    raise InvalidArgument(f"input {i}: no image or video bytes")
 
 
 def encode_result(e: Encoded) -> vision_pb2.VisualEmbedding:
@@ -163,11 +164,11 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             attributes={"rpc.system": "grpc", "rpc.service": "vlmesh.internal.v1.VisionService", "rpc.method": "Encode", "vlmesh.inputs": len(request.inputs)},
         ) as span:
             if len(request.inputs) > self.max_images:
-                raise KVBudgetFull(f"{len(request.inputs)} images and videos in one request; the limit is {self.max_images}", reason="TOO_MANY_IMAGES")
+                raise TooManyImages(f"{len(request.inputs)} images and videos in one request; the limit is {self.max_images}")
             items = [decode_input(i, item) for i, item in enumerate(request.inputs)]
             pixels = sum(self.encoder.pixels(it, i) for i, it in enumerate(items))
             if pixels > self.max_request_pixels:
-                raise InvalidInput(f"the request's images and frames hold {pixels} pixels in all; the limit is {self.max_request_pixels}")
+                raise InvalidArgument(f"the request's images and frames hold {pixels} pixels in all; the limit is {self.max_request_pixels}")
             span.set_attribute("vlmesh.videos", sum(it.kind != "image" for it in items))
             out = await self.batcher.encode(items, pixels)
             hits = sum(e.cache_hit for e in out)

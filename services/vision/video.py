@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.common.errors import InvalidInput
+from services.common.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -30,38 +30,38 @@ class VideoLimits:
 
 
 def probe(data: bytes, index: int, limits: VideoLimits) -> tuple[int, int, int]:
-    """(frames, width, height) from the header; InvalidInput unless it describes a video that
+    """(frames, width, height) from the header; InvalidArgument unless it describes a video that
     PyAV's reader can sample and that fits the limits. Reads the header only."""
     import av
 
     try:
         with av.open(io.BytesIO(data)) as container:
             if not container.streams.video:
-                raise InvalidInput(f"video {index}: the file holds no video stream")
+                raise InvalidArgument(f"video {index}: the file holds no video stream")
             stream = container.streams.video[0]
             frames, rate = int(stream.frames), stream.average_rate
             width, height = stream.width, stream.height
             container_name = container.format.name
-    except InvalidInput:
+    except InvalidArgument:
         raise
     except Exception as exc:  # noqa: BLE001 - PyAV raises many types for bad files
-        raise InvalidInput(f"video {index}: not a readable video ({type(exc).__name__}: {exc})") from None
+        raise InvalidArgument(f"video {index}: not a readable video ({type(exc).__name__}: {exc})") from None
     if frames <= 0 or not rate:
         # transformers' reader samples from the header's frame count; WebM and Matroska have none.
-        raise InvalidInput(
+        raise InvalidArgument(
             f"video {index}: the {container_name} container does not record its frame count or rate; "
             "send MP4 or MOV (or the frames)"
         )
     if frames < limits.min_file_frames:
         # Qwen2-VL's sample_frames divides by zero there, Qwen3-VL's resize refuses: say so plainly.
-        raise InvalidInput(f"video {index}: {frames} frame(s); a video file needs at least {limits.min_file_frames}")
+        raise InvalidArgument(f"video {index}: {frames} frame(s); a video file needs at least {limits.min_file_frames}")
     if width * height > limits.max_frame_pixels:
-        raise InvalidInput(
+        raise InvalidArgument(
             f"video {index}: frames of {width}x{height} = {width * height} pixels exceed the limit of {limits.max_frame_pixels}"
         )
     seconds = frames / float(rate)
     if seconds > limits.max_seconds:
-        raise InvalidInput(f"video {index}: {seconds:.1f} s long, more than the limit of {limits.max_seconds:g} s")
+        raise InvalidArgument(f"video {index}: {seconds:.1f} s long, more than the limit of {limits.max_seconds:g} s")
     return frames, width, height
 
 
@@ -74,9 +74,9 @@ def read_file(data: bytes, index: int, sample_frames: Callable, limits: VideoLim
     try:
         frames, metadata = read_video_pyav(io.BytesIO(data), sample_indices_fn=sample_frames)  # type: ignore[arg-type]  # PyAV reads file objects
     except Exception as exc:  # noqa: BLE001 - a damaged stream fails while decoding, in many ways
-        raise InvalidInput(f"video {index}: cannot decode or sample it ({type(exc).__name__}: {exc})") from None
+        raise InvalidArgument(f"video {index}: cannot decode or sample it ({type(exc).__name__}: {exc})") from None
     if len(frames) == 0 or len(frames) != len(metadata.frames_indices):
-        raise InvalidInput(f"video {index}: decoded {len(frames)} of {len(metadata.frames_indices)} sampled frames")
+        raise InvalidArgument(f"video {index}: decoded {len(frames)} of {len(metadata.frames_indices)} sampled frames")
     return frames, metadata
 
 
@@ -87,13 +87,13 @@ def from_frames(frames: list, fps: float, index: int, limits: VideoLimits):
     from transformers.video_utils import VideoMetadata
 
     if not frames:
-        raise InvalidInput(f"video {index}: no frames")
+        raise InvalidArgument(f"video {index}: no frames")
     if len(frames) > limits.max_frames:
-        raise InvalidInput(f"video {index}: {len(frames)} frames, more than the limit of {limits.max_frames}")
+        raise InvalidArgument(f"video {index}: {len(frames)} frames, more than the limit of {limits.max_frames}")
     if len({f.size for f in frames}) != 1:
-        raise InvalidInput(f"video {index}: frames differ in size ({sorted({f.size for f in frames})})")
+        raise InvalidArgument(f"video {index}: frames differ in size ({sorted({f.size for f in frames})})")
     if fps < 0 or not np.isfinite(fps):
-        raise InvalidInput(f"video {index}: fps must be >= 0, got {fps}")
+        raise InvalidArgument(f"video {index}: fps must be >= 0, got {fps}")
     array = np.stack([np.asarray(f) for f in frames])
     metadata = VideoMetadata(
         total_num_frames=len(frames),

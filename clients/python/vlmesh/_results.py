@@ -91,8 +91,8 @@ class ModelInfo:
     #: Model family, e.g. "qwen2_vl".
     model_type: str
     num_layers: int
-    #: Layer ranges of the stages, in order, as "start:end".
-    stage_layers: list[str]
+    #: Layer ranges of the stages, in order, as (start, end): layers start..end-1.
+    stage_layers: list[tuple[int, int]]
     #: Longest sequence the model accepts.
     max_sequence_length: int
 
@@ -136,7 +136,7 @@ def model_info_from_response(resp: pb.GetModelInfoResponse) -> ModelInfo:
     return ModelInfo(
         model_type=resp.model_type,
         num_layers=resp.num_layers,
-        stage_layers=list(resp.stage_layers),
+        stage_layers=[(r.start, r.end) for r in resp.stage_layers],
         max_sequence_length=resp.max_sequence_length,
     )
 

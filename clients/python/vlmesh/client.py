@@ -22,7 +22,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vlmesh.v1 import coordinator_pb2 as pb
 from vlmesh.v1 import coordinator_pb2_grpc as pb_grpc
-from vlmesh.v1 import tensor_pb2
 
 from ._messages import MessagesLike, to_proto_messages
 from ._results import (
@@ -37,18 +36,9 @@ from ._results import (
     model_info_from_response,
 )
 from ._urls import AllowPrivate, allowed_networks
-from .errors import (
-    Cancelled,
-    DeadlineExceeded,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    ResourceExhausted,
-    Unauthenticated,
-    Unavailable,
-    VlmeshError,
-    from_rpc_error,
-)
+# The error classes are the package's (vlmesh.errors), exported from `vlmesh` itself.
+from .errors import VlmeshError, from_rpc_error
+from .sampling import SamplingOptions
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -69,15 +59,6 @@ __all__ = [
     "TokenLogprob",
     "TokenLogprobs",
     "ModelInfo",
-    "VlmeshError",
-    "InvalidArgument",
-    "NotFound",
-    "ResourceExhausted",
-    "FailedPrecondition",
-    "Unavailable",
-    "DeadlineExceeded",
-    "Cancelled",
-    "Unauthenticated",
     "API_KEY_ENV",
     "build_request",
 ]
@@ -145,40 +126,21 @@ def build_request(
     Raises:
         ValueError: bad messages, unloadable image, or an out-of-range option.
     """
-    if max_tokens is not None and not 1 <= max_tokens <= _INT32_MAX:
-        # 0 means "server default" on the wire; an explicit 0 here is more likely a bug.
-        raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens}")
-    if not temperature >= 0.0:  # also rejects NaN
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0 <= top_k <= _INT32_MAX:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if not 0.0 <= top_p <= 1.0:
-        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
-    if not repetition_penalty >= 0.0:
-        raise ValueError(f"repetition_penalty must be >= 0 (1 = off), got {repetition_penalty}")
-    if seed is not None and not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-    if not 0 <= logprobs <= _INT32_MAX:
-        raise ValueError(f"logprobs must be >= 0, got {logprobs}")
-    stops = [stop] if isinstance(stop, str) else list(stop or ())
-    for s in stops:
-        if not isinstance(s, str) or not s:
-            # An empty stop string matches every text and would end generation at once.
-            raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
-    sampling = tensor_pb2.SamplingParams(
-        temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty
-    )
-    if seed is not None:
-        sampling.seed = seed
-    return pb.GenerateRequest(
-        session_id=session_id or "",
-        messages=to_proto_messages(messages, allow_private_urls=allow_private_urls),
-        sampling=sampling,
-        max_tokens=max_tokens or 0,
-        stop=stops,
+    options = SamplingOptions(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=() if stop is None else stop,
         logprobs=logprobs,
         include_stop_token_text=include_stop_token_text,
     )
+    request = options.to_proto()
+    request.session_id = session_id or ""
+    request.messages.extend(to_proto_messages(messages, allow_private_urls=allow_private_urls))
+    return request
 
 
 def _normalize_metadata(metadata: Metadata | None) -> tuple[tuple[str, str | bytes], ...] | None:
@@ -215,6 +177,21 @@ def _call_metadata(
 ) -> tuple[tuple[str, str | bytes], ...] | None:
     items = (*user, ("authorization", f"Bearer {api_key}")) if api_key else user
     return items or None
+
+
+def _derive_metadata(
+    derived: Client | AsyncClient, user: tuple[tuple[str, str | bytes], ...], api_key: str | None, extra: Metadata | None
+) -> None:
+    """A `with_options` copy's key and metadata: `extra` is added to the user's metadata (never
+    an authorization entry: the key is `api_key`'s to give)."""
+    if extra is not None:
+        added = _normalize_metadata(extra) or ()
+        if any(k.lower() == "authorization" for k, _ in added):
+            raise ValueError("give the API key as api_key, not as 'authorization' metadata")
+        derived._user_metadata = (*user, *added)
+    if api_key is not None:
+        derived._api_key = _resolve_api_key(None, api_key)
+    derived._metadata = _call_metadata(derived._user_metadata, derived._api_key)
 
 
 def _channel_credentials(
@@ -316,18 +293,24 @@ class Client:
         self._owns_channel = True
         self._stub = pb_grpc.CoordinatorServiceStub(self._channel)
 
-    def with_options(self, *, api_key: str | None = None, timeout: float | None | _Keep = _Keep.KEEP) -> Client:
-        """A client on this one's channel that sends another API key and/or has another timeout.
+    def with_options(
+        self,
+        *,
+        api_key: str | None = None,
+        timeout: float | None | _Keep = _Keep.KEEP,
+        metadata: Metadata | None = None,
+    ) -> Client:
+        """A client on this one's channel that sends another API key, more metadata and/or has
+        another timeout.
 
         Cheap (no new connection): for a server that calls the coordinator with each of its
-        own callers' keys. `api_key` None keeps this client's key, "" sends none. Closing the
-        copy leaves the shared channel open.
+        own callers' keys (and trace context: `metadata`, added to this client's). `api_key`
+        None keeps this client's key, "" sends none. Closing the copy leaves the shared channel
+        open.
         """
         derived = copy.copy(self)
         derived._owns_channel = False
-        if api_key is not None:
-            derived._api_key = _resolve_api_key(None, api_key)
-            derived._metadata = _call_metadata(self._user_metadata, derived._api_key)
+        _derive_metadata(derived, self._user_metadata, api_key, metadata)
         if not isinstance(timeout, _Keep):
             derived.timeout = timeout
         return derived
@@ -457,16 +440,6 @@ class Client:
     def model_info(self) -> ModelInfo:
         """The model and mesh description."""
         return model_info_from_response(self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest()))
-
-    def kv_log(self, session_id: str) -> list[tensor_pb2.KVDelta]:
-        """A session's KV log: the raw KVDelta protos, in server order."""
-        call = self._stub.GetKVLog(
-            pb.GetKVLogRequest(session_id=session_id), timeout=self.timeout, metadata=self._metadata
-        )
-        try:
-            return [r.delta for r in call]
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from e
 
     def health(self, service: str = "") -> str:
         """The coordinator's grpc.health.v1 status: "SERVING", "NOT_SERVING", ... ("" = the
@@ -641,15 +614,17 @@ class AsyncClient:
         self._owns_channel = True
 
     def with_options(
-        self, *, api_key: str | None = None, timeout: float | None | _Keep = _Keep.KEEP
+        self,
+        *,
+        api_key: str | None = None,
+        timeout: float | None | _Keep = _Keep.KEEP,
+        metadata: Metadata | None = None,
     ) -> AsyncClient:
-        """A client on this one's channel with another API key and/or timeout (see
-        `Client.with_options`)."""
+        """A client on this one's channel with another API key, more metadata and/or another
+        timeout (see `Client.with_options`)."""
         derived = copy.copy(self)
         derived._owns_channel = False
-        if api_key is not None:
-            derived._api_key = _resolve_api_key(None, api_key)
-            derived._metadata = _call_metadata(self._user_metadata, derived._api_key)
+        _derive_metadata(derived, self._user_metadata, api_key, metadata)
         if not isinstance(timeout, _Keep):
             derived.timeout = timeout
         return derived
@@ -770,16 +745,6 @@ class AsyncClient:
     async def model_info(self) -> ModelInfo:
         """The model and mesh description."""
         return model_info_from_response(await self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest()))
-
-    async def kv_log(self, session_id: str) -> list[tensor_pb2.KVDelta]:
-        """A session's KV log: the raw KVDelta protos, in server order."""
-        call = self._stub.GetKVLog(
-            pb.GetKVLogRequest(session_id=session_id), timeout=self.timeout, metadata=self._metadata
-        )
-        try:
-            return [r.delta async for r in call]
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from e
 
     async def health(self, service: str = "") -> str:
         """The coordinator's grpc.health.v1 status (see `Client.health`)."""

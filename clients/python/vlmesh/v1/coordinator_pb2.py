@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from vlmesh.v1 import tensor_pb2 as vlmesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bvlmesh/v1/coordinator.proto\x12\tvlmesh.v1\x1a\x16vlmesh/v1/tensor.proto\"s\n\x07\x43ontent\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12\x0f\n\x05video\x18\x03 \x01(\x0cH\x00\x12.\n\x0cvideo_frames\x18\x04 \x01(\x0b\x32\x16.vlmesh.v1.VideoFramesH\x00\x42\x06\n\x04kind\"M\n\x07Message\x12\x1d\n\x04role\x18\x01 \x01(\x0e\x32\x0f.vlmesh.v1.Role\x12#\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x12.vlmesh.v1.Content\"\xcd\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12$\n\x08messages\x18\x02 \x03(\x0b\x32\x12.vlmesh.v1.Message\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.vlmesh.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x10\n\x08logprobs\x18\x06 \x01(\x05\x12\x1f\n\x17include_stop_token_text\x18\x07 \x01(\x08\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"[\n\x0bTokenDetail\x12&\n\x05token\x18\x01 \x01(\x0b\x32\x17.vlmesh.v1.TokenLogprob\x12$\n\x03top\x18\x02 \x03(\x0b\x32\x17.vlmesh.v1.TokenLogprob\"\xd4\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.vlmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.vlmesh.v1.Usage\x12(\n\x08logprobs\x18\x05 \x03(\x0b\x32\x16.vlmesh.v1.TokenDetail\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x10\n\x08trace_id\x18\x07 \x01(\t\"\x16\n\x14\x43reateSessionRequest\"+\n\x15\x43reateSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\'\n\x14\x43loseSessionResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"%\n\x0fGetKVLogRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"5\n\x10GetKVLogResponse\x12!\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x12.vlmesh.v1.KVDelta\"\x15\n\x13GetModelInfoRequest\"q\n\x14GetModelInfoResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x14\n\x0cstage_layers\x18\x03 \x03(\t\x12\x1b\n\x13max_sequence_length\x18\x04 \x01(\x03\"\x16\n\x14GetMeshStatusRequest\"\xdb\x01\n\x0cStageReplica\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x01(\t\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.vlmesh.v1.ReplicaState\x12\x15\n\rkv_used_bytes\x18\x04 \x01(\x03\x12\x17\n\x0fkv_budget_bytes\x18\x05 \x01(\x03\x12\x14\n\x0cnum_sessions\x18\x06 \x01(\x05\x12\x17\n\x0fpinned_sessions\x18\x07 \x01(\x05\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x14\n\x0cquantization\x18\t \x01(\t\"\x9f\x01\n\x0eVisionInstance\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.vlmesh.v1.ReplicaState\x12\x12\n\ncache_hits\x18\x03 \x01(\x03\x12\x14\n\x0c\x63\x61\x63he_misses\x18\x04 \x01(\x03\x12\x15\n\rcache_entries\x18\x05 \x01(\x03\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x06 \x01(\x03\"\xfc\x01\n\x15GetMeshStatusResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\'\n\x06stages\x18\x02 \x03(\x0b\x32\x17.vlmesh.v1.StageReplica\x12)\n\x06vision\x18\x03 \x03(\x0b\x32\x19.vlmesh.v1.VisionInstance\x12\x14\n\x0cnum_sessions\x18\x04 \x01(\x05\x12\x18\n\x10requests_running\x18\x05 \x01(\x05\x12\x18\n\x10requests_waiting\x18\x06 \x01(\x05\x12\x14\n\x0ckv_log_bytes\x18\x07 \x01(\x03\x12\x1b\n\x13kv_log_budget_bytes\x18\x08 \x01(\x03*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*~\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1d\n\x19\x46INISH_REASON_STOP_STRING\x10\x03*[\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10REPLICA_STATE_UP\x10\x01\x12\x16\n\x12REPLICA_STATE_DOWN\x10\x02\x32\xec\x03\n\x12\x43oordinatorService\x12\x45\n\x08Generate\x12\x1a.vlmesh.v1.GenerateRequest\x1a\x1b.vlmesh.v1.GenerateResponse0\x01\x12R\n\rCreateSession\x12\x1f.vlmesh.v1.CreateSessionRequest\x1a .vlmesh.v1.CreateSessionResponse\x12O\n\x0c\x43loseSession\x12\x1e.vlmesh.v1.CloseSessionRequest\x1a\x1f.vlmesh.v1.CloseSessionResponse\x12\x45\n\x08GetKVLog\x12\x1a.vlmesh.v1.GetKVLogRequest\x1a\x1b.vlmesh.v1.GetKVLogResponse0\x01\x12O\n\x0cGetModelInfo\x12\x1e.vlmesh.v1.GetModelInfoRequest\x1a\x1f.vlmesh.v1.GetModelInfoResponse\x12R\n\rGetMeshStatus\x12\x1f.vlmesh.v1.GetMeshStatusRequest\x1a .vlmesh.v1.GetMeshStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bvlmesh/v1/coordinator.proto\x12\tvlmesh.v1\x1a\x16vlmesh/v1/tensor.proto\"s\n\x07\x43ontent\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12\x0f\n\x05video\x18\x03 \x01(\x0cH\x00\x12.\n\x0cvideo_frames\x18\x04 \x01(\x0b\x32\x16.vlmesh.v1.VideoFramesH\x00\x42\x06\n\x04kind\"M\n\x07Message\x12\x1d\n\x04role\x18\x01 \x01(\x0e\x32\x0f.vlmesh.v1.Role\x12#\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x12.vlmesh.v1.Content\"\xcd\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12$\n\x08messages\x18\x02 \x03(\x0b\x32\x12.vlmesh.v1.Message\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.vlmesh.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x10\n\x08logprobs\x18\x06 \x01(\x05\x12\x1f\n\x17include_stop_token_text\x18\x07 \x01(\x08\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"[\n\x0bTokenDetail\x12&\n\x05token\x18\x01 \x01(\x0b\x32\x17.vlmesh.v1.TokenLogprob\x12$\n\x03top\x18\x02 \x03(\x0b\x32\x17.vlmesh.v1.TokenLogprob\"\xd4\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.vlmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.vlmesh.v1.Usage\x12(\n\x08logprobs\x18\x05 \x03(\x0b\x32\x16.vlmesh.v1.TokenDetail\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x10\n\x08trace_id\x18\x07 \x01(\t\"\x16\n\x14\x43reateSessionRequest\"+\n\x15\x43reateSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\'\n\x14\x43loseSessionResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\x8e\x01\n\x14GetModelInfoResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x1b\n\x13max_sequence_length\x18\x04 \x01(\x03\x12+\n\x0cstage_layers\x18\x05 \x03(\x0b\x32\x15.vlmesh.v1.LayerRangeJ\x04\x08\x03\x10\x04\"(\n\nLayerRange\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x05\"\x16\n\x14GetMeshStatusRequest\"\xf8\x01\n\x0cStageReplica\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12%\n\x06layers\x18\n \x01(\x0b\x32\x15.vlmesh.v1.LayerRange\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.vlmesh.v1.ReplicaState\x12\x15\n\rkv_used_bytes\x18\x04 \x01(\x03\x12\x17\n\x0fkv_budget_bytes\x18\x05 \x01(\x03\x12\x14\n\x0cnum_sessions\x18\x06 \x01(\x05\x12\x17\n\x0fpinned_sessions\x18\x07 \x01(\x05\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x14\n\x0cquantization\x18\t \x01(\tJ\x04\x08\x02\x10\x03\"\x9f\x01\n\x0eVisionInstance\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.vlmesh.v1.ReplicaState\x12\x12\n\ncache_hits\x18\x03 \x01(\x03\x12\x14\n\x0c\x63\x61\x63he_misses\x18\x04 \x01(\x03\x12\x15\n\rcache_entries\x18\x05 \x01(\x03\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x06 \x01(\x03\"\xfc\x01\n\x15GetMeshStatusResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\'\n\x06stages\x18\x02 \x03(\x0b\x32\x17.vlmesh.v1.StageReplica\x12)\n\x06vision\x18\x03 \x03(\x0b\x32\x19.vlmesh.v1.VisionInstance\x12\x14\n\x0cnum_sessions\x18\x04 \x01(\x05\x12\x18\n\x10requests_running\x18\x05 \x01(\x05\x12\x18\n\x10requests_waiting\x18\x06 \x01(\x05\x12\x14\n\x0ckv_log_bytes\x18\x07 \x01(\x03\x12\x1b\n\x13kv_log_budget_bytes\x18\x08 \x01(\x03*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*~\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1d\n\x19\x46INISH_REASON_STOP_STRING\x10\x03*[\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10REPLICA_STATE_UP\x10\x01\x12\x16\n\x12REPLICA_STATE_DOWN\x10\x02\x32\xa5\x03\n\x12\x43oordinatorService\x12\x45\n\x08Generate\x12\x1a.vlmesh.v1.GenerateRequest\x1a\x1b.vlmesh.v1.GenerateResponse0\x01\x12R\n\rCreateSession\x12\x1f.vlmesh.v1.CreateSessionRequest\x1a .vlmesh.v1.CreateSessionResponse\x12O\n\x0c\x43loseSession\x12\x1e.vlmesh.v1.CloseSessionRequest\x1a\x1f.vlmesh.v1.CloseSessionResponse\x12O\n\x0cGetModelInfo\x12\x1e.vlmesh.v1.GetModelInfoRequest\x1a\x1f.vlmesh.v1.GetModelInfoResponse\x12R\n\rGetMeshStatus\x12\x1f.vlmesh.v1.GetMeshStatusRequest\x1a .vlmesh.v1.GetMeshStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vlmesh.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1908
-  _globals['_ROLE']._serialized_end=1988
-  _globals['_FINISHREASON']._serialized_start=1990
-  _globals['_FINISHREASON']._serialized_end=2116
-  _globals['_REPLICASTATE']._serialized_start=2118
-  _globals['_REPLICASTATE']._serialized_end=2209
+  _globals['_ROLE']._serialized_start=1915
+  _globals['_ROLE']._serialized_end=1995
+  _globals['_FINISHREASON']._serialized_start=1997
+  _globals['_FINISHREASON']._serialized_end=2123
+  _globals['_REPLICASTATE']._serialized_start=2125
+  _globals['_REPLICASTATE']._serialized_end=2216
   _globals['_CONTENT']._serialized_start=66
   _globals['_CONTENT']._serialized_end=181
   _globals['_MESSAGE']._serialized_start=183
@@ -58,22 +58,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLOSESESSIONREQUEST']._serialized_end=970
   _globals['_CLOSESESSIONRESPONSE']._serialized_start=972
   _globals['_CLOSESESSIONRESPONSE']._serialized_end=1011
-  _globals['_GETKVLOGREQUEST']._serialized_start=1013
-  _globals['_GETKVLOGREQUEST']._serialized_end=1050
-  _globals['_GETKVLOGRESPONSE']._serialized_start=1052
-  _globals['_GETKVLOGRESPONSE']._serialized_end=1105
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1107
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1128
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1130
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1243
-  _globals['_GETMESHSTATUSREQUEST']._serialized_start=1245
-  _globals['_GETMESHSTATUSREQUEST']._serialized_end=1267
-  _globals['_STAGEREPLICA']._serialized_start=1270
-  _globals['_STAGEREPLICA']._serialized_end=1489
-  _globals['_VISIONINSTANCE']._serialized_start=1492
-  _globals['_VISIONINSTANCE']._serialized_end=1651
-  _globals['_GETMESHSTATUSRESPONSE']._serialized_start=1654
-  _globals['_GETMESHSTATUSRESPONSE']._serialized_end=1906
-  _globals['_COORDINATORSERVICE']._serialized_start=2212
-  _globals['_COORDINATORSERVICE']._serialized_end=2704
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1013
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1034
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1037
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1179
+  _globals['_LAYERRANGE']._serialized_start=1181
+  _globals['_LAYERRANGE']._serialized_end=1221
+  _globals['_GETMESHSTATUSREQUEST']._serialized_start=1223
+  _globals['_GETMESHSTATUSREQUEST']._serialized_end=1245
+  _globals['_STAGEREPLICA']._serialized_start=1248
+  _globals['_STAGEREPLICA']._serialized_end=1496
+  _globals['_VISIONINSTANCE']._serialized_start=1499
+  _globals['_VISIONINSTANCE']._serialized_end=1658
+  _globals['_GETMESHSTATUSRESPONSE']._serialized_start=1661
+  _globals['_GETMESHSTATUSRESPONSE']._serialized_end=1913
+  _globals['_COORDINATORSERVICE']._serialized_start=2219
+  _globals['_COORDINATORSERVICE']._serialized_end=2640
 # @@protoc_insertion_point(module_scope)

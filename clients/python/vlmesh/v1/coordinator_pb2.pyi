@@ -389,48 +389,6 @@ class CloseSessionResponse(_message.Message):
 Global___CloseSessionResponse: _TypeAlias = CloseSessionResponse  # noqa: Y015
 
 @_typing.final
-class GetKVLogRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    SESSION_ID_FIELD_NUMBER: _builtins.int
-    session_id: _builtins.str
-    """Session whose log to stream."""
-    def __init__(
-        self,
-        *,
-        session_id: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___GetKVLogRequest: _TypeAlias = GetKVLogRequest  # noqa: Y015
-
-@_typing.final
-class GetKVLogResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    DELTA_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def delta(self) -> _tensor_pb2.KVDelta:
-        """The K/V of one decoder layer for positions [0, length) of the session."""
-
-    def __init__(
-        self,
-        *,
-        delta: _tensor_pb2.KVDelta | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___GetKVLogResponse: _TypeAlias = GetKVLogResponse  # noqa: Y015
-
-@_typing.final
 class GetModelInfoRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -451,8 +409,8 @@ class GetModelInfoResponse(_message.Message):
 
     MODEL_TYPE_FIELD_NUMBER: _builtins.int
     NUM_LAYERS_FIELD_NUMBER: _builtins.int
-    STAGE_LAYERS_FIELD_NUMBER: _builtins.int
     MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _builtins.int
+    STAGE_LAYERS_FIELD_NUMBER: _builtins.int
     model_type: _builtins.str
     """Model family, e.g. "qwen2_vl"."""
     num_layers: _builtins.int
@@ -460,16 +418,16 @@ class GetModelInfoResponse(_message.Message):
     max_sequence_length: _builtins.int
     """Longest sequence the model accepts (max_position_embeddings)."""
     @_builtins.property
-    def stage_layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Layer ranges of the stages, in order, as "start:end"."""
+    def stage_layers(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerRange]:
+        """Layer ranges of the stages, in layer order; together they cover [0, num_layers)."""
 
     def __init__(
         self,
         *,
         model_type: _builtins.str = ...,
         num_layers: _builtins.int = ...,
-        stage_layers: _abc.Iterable[_builtins.str] | None = ...,
         max_sequence_length: _builtins.int = ...,
+        stage_layers: _abc.Iterable[Global___LayerRange] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -478,6 +436,32 @@ class GetModelInfoResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetModelInfoResponse: _TypeAlias = GetModelInfoResponse  # noqa: Y015
+
+@_typing.final
+class LayerRange(_message.Message):
+    """A contiguous range of decoder layers [start, end)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    start: _builtins.int
+    """First layer of the range (0-based)."""
+    end: _builtins.int
+    """One past the last layer of the range."""
+    def __init__(
+        self,
+        *,
+        start: _builtins.int = ...,
+        end: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LayerRange: _TypeAlias = LayerRange  # noqa: Y015
 
 @_typing.final
 class GetMeshStatusRequest(_message.Message):
@@ -511,8 +495,6 @@ class StageReplica(_message.Message):
     QUANTIZATION_FIELD_NUMBER: _builtins.int
     address: _builtins.str
     """host:port."""
-    layers: _builtins.str
-    """Layer range "start:end" (empty while the replica has never answered)."""
     state: Global___ReplicaState.ValueType
     """Health."""
     kv_used_bytes: _builtins.int
@@ -527,11 +509,15 @@ class StageReplica(_message.Message):
     """Activation dtype, e.g. "bfloat16"."""
     quantization: _builtins.str
     """Weight quantization, e.g. "none" or "w8a8-int8"."""
+    @_builtins.property
+    def layers(self) -> Global___LayerRange:
+        """Layer range the replica serves (unset while it has never answered)."""
+
     def __init__(
         self,
         *,
         address: _builtins.str = ...,
-        layers: _builtins.str = ...,
+        layers: Global___LayerRange | None = ...,
         state: Global___ReplicaState.ValueType = ...,
         kv_used_bytes: _builtins.int = ...,
         kv_budget_bytes: _builtins.int = ...,
@@ -540,7 +526,7 @@ class StageReplica(_message.Message):
         dtype: _builtins.str = ...,
         quantization: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["layers", b"layers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
     _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "dtype", b"dtype", "kv_budget_bytes", b"kv_budget_bytes", "kv_used_bytes", b"kv_used_bytes", "layers", b"layers", "num_sessions", b"num_sessions", "pinned_sessions", b"pinned_sessions", "quantization", b"quantization", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...

@@ -49,11 +49,6 @@ class CoordinatorServiceStub:
                 request_serializer=vlmesh_dot_v1_dot_coordinator__pb2.CloseSessionRequest.SerializeToString,
                 response_deserializer=vlmesh_dot_v1_dot_coordinator__pb2.CloseSessionResponse.FromString,
                 _registered_method=True)
-        self.GetKVLog = channel.unary_stream(
-                '/vlmesh.v1.CoordinatorService/GetKVLog',
-                request_serializer=vlmesh_dot_v1_dot_coordinator__pb2.GetKVLogRequest.SerializeToString,
-                response_deserializer=vlmesh_dot_v1_dot_coordinator__pb2.GetKVLogResponse.FromString,
-                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/vlmesh.v1.CoordinatorService/GetModelInfo',
                 request_serializer=vlmesh_dot_v1_dot_coordinator__pb2.GetModelInfoRequest.SerializeToString,
@@ -91,14 +86,6 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def GetKVLog(self, request, context):
-        """Stream a session's KV log: the K/V entries every stage returned, merged per layer, one layer
-        per response. NOT_FOUND when the log is off or was dropped to stay within its budget.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def GetModelInfo(self, request, context):
         """Model and mesh description.
         """
@@ -130,11 +117,6 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=vlmesh_dot_v1_dot_coordinator__pb2.CloseSessionRequest.FromString,
                     response_serializer=vlmesh_dot_v1_dot_coordinator__pb2.CloseSessionResponse.SerializeToString,
-            ),
-            'GetKVLog': grpc.unary_stream_rpc_method_handler(
-                    servicer.GetKVLog,
-                    request_deserializer=vlmesh_dot_v1_dot_coordinator__pb2.GetKVLogRequest.FromString,
-                    response_serializer=vlmesh_dot_v1_dot_coordinator__pb2.GetKVLogResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
@@ -228,33 +210,6 @@ class CoordinatorService:
             '/vlmesh.v1.CoordinatorService/CloseSession',
             vlmesh_dot_v1_dot_coordinator__pb2.CloseSessionRequest.SerializeToString,
             vlmesh_dot_v1_dot_coordinator__pb2.CloseSessionResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def GetKVLog(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/vlmesh.v1.CoordinatorService/GetKVLog',
-            vlmesh_dot_v1_dot_coordinator__pb2.GetKVLogRequest.SerializeToString,
-            vlmesh_dot_v1_dot_coordinator__pb2.GetKVLogResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,10 +39,6 @@ class CoordinatorServiceStub:
     """Open a multi-turn session."""
     CloseSession: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.CloseSessionRequest, _coordinator_pb2.CloseSessionResponse]
     """Close a session and free its KV cache on every stage."""
-    GetKVLog: _grpc.UnaryStreamMultiCallable[_coordinator_pb2.GetKVLogRequest, _coordinator_pb2.GetKVLogResponse]
-    """Stream a session's KV log: the K/V entries every stage returned, merged per layer, one layer
-    per response. NOT_FOUND when the log is off or was dropped to stay within its budget.
-    """
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GetModelInfoRequest, _coordinator_pb2.GetModelInfoResponse]
     """Model and mesh description."""
     GetMeshStatus: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GetMeshStatusRequest, _coordinator_pb2.GetMeshStatusResponse]
@@ -59,10 +55,6 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     """Open a multi-turn session."""
     CloseSession: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.CloseSessionRequest, _coordinator_pb2.CloseSessionResponse]  # type: ignore[assignment]
     """Close a session and free its KV cache on every stage."""
-    GetKVLog: _aio.UnaryStreamMultiCallable[_coordinator_pb2.GetKVLogRequest, _coordinator_pb2.GetKVLogResponse]  # type: ignore[assignment]
-    """Stream a session's KV log: the K/V entries every stage returned, merged per layer, one layer
-    per response. NOT_FOUND when the log is off or was dropped to stay within its budget.
-    """
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GetModelInfoRequest, _coordinator_pb2.GetModelInfoResponse]  # type: ignore[assignment]
     """Model and mesh description."""
     GetMeshStatus: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GetMeshStatusRequest, _coordinator_pb2.GetMeshStatusResponse]  # type: ignore[assignment]
@@ -94,16 +86,6 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.CloseSessionResponse, _abc.Awaitable[_coordinator_pb2.CloseSessionResponse]]:
         """Close a session and free its KV cache on every stage."""
-
-    @_abc_1.abstractmethod
-    def GetKVLog(
-        self,
-        request: _coordinator_pb2.GetKVLogRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_coordinator_pb2.GetKVLogResponse], _abc.AsyncIterator[_coordinator_pb2.GetKVLogResponse]]:
-        """Stream a session's KV log: the K/V entries every stage returned, merged per layer, one layer
-        per response. NOT_FOUND when the log is off or was dropped to stay within its budget.
-        """
 
     @_abc_1.abstractmethod
     def GetModelInfo(

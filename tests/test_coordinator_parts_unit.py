@@ -1,0 +1,137 @@
+"""The coordinator's policy parts with no model: the scheduler, the step-cost estimate, the prefix
+cache, the KV log and the per-client session rate (an injected clock, no sleeping)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.common import tensors
+from services.coordinator.kv_log import KVLog
+from services.coordinator.limits import RateLimiter, peer_host
+from services.coordinator.prefix import PrefixCache
+from services.coordinator.scheduler import Scheduler, SchedulerConfig, StepCosts
+from services.coordinator.session import Session
+from vlmesh.v1 import tensor_pb2
+
+
+@dataclass(eq=False)
+class Req:
+    remaining: int
+    in_flight: bool = False
+    feedable: bool = True
+
+
+def test_decodes_go_first_and_prompts_are_chunked_to_the_token_budget():
+    s = Scheduler(SchedulerConfig(max_batch=8, chunk_tokens=10))
+    prompt, d1, d2, long = Req(6), Req(1), Req(1), Req(30)
+    for r in (prompt, d1, long, d2):
+        s.add(r)
+    picked = s.next_batch(0)
+    assert picked[:2] == [(d1, 1), (d2, 1)]  # decodes, in arrival order, before any prompt
+    assert picked[2:] == [(prompt, 6), (long, 2)]  # then prompts, the last cut to what is left
+    assert sum(n for _, n in picked) == 10
+
+
+def test_pipelining_splits_the_active_requests_across_micro_batches_and_bounds_them():
+    s = Scheduler(SchedulerConfig(max_batch=64, chunk_tokens=100, pipeline_depth=2))
+    reqs = [Req(1) for _ in range(6)]
+    for r in reqs:
+        s.add(r)
+    first = s.next_batch(0)
+    assert len(first) == 3  # half of the six
+    for r, _ in first:
+        r.in_flight, r.feedable = True, False
+    second = s.next_batch(1)
+    assert {id(r) for r, _ in second}.isdisjoint({id(r) for r, _ in first}) and len(second) == 3
+    assert s.next_batch(2) == []  # both slots taken
+    s.remove(reqs[0])
+    assert reqs[0] not in s.queue
+
+
+def test_nothing_runs_when_no_request_is_feedable():
+    s = Scheduler(SchedulerConfig())
+    s.add(Req(5, feedable=False))
+    s.add(Req(0))
+    assert s.next_batch(0) == []
+
+
+def test_step_costs_size_the_chunk_as_half_a_decode_step_within_bounds():
+    c = StepCosts()
+    assert c.budget() == c.start  # nothing measured yet
+    c.observe(0, 0.5)  # a decode step: 0.5 s
+    c.observe(100, 1.5)  # 100 prompt tokens cost 1 s more: 10 ms each
+    assert c.budget() == 25  # half a decode step's worth: 0.25 s / 10 ms
+    for _ in range(50):
+        c.observe(100, 0.5 + 100 * 1e-6)  # prompt tokens become nearly free
+    assert c.budget() == c.ceiling
+
+
+def _session(tokens: list[int], cached: int, owner: str = "k") -> Session:
+    s = Session.new(owner, persistent=False, now=0.0)
+    s.token_ids, s.cached = list(tokens), cached
+    return s
+
+
+def test_the_prefix_cache_hands_over_the_longest_prefix_of_the_same_key_once():
+    cache = PrefixCache(capacity=2)
+    a, b = _session([1, 2, 3, 4], 4), _session([1, 2, 9], 3)
+    assert cache.park(a) == [] and cache.park(b) == []
+    assert cache.take([5, 6], [], [], "k") is None
+    assert cache.take([1, 2, 3, 4, 7], [], [], "other") is None  # another key's KV is never shared
+    hit = cache.take([1, 2, 3, 4, 7], [], [], "k")
+    assert hit is not None and hit[0] is a and hit[1] == 4
+    assert cache.take([1, 2, 3, 4, 7], [], [], "k")[0] is b  # a was taken: only b's 2 tokens are left to share
+    # A whole history equal to the parked one still leaves one token to feed (the sample needs it).
+    cache.park(_session([1, 2, 3], 3))
+    assert cache.take([1, 2, 3], [], [], "k")[1] == 2
+
+
+def test_the_prefix_cache_evicts_the_oldest_past_its_capacity():
+    cache = PrefixCache(capacity=1)
+    a, b = _session([1], 1), _session([2], 1)
+    cache.park(a)
+    assert cache.park(b) == [a]
+    assert cache.evict_of("nobody") is None and cache.evict() is b and cache.evict() is None
+
+
+def _delta(layer: int, start: int, n: int, value: float = 0.0) -> tensor_pb2.KVDelta:
+    t = tensors.to_proto(torch.full((1, n, 2), value))
+    return tensor_pb2.KVDelta(layer=layer, start_position=start, key=t, value=t)
+
+
+def test_the_kv_log_restores_what_was_appended_truncates_and_drops_on_a_gap():
+    log = KVLog(1 << 20)
+    log.append("s", [_delta(0, 0, 3, 1.0), _delta(1, 0, 3, 1.0)])
+    log.append("s", [_delta(0, 3, 2, 2.0), _delta(1, 3, 2, 2.0)])
+    entries = log.entries("s", range(0, 2), 4)
+    assert entries is not None and sum(e.length for e in entries if e.layer == 0) == 4
+    assert log.entries("s", range(0, 2), 6) is None  # shorter than asked
+    log.truncate("s", 2)
+    k, _ = log.merged("s")[0]
+    assert k.shape == (1, 2, 2) and torch.all(k == 1.0)
+    log.append("s", [_delta(0, 5, 1)])  # a gap: the log can no longer restore the session
+    assert log.entries("s", range(0, 1), 1) is None and log.bytes == 0
+
+
+def test_the_kv_log_stays_within_its_budget_by_dropping_the_least_recent_session():
+    one = len(_delta(0, 0, 4).key.data) * 2
+    log = KVLog(int(one * 2.5))
+    log.append("a", [_delta(0, 0, 4)])
+    log.append("b", [_delta(0, 0, 4)])
+    log.entries("a", range(0, 1), 4)  # a is used: b becomes the least recent
+    log.append("c", [_delta(0, 0, 4)])
+    assert log.entries("b", range(0, 1), 4) is None
+    assert log.entries("a", range(0, 1), 4) is not None and log.bytes <= log.budget
+
+
+def test_the_session_rate_refills_with_the_clock_per_client():
+    now = [0.0]
+    limiter = RateLimiter(rate=2.0, burst=3, clock=lambda: now[0])
+    assert [limiter.allow("a") for _ in range(4)] == [True, True, True, False]
+    assert limiter.allow("b")  # another client has its own bucket
+    now[0] += 0.5  # one token back
+    assert limiter.allow("a") and not limiter.allow("a")
+    assert RateLimiter(rate=0, burst=0).allow("x")  # 0 = off
+    assert peer_host("ipv4:127.0.0.1:5555") == "127.0.0.1" and peer_host("ipv6:[::1]:80") == "::1"
