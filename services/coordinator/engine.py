@@ -43,10 +43,11 @@ from services.common.errors import (
 )
 from services.common.geometry import KVGeometry
 from services.common.tracing import inject
-from vlmesh.internal.v1 import stage_pb2, vision_pb2
+from vlmesh.internal.v1 import stage_pb2
 from vlmesh.v1 import coordinator_pb2, tensor_pb2
 
 from .auth import Quota
+from . import inbox
 from .batch import BatchOutcome, MicroBatch, StepOutcome, StepPlan
 from .detokenizer import Decoder, IncrementalDetokenizer
 from .kv_log import KVLog
@@ -91,117 +92,6 @@ class Execute(Protocol):
     async def execute(self, batch: MicroBatch) -> BatchOutcome: ...
 
 
-@dataclass(frozen=True)
-class Counts:
-    sessions: int  # persistent sessions plus requests in progress
-    running: int
-    waiting: int
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    counts: Counts
-    pinned: dict[str, int]  # replica address -> sessions pinned there
-
-
-# ---------------------------------------------------------------------- inbox messages
-
-
-@dataclass(frozen=True)
-class _Add:
-    spec: RequestSpec
-    stream: Stream
-
-
-@dataclass(frozen=True)
-class _Cancel:
-    request_id: str
-    why: VlmeshError
-
-
-@dataclass(frozen=True)
-class _CreateSession:
-    owner: str
-    reply: asyncio.Future[str]
-
-
-@dataclass(frozen=True)
-class _CloseSession:
-    session_id: str
-    owner: str | None  # None: the engine's own decision (expiry)
-    reply: asyncio.Future[bool] | None
-
-
-@dataclass(frozen=True)
-class _Lookup:
-    session_id: str
-    owner: str
-    reply: asyncio.Future[str]
-
-
-@dataclass(frozen=True)
-class _Snapshot:
-    reply: asyncio.Future[Snapshot]
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    request_id: str
-    result: Prepared | VlmeshError
-
-
-@dataclass(frozen=True)
-class _Placed:
-    request_id: str
-    result: Placement | VlmeshError
-
-
-@dataclass(frozen=True)
-class _RowsFetched:
-    request_id: str
-    result: list[vision_pb2.VisualEmbedding] | VlmeshError
-
-
-@dataclass(frozen=True)
-class _TaskDone:
-    request_id: str  # an evict-then-resume finished: the request may step again
-
-
-@dataclass(frozen=True)
-class _StepDone:
-    outcome: BatchOutcome
-
-
-@dataclass(frozen=True)
-class _LeasesRenewed:
-    address: str
-    unknown: frozenset[str]  # session ids the replica no longer holds
-
-
-@dataclass(frozen=True)
-class _Tick:
-    pass
-
-
-_Message = (
-    _Add
-    | _Cancel
-    | _CreateSession
-    | _CloseSession
-    | _Lookup
-    | _Snapshot
-    | _Prepared
-    | _Placed
-    | _RowsFetched
-    | _TaskDone
-    | _StepDone
-    | _LeasesRenewed
-    | _Tick
-    | ReplicaRestarted
-    | ReplicaRecovered
-)
-
-
 class Engine:
     def __init__(
         self,
@@ -234,12 +124,12 @@ class Engine:
         self.prefix = PrefixCache(cfg.prefix_cache_sessions)
         self.sessions: dict[str, Session] = {}
         self.requests: dict[str, RequestState] = {}
-        self.counts = Counts(0, 0, 0)  # republished every round: read by other threads (metrics)
+        self.counts = inbox.Counts(0, 0, 0)  # republished every round: read by other threads (metrics)
         self._moved: dict[str, set[str]] = {}  # replica address -> sessions moved away from it while it held their KV
         self._batches: dict[int, tuple[str, ...]] = {}  # micro-batch id -> its requests, while in flight
         self._batch_count = 0
         self._last_renew = 0.0
-        self._inbox: deque[_Message] = deque()
+        self._inbox: deque[inbox.Message] = deque()
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop_task: asyncio.Task[None] | None = None
@@ -251,7 +141,7 @@ class Engine:
 
     # ------------------------------------------------------------------ the one door
 
-    def post(self, message: _Message) -> None:
+    def post(self, message: inbox.Message) -> None:
         """The one way in. From another thread (a metrics scrape, a test) it hops onto the loop."""
         if self._loop is not None and _running_loop() is not self._loop:
             self._loop.call_soon_threadsafe(self.post, message)
@@ -261,27 +151,27 @@ class Engine:
 
     def add(self, spec: RequestSpec) -> Stream:
         stream = Stream()
-        self.post(_Add(spec, stream))
+        self.post(inbox.AddRequest(spec, stream))
         return stream
 
     def cancel(self, request_id: str, why: VlmeshError) -> None:
-        self.post(_Cancel(request_id, why))
+        self.post(inbox.CancelRequest(request_id, why))
 
     async def create_session(self, owner: str) -> str:
         """A new persistent session's id."""
-        return await self._ask(lambda f: _CreateSession(owner, f))
+        return await self._ask(lambda f: inbox.CreateSession(owner, f))
 
     async def close_session(self, session_id: str, owner: str) -> bool:
-        return await self._ask(lambda f: _CloseSession(session_id, owner, f))
+        return await self._ask(lambda f: inbox.CloseSession(session_id, owner, f))
 
     async def session_id_for(self, session_id: str, owner: str) -> str:
         """The id of a session of this owner; NOT_FOUND for any other (no existence leak)."""
-        return await self._ask(lambda f: _Lookup(session_id, owner, f))
+        return await self._ask(lambda f: inbox.LookupSession(session_id, owner, f))
 
-    async def snapshot(self) -> Snapshot:
-        return await self._ask(_Snapshot)
+    async def snapshot(self) -> inbox.Snapshot:
+        return await self._ask(inbox.SnapshotAsked)
 
-    async def _ask(self, make: Callable[[asyncio.Future[Any]], _Message]) -> Any:
+    async def _ask(self, make: Callable[[asyncio.Future[Any]], inbox.Message]) -> Any:
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.post(make(reply))
         return await reply
@@ -321,27 +211,27 @@ class Engine:
             self._spawn(self._execute(batch))
         self.counts = self._count()
 
-    def _apply(self, m: _Message) -> None:
+    def _apply(self, m: inbox.Message) -> None:
         handlers: dict[type, Callable[[Any], None]] = {
-            _Add: self._on_add,
-            _Cancel: self._on_cancel_message,
-            _CreateSession: self._on_create_session,
-            _CloseSession: self._on_close_session,
-            _Lookup: self._on_lookup,
-            _Snapshot: lambda m: _reply(m.reply, lambda: Snapshot(self._count(), self._pinned())),
-            _Prepared: self._on_prepared,
-            _Placed: self._on_placed,
-            _RowsFetched: self._on_rows,
-            _TaskDone: self._on_task_done,
-            _StepDone: lambda m: self._apply_step(m.outcome),
-            _LeasesRenewed: self._on_leases,
-            _Tick: lambda m: self._housekeeping(),
+            inbox.AddRequest: self._on_add,
+            inbox.CancelRequest: self._on_cancel_message,
+            inbox.CreateSession: self._on_create_session,
+            inbox.CloseSession: self._on_close_session,
+            inbox.LookupSession: self._on_lookup,
+            inbox.SnapshotAsked: lambda m: _reply(m.reply, lambda: inbox.Snapshot(self._count(), self._pinned())),
+            inbox.PrepareDone: self._on_prepared,
+            inbox.PlaceDone: self._on_placed,
+            inbox.RowsFetched: self._on_rows,
+            inbox.TaskDone: self._on_task_done,
+            inbox.StepDone: lambda m: self._apply_step(m.outcome),
+            inbox.LeasesRenewed: self._on_leases,
+            inbox.Tick: lambda m: self._housekeeping(),
             ReplicaRestarted: lambda m: self._on_replica_restarted(m.address),
             ReplicaRecovered: lambda m: self._release_moved(m.address),
         }
         handlers[type(m)](m)
 
-    def _spawn(self, work: Awaitable[_Message | None]) -> asyncio.Task[None]:
+    def _spawn(self, work: Awaitable[inbox.Message | None]) -> asyncio.Task[None]:
         """A task that waits on something and posts what it found (never changes state itself)."""
 
         async def run() -> None:
@@ -360,11 +250,11 @@ class Engine:
     async def _ticks(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.housekeeping_s)
-            self.post(_Tick())
+            self.post(inbox.Tick())
 
     # ------------------------------------------------------------------ sessions
 
-    def _on_create_session(self, m: _CreateSession) -> None:
+    def _on_create_session(self, m: inbox.CreateSession) -> None:
         def create() -> str:
             live = [x for x in self.sessions.values() if x.persistent]
             if self.cfg.max_sessions and len(live) >= self.cfg.max_sessions:
@@ -389,10 +279,10 @@ class Engine:
             raise UnknownSession(f"unknown session {short(session_id)} (closed, expired, or never created)")
         return s
 
-    def _on_lookup(self, m: _Lookup) -> None:
+    def _on_lookup(self, m: inbox.LookupSession) -> None:
         _reply(m.reply, lambda: self._session_of(m.session_id, m.owner).id)
 
-    def _on_close_session(self, m: _CloseSession) -> None:
+    def _on_close_session(self, m: inbox.CloseSession) -> None:
         s = self.sessions.get(m.session_id)
         if s is None or not s.persistent or (m.owner is not None and s.owner != m.owner):
             if m.reply is not None:
@@ -410,7 +300,7 @@ class Engine:
 
     # ------------------------------------------------------------------ request lifecycle
 
-    def _on_add(self, m: _Add) -> None:
+    def _on_add(self, m: inbox.AddRequest) -> None:
         spec = m.spec
         try:
             s = self._session_for_turn(spec)
@@ -442,7 +332,7 @@ class Engine:
         self.sessions[one_shot.id] = one_shot
         return one_shot
 
-    def _on_cancel_message(self, m: _Cancel) -> None:
+    def _on_cancel_message(self, m: inbox.CancelRequest) -> None:
         r = self.requests.get(m.request_id)
         if r is not None:
             self._on_cancel(r, m.why)
@@ -461,16 +351,16 @@ class Engine:
             if r.spec.deadline is not None and now > r.spec.deadline and r.phase is not Phase.ENDED:
                 self._on_cancel(r, DeadlineExceeded("the request's deadline passed"))
 
-    async def _prepare(self, r: RequestState) -> _Prepared:
+    async def _prepare(self, r: RequestState) -> inbox.PrepareDone:
         try:
-            return _Prepared(r.id, await self.preparer.prepare(r.spec, r.session))
+            return inbox.PrepareDone(r.id, await self.preparer.prepare(r.spec, r.session))
         except VlmeshError as err:
-            return _Prepared(r.id, err)
+            return inbox.PrepareDone(r.id, err)
         except Exception as err:  # noqa: BLE001 - a bad prompt fails its request alone
             log.exception("preparing request %s failed", r.id)
-            return _Prepared(r.id, Internal(f"preparing the prompt failed: {type(err).__name__}: {err}"))
+            return inbox.PrepareDone(r.id, Internal(f"preparing the prompt failed: {type(err).__name__}: {err}"))
 
-    def _on_prepared(self, m: _Prepared) -> None:
+    def _on_prepared(self, m: inbox.PrepareDone) -> None:
         r = self.requests.get(m.request_id)
         if r is None:
             return
@@ -597,13 +487,13 @@ class Engine:
                 continue
             r.task = self._spawn(self._place(r.id, s.id, dict(s.replicas), s.cached, r.avoid))
 
-    async def _place(self, request_id: str, session_id: str, pins: dict[int, str], cached: int, avoid: frozenset[str]) -> _Placed:
+    async def _place(self, request_id: str, session_id: str, pins: dict[int, str], cached: int, avoid: frozenset[str]) -> inbox.PlaceDone:
         try:
-            return _Placed(request_id, await self.placer.place(session_id, pins, cached, avoid))
+            return inbox.PlaceDone(request_id, await self.placer.place(session_id, pins, cached, avoid))
         except VlmeshError as err:
-            return _Placed(request_id, err)
+            return inbox.PlaceDone(request_id, err)
 
-    def _on_placed(self, m: _Placed) -> None:
+    def _on_placed(self, m: inbox.PlaceDone) -> None:
         r = self.requests.get(m.request_id)
         p = m.result
         if r is None:
@@ -639,15 +529,15 @@ class Engine:
         if r.rows is None or r.rows.first > 0:
             r.task = self._spawn(self._fetch_rows(r))
 
-    async def _fetch_rows(self, r: RequestState) -> _RowsFetched:
+    async def _fetch_rows(self, r: RequestState) -> inbox.RowsFetched:
         """Embeddings of every visual of the session (for a replay from position 0)."""
         try:
             sources = [v.source for v in r.session.visuals]
-            return _RowsFetched(r.id, await self.preparer.encode(sources, r.spec.deadline, r.spec.trace_context))
+            return inbox.RowsFetched(r.id, await self.preparer.encode(sources, r.spec.deadline, r.spec.trace_context))
         except VlmeshError as err:
-            return _RowsFetched(r.id, err)
+            return inbox.RowsFetched(r.id, err)
 
-    def _on_rows(self, m: _RowsFetched) -> None:
+    def _on_rows(self, m: inbox.RowsFetched) -> None:
         r = self.requests.get(m.request_id)
         if r is None:
             return
@@ -740,13 +630,13 @@ class Engine:
             deadline=r.spec.deadline,
         )
 
-    async def _execute(self, batch: MicroBatch) -> _StepDone:
+    async def _execute(self, batch: MicroBatch) -> inbox.StepDone:
         try:
-            return _StepDone(await self.runner.execute(batch))
+            return inbox.StepDone(await self.runner.execute(batch))
         except Exception as err:  # noqa: BLE001 - a runner bug fails its batch alone
             log.exception("micro-batch %d failed", batch.id)
             failed = StepOutcome(error=Internal(f"internal error: {type(err).__name__}: {err}"))
-            return _StepDone(BatchOutcome(batch, tuple(failed for _ in batch.steps)))
+            return inbox.StepDone(BatchOutcome(batch, tuple(failed for _ in batch.steps)))
 
     def _apply_step(self, outcome: BatchOutcome) -> None:
         ids = self._batches.pop(outcome.batch.id, ())
@@ -923,15 +813,15 @@ class Engine:
         else:
             self._release(s)
 
-    async def _evict_then_resume(self, r: RequestState, count: int = 4) -> _TaskDone:
+    async def _evict_then_resume(self, r: RequestState, count: int = 4) -> inbox.TaskDone:
         """Give back the KV of the least recently used parked prefixes, then let `r` step again."""
         evicted = [e for e in (self.prefix.evict() for _ in range(count)) if e is not None]
         for old in evicted:
             self.kv_log.drop(old.id)
         await asyncio.gather(*(self.mesh.replicas[a].release(old.id) for old in evicted for a in old.replicas.values() if a in self.mesh.replicas))
-        return _TaskDone(r.id)
+        return inbox.TaskDone(r.id)
 
-    def _on_task_done(self, m: _TaskDone) -> None:
+    def _on_task_done(self, m: inbox.TaskDone) -> None:
         r = self.requests.get(m.request_id)
         if r is not None:
             r.task = None
@@ -977,7 +867,7 @@ class Engine:
         now = self.clock()
         for s in [s for s in self.sessions.values() if s.persistent and not s.busy and now - s.last_used > self.cfg.session_ttl]:
             log.info("session %s expired after %.0fs idle", short(s.id), self.cfg.session_ttl)
-            self._on_close_session(_CloseSession(s.id, None, None))
+            self._on_close_session(inbox.CloseSession(s.id, None, None))
         for addr in [a for a in self._moved if (rep := self.mesh.replicas.get(a)) is not None and rep.up]:
             self._release_moved(addr)
         lease = min((r.info.lease_seconds for r in self.mesh.replicas.values() if r.info and r.info.lease_seconds), default=60.0)
@@ -995,14 +885,14 @@ class Engine:
                 held.setdefault(addr, []).append(s.id)
         return held
 
-    async def _renew(self, rep: StageReplica, ids: list[str]) -> _LeasesRenewed | None:
+    async def _renew(self, rep: StageReplica, ids: list[str]) -> inbox.LeasesRenewed | None:
         try:
-            return _LeasesRenewed(rep.address, frozenset(await rep.renew(ids)))
+            return inbox.LeasesRenewed(rep.address, frozenset(await rep.renew(ids)))
         except Exception as err:  # noqa: BLE001 - the next round tries again
             log.info("renewing leases on %s failed: %s", rep.address, err)
             return None
 
-    def _on_leases(self, m: _LeasesRenewed) -> None:
+    def _on_leases(self, m: inbox.LeasesRenewed) -> None:
         flying = {r.session.id for r in self.requests.values() if r.in_flight}
         for s in [*self.sessions.values(), *self.prefix.sessions()]:
             if s.id in m.unknown and s.id not in flying:
@@ -1012,9 +902,9 @@ class Engine:
 
     # ------------------------------------------------------------------ status
 
-    def _count(self) -> Counts:
+    def _count(self) -> inbox.Counts:
         waiting = sum(1 for r in self.requests.values() if r.phase is Phase.PREPARING or (r.phase is Phase.READY and r.started_at is None))
-        return Counts(sum(1 for s in self.sessions.values() if s.persistent) + len(self.requests), len(self.requests) - waiting, waiting)
+        return inbox.Counts(sum(1 for s in self.sessions.values() if s.persistent) + len(self.requests), len(self.requests) - waiting, waiting)
 
     def _pinned(self) -> dict[str, int]:
         return {addr: len(ids) for addr, ids in self._held().items()}

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import grpc
@@ -212,7 +213,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 if item is None:
                     ended = True
                     break
-                if isinstance(item, VlmeshError):
+                if not isinstance(item, coordinator_pb2.GenerateResponse):
                     ended = True
                     raise item
                 if first:
@@ -358,7 +359,6 @@ async def start(cfg: CoordinatorConfig) -> RunningServer:
     except OSError:
         eos = ckpt.text_config.eos_token_id
     eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
-    tc = ckpt.text_config
     kv_log = KVLog(cfg.kv_log_mb << 20)
     if kv_log.enabled:
         pin_mmap_threshold()
@@ -368,32 +368,8 @@ async def start(cfg: CoordinatorConfig) -> RunningServer:
     mesh = Mesh(cfg.stages, tls, ckpt.text_config.num_hidden_layers, policy=policy)
     vision = VisionPool(cfg.vision, tls, policy=policy)
     await asyncio.gather(mesh.connect(cfg.startup_timeout), vision.connect(cfg.startup_timeout))
-    depth = len(mesh.ranges) if cfg.pipeline else 1
-    engine_cfg = EngineConfig(
-        default_max_tokens=cfg.default_max_tokens,
-        max_images=cfg.max_images,
-        vision_timeout=cfg.vision_timeout,
-        session_ttl=cfg.session_ttl,
-        max_sessions=cfg.max_sessions,
-        trace_decode_every=cfg.trace_decode_every,
-        scheduler=SchedulerConfig(max_batch=cfg.max_batch, chunk_tokens=cfg.chunk_tokens, pipeline_depth=depth),
-        prefix_cache_sessions=cfg.prefix_cache_sessions,
-        quotas=keys.quotas,
-    )
     metrics = CoordinatorMetrics.create()
-    observer = EngineMetrics(metrics)
-    runner = Runner(mesh, cfg.hop_timeout, cfg.hop_timeout_per_token, observers=(observer,))
-    preparer = Preparer(
-        PromptBuilder(processor, sorted(eos_ids)),
-        RopeIndex(ckpt, processor),
-        vision,
-        tc.max_position_embeddings,
-        cfg.max_images,
-        cfg.vision_timeout,
-        ckpt.family.deepstack_layers(ckpt.config),
-    )
-    engine = Engine(engine_cfg, mesh, preparer, processor.tokenizer, eos_ids, kv_log, store, runner, tc, observers=(observer,))
-    observer.watch_counts(lambda: engine.counts.running, lambda: engine.counts.waiting)
+    engine = _engine(cfg, ckpt, processor, eos_ids, mesh, vision, kv_log, store, keys, EngineMetrics(metrics))
     engine.start()
     servicer = CoordinatorServicer(cfg, ckpt, engine, kv_log, mesh, vision, keys)
 
@@ -416,6 +392,39 @@ async def start(cfg: CoordinatorConfig) -> RunningServer:
         metrics=metrics.registry,
         errors=metrics.request_errors,
     )
+
+
+def _engine(
+    cfg: CoordinatorConfig,
+    ckpt: Checkpoint,
+    processor: Any,  # the checkpoint's transformers processor
+    eos_ids: set[int],
+    mesh: Mesh,
+    vision: VisionPool,
+    kv_log: KVLog,
+    store: SessionStore | None,
+    keys: Keyring,
+    observer: EngineMetrics,
+) -> Engine:
+    tc = ckpt.text_config
+    engine_cfg = EngineConfig(
+        default_max_tokens=cfg.default_max_tokens,
+        max_images=cfg.max_images,
+        vision_timeout=cfg.vision_timeout,
+        session_ttl=cfg.session_ttl,
+        max_sessions=cfg.max_sessions,
+        trace_decode_every=cfg.trace_decode_every,
+        scheduler=SchedulerConfig(max_batch=cfg.max_batch, chunk_tokens=cfg.chunk_tokens, pipeline_depth=len(mesh.ranges) if cfg.pipeline else 1),
+        prefix_cache_sessions=cfg.prefix_cache_sessions,
+        quotas=keys.quotas,
+    )
+    runner = Runner(mesh, cfg.hop_timeout, cfg.hop_timeout_per_token, observers=(observer,))
+    prompts = PromptBuilder(processor, sorted(eos_ids))
+    deepstack = ckpt.family.deepstack_layers(ckpt.config)
+    preparer = Preparer(prompts, RopeIndex(ckpt, processor), vision, tc.max_position_embeddings, cfg.max_images, cfg.vision_timeout, deepstack)
+    engine = Engine(engine_cfg, mesh, preparer, processor.tokenizer, eos_ids, kv_log, store, runner, tc, observers=(observer,))
+    observer.watch_counts(lambda: engine.counts.running, lambda: engine.counts.waiting)
+    return engine
 
 
 def _public_credentials(cfg: CoordinatorConfig) -> grpc.ServerCredentials | None:
