@@ -25,8 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_mesh import RESULTS, log, prepare_model  # noqa: E402
-from meshproc import LocalMesh, kill, respawn, spawn_copy, stream_times  # noqa: E402
+from bench_mesh import RESULTS, SMOKE_HELP, log, prepare_model, stream_times  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Write a long story about a cat and a dog who live in a small house by the river."}]
 
@@ -35,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     import psutil
 
     from services.common.checkpoint import open_checkpoint
-    from services.launcher import split_layers
+    from services.launcher import LocalMesh, split_layers
     from vlmesh import Client
     from vlmesh.v1 import coordinator_pb2 as cpb
     from vlmesh.v1 import coordinator_pb2_grpc as cgrpc
@@ -47,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--state-tokens", type=int, default=4000, help="session tokens held for the memory measurement")
     p.add_argument("--rate-rounds", type=int, default=5, help="decode-rate runs with the KV log on, and as many off")
+    p.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = p.parse_args(argv)
+    if args.smoke:
+        args.model, args.kills, args.tokens, args.state_tokens, args.rate_rounds = "tiny", 1, 16, 200, 1
     args.model_dir = args.model if Path(args.model).is_dir() else None
     model_dir = prepare_model(args)
     layers = open_checkpoint(model_dir).text_config.num_hidden_layers
@@ -76,17 +78,16 @@ def main(argv: list[str] | None = None) -> int:
                 def strike(n: int) -> None:
                     if n == 8 and not killed:
                         holding = [r for r in status.GetMeshStatus(cpb.GetMeshStatusRequest(), timeout=10).stages if r.pinned_sessions > 0]
-                        addr = holding[k % len(holding)].address
-                        name = mesh.names[[i for i, p in enumerate(mesh.procs) if f"--port {addr.rsplit(':', 1)[1]}" in " ".join(p.args)][0]]
+                        name = mesh.child_at(holding[k % len(holding)].address).name
                         killed.update(name=name, at=time.perf_counter())
-                        kill(mesh, name)
+                        mesh.kill(name)
 
                 times, got, _, _ = stream_times(client, PROMPT, args.tokens, strike)
                 after = [t for t in times if t > killed["at"]]
                 recoveries.append(after[0] - killed["at"])
                 equal.append(got == expected)
                 log(f"kill {k + 1}: {killed['name']} at token 8; next token {recoveries[-1] * 1000:.0f} ms later; equal: {equal[-1]}")
-                respawn(mesh, killed["name"])
+                mesh.respawn(killed["name"])
             report["recovery_s"] = recoveries
             report["recovery_p50_s"] = statistics.median(recoveries)
             report["recovery_max_s"] = max(recoveries)
@@ -99,21 +100,21 @@ def main(argv: list[str] | None = None) -> int:
                 return (len(ts) - 1) / (ts[-1] - ts[0])
 
             log("starting a second coordinator with --kv-log-mb 0 over the same stages")
-            without_log = spawn_copy(mesh, "coordinator", "coordinator-nolog", ["--kv-log-mb", "0"])
+            without_log = mesh.spawn_copy("coordinator", "coordinator-nolog", ["--kv-log-mb", "0"])
             on, off = [], []
             with Client(without_log, timeout=3600) as client_off:
                 for r in range(args.rate_rounds):
                     on.append(decode_rate(client))
                     off.append(decode_rate(client_off))
                     log(f"decode round {r + 1}/{args.rate_rounds}: KV log on {on[-1]:.3f} tok/s, off {off[-1]:.3f} tok/s")
-            kill(mesh, "coordinator-nolog")
+            mesh.kill("coordinator-nolog")
             report["decode_tok_s_kv_log_on_runs"] = on
             report["decode_tok_s_kv_log_off_runs"] = off
             report["decode_tok_s_kv_log_on"] = statistics.median(on)
             report["decode_tok_s_kv_log_off"] = statistics.median(off)
             report["kv_log_cost"] = 1 - report["decode_tok_s_kv_log_on"] / report["decode_tok_s_kv_log_off"]
             log(f"decode tok/s: KV log on {report['decode_tok_s_kv_log_on']:.3f}, off {report['decode_tok_s_kv_log_off']:.3f}")
-            coord = psutil.Process(mesh.procs[mesh.names.index("coordinator")].pid)
+            coord = psutil.Process(mesh.children["coordinator"].proc.pid)
             before = coord.memory_info().rss
             held = 0
             sids = []

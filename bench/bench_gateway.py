@@ -46,7 +46,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "clients" / "python"))
 
-RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_mesh import RESULTS, SMOKE_HELP  # noqa: E402
 QUESTION = "What is in this image?"
 STREAM_PROMPT = "Tell me about shapes and colours."
 
@@ -156,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stream-tokens", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/gateway-<model>.json)")
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.model, args.requests, args.streams, args.stream_tokens, args.warmup = None, 2, 1, 8, 1
 
     from services.common.checkpoint import open_checkpoint
     from services.launcher import LocalMesh, split_layers

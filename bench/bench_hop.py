@@ -39,7 +39,9 @@ def serve(kind: str, port: int, certs: str, next_hop: str) -> None:
     import grpc
     import grpc.aio
 
-    from services.common.server import MeshTLS, grpc_options, mesh_channel
+    from services.common.channels import mesh_channel
+    from services.common.server import grpc_options
+    from services.common.tls import MeshTLS
 
     tls = None
     if certs:
@@ -101,7 +103,8 @@ def payload(hidden: int) -> bytes:
 
 
 async def measure(addresses: list[str], certs: str, msg: bytes, steps: int) -> dict:
-    from services.common.server import MeshTLS, mesh_channel
+    from services.common.channels import mesh_channel
+    from services.common.tls import MeshTLS
     from vlmesh.internal.v1 import stage_pb2
 
     tls = None
@@ -133,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=1536)
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--serve", nargs=4, metavar=("KIND", "PORT", "CERTS", "NEXT"), help=argparse.SUPPRESS)
+    p.add_argument("--smoke", action="store_true", help="a small payload and a few steps, to check the script runs")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.hidden, args.steps = 64, 20
     if args.serve:
         kind, port, certs, nxt = args.serve
         serve(kind, int(port), "" if certs == "-" else certs, "" if nxt == "-" else nxt)

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-from bench_mesh import RESULTS, log, make_image, prepare_model  # noqa: E402
+from bench_mesh import RESULTS, SMOKE_HELP, log, make_image, prepare_model  # noqa: E402
 
 PROMPTS = [
     "Write a long story about a cat and a dog who live in a small house by the river.",
@@ -172,7 +172,7 @@ async def hop(stage_addresses: list[str], certs: str, num_layers: int, steps: in
     import torch
 
     from services.common import tensors
-    from services.common.server import MeshTLS
+    from services.common.tls import MeshTLS
     from services.coordinator.stage_client import Mesh
     from vlmesh.internal.v1 import stage_pb2
 
@@ -242,7 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pipeline", default="true", help="the coordinator's --pipeline: true, false, or both (true,false)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers (e.g. when only the mesh's settings change)")
     p.add_argument("--out", default=None)
+    p.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = p.parse_args(argv)
+    if args.smoke:
+        args.model, args.stages, args.concurrency, args.tokens, args.part, args.pipeline = "tiny", "2", "1,2", 4, "sweep,hop", "false"
     args.model_dir = args.model if Path(args.model).is_dir() else None
     model_dir = prepare_model(args)
     sizes = [int(x) for x in args.concurrency.split(",")]

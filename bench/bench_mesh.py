@@ -36,6 +36,7 @@ decode chain only one stage computes at a time.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import datetime as _dt
 import gc
@@ -43,8 +44,10 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,7 +64,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "clients" / "python"))
 
-RESULTS = ROOT / "bench" / "results"
+# A --smoke run (every bench script has one: a tiny model and a few steps, run by
+# tests/test_bench_smoke.py) writes to a throwaway directory, never over real figures.
+SMOKE = "--smoke" in sys.argv[1:]
+RESULTS = Path(tempfile.mkdtemp(prefix="vlmesh-bench-smoke-")) if SMOKE else ROOT / "bench" / "results"
+if SMOKE:
+    atexit.register(shutil.rmtree, RESULTS, True)
+SMOKE_HELP = "a tiny model and a few steps, to check the script runs (results in a temp dir, not bench/results)"
 IMAGE_SIZE = 448
 QUESTION = "What is in this image? Describe it briefly."
 # Decode prompts, tried in order: the first for which HF greedy does not emit EOS within N tokens
@@ -221,6 +230,23 @@ def image_messages(path: Path) -> list[dict]:
 
 def text_messages(text: str) -> list[dict]:
     return [{"role": "user", "content": [{"type": "text", "text": text}]}]
+
+
+def stream_times(client, messages, max_tokens: int, on_token=None) -> tuple[list[float], list[int], str, object]:
+    """(arrival time of each token, the tokens, the text, the last event) of one Generate stream."""
+    times: list[float] = []
+    tokens: list[int] = []
+    text, last = [], None
+    for ev in client.stream_events(messages, max_tokens=max_tokens):
+        if ev.token_ids:
+            now = time.perf_counter()
+            times += [now] * len(ev.token_ids)
+            tokens += ev.token_ids
+            if on_token is not None:
+                on_token(len(tokens))
+        text.append(ev.text)
+        last = ev
+    return times, tokens, "".join(text), last
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,8 +493,7 @@ def bench_mesh(args, model_dir: Path, num_layers: int, stages: int, warm_image: 
             continue
         break
     res["startup_s"] = time.perf_counter() - t
-    names = ["vision", *[f"stage{i}" for i in range(stages)], "coordinator"]
-    procs = dict(zip(names, mesh.procs))
+    procs = {c.name: c.proc for c in mesh.children.values()}
     log(f"mesh S={stages}: up in {res['startup_s']:.1f} s at {mesh.address}")
     try:
         client = Client(mesh.address, timeout=3600)
@@ -584,7 +609,8 @@ def notes(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="HF generate vs the vlmesh mesh at 1/2/4 stages")
-    ap.add_argument("--model", choices=("tiny", "2b"), required=True)
+    ap.add_argument("--model", choices=("tiny", "2b"), required="--smoke" not in (sys.argv[1:] if argv is None else argv))
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--stages", default="1,2,4", help="comma-separated stage counts")
     ap.add_argument("--decode-tokens", type=int, default=None, help="N (default 128 for tiny, 32 for 2b)")
@@ -599,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--start-timeout", type=float, default=1800.0)
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<model>-<dtype>.json)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.model, args.stages, args.decode_tokens, args.repeats, args.quiet_wait = "tiny", "1,2", 8, 1, 0.0
     if args.decode_tokens is None:
         args.decode_tokens = 128 if args.model == "tiny" else 32
     if args.repeats is None:

@@ -19,8 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_mesh import RESULTS, log, make_image, prepare_model  # noqa: E402
-from meshproc import LocalMesh, respawn, stream_times  # noqa: E402
+from bench_mesh import RESULTS, SMOKE_HELP, log, make_image, prepare_model, stream_times  # noqa: E402
 
 QUESTIONS = [
     "What is in this picture?",
@@ -51,7 +50,7 @@ def conversation(client, image: Path, turns: int, tokens: int) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     from services.common.checkpoint import open_checkpoint
-    from services.launcher import split_layers
+    from services.launcher import LocalMesh, split_layers
     from vlmesh import Client
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--turns", type=int, default=6)
     p.add_argument("--tokens", type=int, default=16)
+    p.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = p.parse_args(argv)
+    if args.smoke:
+        args.model, args.turns, args.tokens = "tiny", 2, 4
     args.model_dir = args.model if Path(args.model).is_dir() else None
     model_dir = prepare_model(args)
     layers = open_checkpoint(model_dir).text_config.num_hidden_layers
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             warm = make_image(3)
             conversation(client, warm, 2, 2)  # warm-up (another picture: turn 1 below is a cache miss)
             report["on"] = conversation(client, make_image(11), args.turns, args.tokens)
-        respawn(mesh, "coordinator", ["--prefix-cache-sessions", "0"])
+        mesh.respawn("coordinator", ["--prefix-cache-sessions", "0"])
         with Client(mesh.address, timeout=3600) as client:
             report["off"] = conversation(client, make_image(12), args.turns, args.tokens)
     finally:

@@ -9,6 +9,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 DEMO_IMAGE = Path(__file__).parent / "assets" / "demo.png"  # data.demo_scene(), rendered
@@ -182,15 +183,17 @@ def _start_mesh(mesh, timeout: float) -> None:
             signal.signal(sig, handler)
 
 
+def _fixed_or_free(given: int | None, default: int, coordinator_port: int) -> int:
+    """A service's port: as given, else its fixed default, else (`--port 0`) any free one."""
+    if given is not None:
+        return given
+    return 0 if coordinator_port == 0 else default
+
+
 def _up(args: argparse.Namespace) -> int:
-    from services.common.ports import ensure_free
-    from services.launcher import LocalMesh
+    from services.launcher import STAGE_PORT, VISION_PORT, LocalMesh, status_path
     from services.stage.quant import per_stage
 
-    try:
-        ensure_free(args.host, args.port)  # before anything loads; LocalMesh.start checks again
-    except OSError as e:
-        raise UserError(f"--port: {e}") from None
     model = _default_model(args.model)
     _check_model(model)
     ranges = _ranges(args, model)
@@ -199,8 +202,6 @@ def _up(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(f"--quantize: {e}") from None
     common, per_service = _service_args(args)
-    shown = ", ".join(f"{a}:{b}" for a, b in ranges) + (f", {args.replicas} replicas each" if args.replicas > 1 else "")
-    print(f"starting vision + {len(ranges)} stage(s) ({shown}) + coordinator for {model}", file=sys.stderr)
     mesh = LocalMesh(
         model,
         ranges,
@@ -208,6 +209,9 @@ def _up(args: argparse.Namespace) -> int:
         log_dir=args.log_dir,
         host=args.host,
         replicas=args.replicas,
+        stage_port=_fixed_or_free(args.stage_port, STAGE_PORT, args.port),
+        vision_port=_fixed_or_free(args.vision_port, VISION_PORT, args.port),
+        metrics_port=args.metrics_port,
         extra_args=common,
         service_args=per_service,
         progress=_progress,
@@ -215,27 +219,36 @@ def _up(args: argparse.Namespace) -> int:
         quantize=quantize,
         pipeline=args.pipeline,
     )
+    try:
+        mesh.check_ports()  # every port it will bind, before anything loads
+    except OSError as e:
+        raise UserError(str(e)) from None
+    shown = ", ".join(f"{a}:{b}" for a, b in ranges) + (f", {args.replicas} replicas each" if args.replicas > 1 else "")
+    print(f"starting vision + {len(ranges)} stage(s) ({shown}) + coordinator for {model}", file=sys.stderr)
     _start_mesh(mesh, args.timeout)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        addresses = {"coordinator": mesh.address, "vision": mesh.vision_address, "stages": mesh.stage_addresses, "certs": mesh.certs}
+        mesh.status_file = str(status_path(int(mesh.address.rsplit(":", 1)[1])))
+        mesh.write_status()
+        addresses = {"coordinator": mesh.address, "vision": mesh.vision_address, "stages": mesh.stage_addresses, "certs": mesh.certs,
+                     "state": mesh.state_dir, "status": mesh.status_file}
         if mesh.openai_url:
             addresses["openai"] = mesh.openai_url
         print(json.dumps(addresses))
         openai = f", OpenAI API at {mesh.openai_url}" if mesh.openai_url else ""
         print(f"mesh ready: coordinator at {mesh.address}{openai} (Ctrl-C to stop)", file=sys.stderr, flush=True)
         sys.stdout.flush()
+        # Supervise until Ctrl-C / SIGTERM: a child that exits is restarted, never the mesh stopped.
         while not stop.wait(0.5):
-            dead = [(n, p) for n, p in zip(mesh.names, mesh.procs, strict=True) if p.poll() is not None]
-            if dead:
-                print(f"{dead[0][0]} exited ({dead[0][1].returncode}); stopping", file=sys.stderr)
-                return 1
+            for line in mesh.supervise():
+                print(f"vlmesh up: {line}", file=sys.stderr, flush=True)
         return 0
     finally:
+        t0 = time.monotonic()
         mesh.stop()
-        print("mesh stopped", file=sys.stderr)
+        print(f"mesh stopped ({time.monotonic() - t0:.1f} s)", file=sys.stderr)
 
 
 def _check_image(path: str) -> None:
@@ -251,8 +264,7 @@ def _check_image(path: str) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from services.common.checkpoint import load_config
-    from services.launcher import LocalMesh, split_layers
+    from services.launcher import LocalMesh
     from services.shapes import data
     from vlmesh import Client
 
@@ -260,15 +272,14 @@ def _demo(args: argparse.Namespace) -> int:
     _check_image(image)
     model = _default_model(args.model)
     _check_model(model)
-    layers = load_config(model).get_text_config().num_hidden_layers
-    try:
-        ranges = split_layers(layers, min(args.stages, layers))
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    ranges = _ranges(argparse.Namespace(layers=None, plan=False, stages=args.stages), model)
+    # Logs of a demo that answered are removed with it; a failed start keeps them (its error names the log).
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="vlmesh-demo-")
     print(f"starting vision + {len(ranges)} stages + coordinator for {model} (logs in {log_dir})", file=sys.stderr)
     mesh = LocalMesh(model, ranges, log_dir=log_dir, progress=_progress)
     _start_mesh(mesh, args.timeout)
+    if not args.log_dir:
+        mesh.remove_at_stop(log_dir)
     try:
         print(f"mesh up at {mesh.address}; asking about {image}", file=sys.stderr)
         messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": args.question}]}]
@@ -285,6 +296,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _add_up_arguments(up: argparse.ArgumentParser) -> None:
+    from services.launcher import COORDINATOR_PORT, STAGE_PORT, VISION_PORT
+
     up.add_argument("--model", help="checkpoint directory (default: the shipped shapes model)")
     split = up.add_mutually_exclusive_group()
     split.add_argument("--layers", metavar="A:B,B:C,...", help="the stages' layer ranges, e.g. 0:14,14:28 (sets the stage count)")
@@ -293,13 +306,17 @@ def _add_up_arguments(up: argparse.ArgumentParser) -> None:
     up.add_argument("--stages", type=int, default=2, help="number of transformer stages (without --layers)")
     up.add_argument("--replicas", type=int, default=1, help="stage processes per layer range (the coordinator gets every address)")
     up.add_argument("--host", default="127.0.0.1", help="address every service binds (0.0.0.0: all interfaces)")
-    up.add_argument("--port", type=int, default=50051, help="coordinator port")
+    up.add_argument("--port", type=int, default=COORDINATOR_PORT, help="coordinator port (0: every service on any free port)")
+    up.add_argument("--stage-port", type=int, default=None,
+                    help=f"the first stage process's port, the others counting up from it (default {STAGE_PORT}; 0: any free ports)")
+    up.add_argument("--vision-port", type=int, default=None, help=f"the vision service's port (default {VISION_PORT}; 0: any free port)")
+    up.add_argument("--metrics-port", type=int, default=None, help="serve the coordinator's Prometheus metrics on this HTTP port")
     up.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="vision and stage parameter dtype")
     up.add_argument("--kv-budget-mb", type=int, help="each stage's KV cache budget in MiB")
     up.add_argument("--threads", type=int, help="torch threads per service (0 = torch's default)")
     up.add_argument("--trace-exporter", choices=("none", "console", "otlp"), help="where every service sends its spans")
     up.add_argument("--otlp-endpoint", help="OTLP gRPC collector for --trace-exporter otlp, e.g. http://127.0.0.1:4317")
-    up.add_argument("--log-dir", help="write each service's log here instead of the terminal")
+    up.add_argument("--log-dir", help="write each service's log here instead of the terminal, and keep the coordinator's sessions in LOG_DIR/state")
     up.add_argument("--timeout", type=float, default=600, help="seconds to wait for the services to be healthy")
     up.add_argument("--openai-port", type=int, default=None, help="also start the OpenAI-compatible gateway on this port (0 = any free one)")
     up.add_argument("--pipeline", action="store_true",
@@ -323,49 +340,81 @@ def _run_guarded(name: str, fn, args: argparse.Namespace) -> int:
         return 130
 
 
+# Every command, its one-line help, and where its arguments and run() live ("" for the ones here).
+# Only the command asked for is imported, so one that needs no model loads no torch.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("run one service: vlmesh serve {vision,stage,coordinator,gateway} --help", ""),
+    "up": ("run the whole mesh locally as child processes, restarting any that exits", ""),
+    "demo": ("start a mesh, ask about an image, print the streamed answer, stop", ""),
+    "chat": ("chat with a running mesh (one-shot or interactive)", "vlmesh.chat_cli"),
+    "plan": ("split a model's layers over N stages, balancing memory (config only)", "services.plan"),
+    "eval": ("score a checkpoint on held-out shapes questions (transformers and mesh)", "services.shapes.eval"),
+    "make-tiny": ("write a tiny random-weight checkpoint in the HF layout", "services.tiny"),
+    "status": ("print the running mesh: replicas, health, KV use, sessions, vision cache; and what `vlmesh up` restarted", ""),
+    "certs": ("make a CA and certificates for the mesh's mutual TLS", "services.common.certs"),
+    "keys": ("make API keys for the coordinator's --api-keys-file", "services.coordinator.auth"),
+    "quantize": ("SmoothQuant-calibrate a checkpoint, write it as compressed-tensors W8A8", "services.quantize"),
+}
+
+
+def _add_demo_arguments(demo: argparse.ArgumentParser) -> None:
+    demo.add_argument("--model", help="checkpoint directory (default: the shipped shapes model)")
+    demo.add_argument("--stages", type=int, default=2)
+    demo.add_argument("--image", help="image to ask about (default: the shipped example)")
+    demo.add_argument("--question", default="What is in this picture?")
+    demo.add_argument("--max-tokens", type=int, default=32)
+    demo.add_argument("--log-dir", help="write each service's log here and keep it (default: a temp dir removed after the answer)")
+    demo.add_argument("--timeout", type=float, default=600, help="seconds to wait for the services to be healthy")
+
+
+def _add_status_arguments(p: argparse.ArgumentParser) -> None:
+    from services import status
+
+    status.add_arguments(p)
+
+
+def _status(args: argparse.Namespace) -> int:
+    """The coordinator's view, then, for a mesh `vlmesh up` runs on this machine, its supervisor's
+    (the children, their restarts and its last events: from the file status_path(port) names)."""
+    from services import status
+    from services.launcher import read_status
+
+    rc = status.run(args)
+    host, _, port = args.coordinator.rpartition(":")
+    sup = read_status(int(port)) if port.isdigit() and host in ("127.0.0.1", "localhost", "0.0.0.0", "[::1]", "") else None
+    if sup is None or args.json:
+        return rc
+    print(f"\nvlmesh up (pid {sup['pid']}), state in {sup['state_dir']}:")
+    for c in sup["children"]:
+        restarts = f", {c['restarts']} restart(s)" if c["restarts"] else ""
+        print(f"  {c['name']:<12} {c['address']:<22} {c['state']}{restarts}")
+    for line in sup["events"][-10:]:
+        print(f"  {line}")
+    return rc
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "serve":
         return _serve(argv[1:])
     parser = argparse.ArgumentParser(prog="vlmesh", description="Qwen vision-language models as a gRPC mesh.")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("serve", help="run one service: vlmesh serve {vision,stage,coordinator,gateway} --help")
+    cmd = next((a for a in argv if not a.startswith("-")), None)
+    parsers = {name: sub.add_parser(name, help=text) for name, (text, _) in COMMANDS.items()}
+    module = None
+    if cmd in COMMANDS:
+        p, where = parsers[cmd], COMMANDS[cmd][1]
+        if cmd == "up":
+            _add_up_arguments(p)
+        elif cmd == "demo":
+            _add_demo_arguments(p)
+        elif cmd == "status":
+            _add_status_arguments(p)
+        elif where:
+            import importlib
 
-    up = sub.add_parser("up", help="run the whole mesh locally as child processes")
-    _add_up_arguments(up)
-
-    demo = sub.add_parser("demo", help="start a mesh, ask about an image, print the streamed answer, stop")
-    demo.add_argument("--model", help="checkpoint directory (default: the shipped shapes model)")
-    demo.add_argument("--stages", type=int, default=2)
-    demo.add_argument("--image", help="image to ask about (default: the shipped example)")
-    demo.add_argument("--question", default="What is in this picture?")
-    demo.add_argument("--max-tokens", type=int, default=32)
-    demo.add_argument("--log-dir", help="write each service's log here")
-    demo.add_argument("--timeout", type=float, default=600, help="seconds to wait for the services to be healthy")
-
-    from vlmesh import chat_cli
-
-    chat_cli.add_arguments(sub.add_parser("chat", help="chat with a running mesh (one-shot or interactive)"))
-
-    from services import plan as planner
-    from services import quantize, tiny
-    from services.shapes import eval as shapes_eval
-
-    planner.add_arguments(sub.add_parser("plan", help="split a model's layers over N stages, balancing memory (config only)"))
-
-    shapes_eval.add_arguments(sub.add_parser("eval", help="score a checkpoint on held-out shapes questions (transformers and mesh)"))
-
-    tiny.add_arguments(sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint in the HF layout"))
-
-    from services import status
-    from services.common import certs
-    from services.coordinator import auth
-
-    status.add_arguments(sub.add_parser("status", help="print the running mesh: replicas, health, KV use, sessions, vision cache"))
-    certs.add_arguments(sub.add_parser("certs", help="make a CA and certificates for the mesh's mutual TLS"))
-    auth.add_arguments(sub.add_parser("keys", help="make API keys for the coordinator's --api-keys-file"))
-    quantize.add_arguments(sub.add_parser("quantize", help="SmoothQuant-calibrate a checkpoint, write it as compressed-tensors W8A8"))
-
+            module = importlib.import_module(where)
+            module.add_arguments(p)
     args = parser.parse_args(argv)
     if args.cmd == "up":
         if args.replicas < 1:
@@ -373,22 +422,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run_guarded("up", _up, args)
     if args.cmd == "demo":
         return _run_guarded("demo", _demo, args)
-    if args.cmd == "chat":
-        return chat_cli.run(args)
-    if args.cmd == "plan":
-        return planner.run(args)
-    if args.cmd == "eval":
-        return shapes_eval.run(args)
-    if args.cmd == "make-tiny":
-        return tiny.run(args)
     if args.cmd == "status":
-        return status.run(args)
-    if args.cmd == "certs":
-        return certs.run(args)
-    if args.cmd == "keys":
-        return auth.run(args)
-    if args.cmd == "quantize":
-        return quantize.run(args)
+        return _status(args)
+    if module is not None:
+        return module.run(args)
     parser.error(f"unknown command {args.cmd}")
     return 2
 

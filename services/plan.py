@@ -158,10 +158,11 @@ def stage_plans(sizes: ModelBytes, ranges: Sequence[tuple[int, int]]) -> list[St
 def partition(sizes: ModelBytes, stages: int, context: int = 0) -> list[StagePlan]:
     """The balanced plan for `stages` stages of a measured model."""
     n = sizes.num_layers
-    if stages < 1:
-        raise ValueError(f"a stage count must be at least 1, got {stages}")
-    if stages > n:
-        raise ValueError(f"cannot split {n} layers into {stages} stages: every stage needs at least one layer")
+    from services.launcher import stages_error
+
+    error = stages_error(n, stages)
+    if error:
+        raise ValueError(error)
     if context < 0:
         raise ValueError(f"--context must be >= 0 tokens, got {context}")
     # Prefix sums: the search below evaluates O(stages * n^2) ranges.
@@ -262,9 +263,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from services.launcher import stages_error
+
     counts = list(dict.fromkeys([args.stages, *args.also]))  # --stages first, no repeats
     try:
         config = load_config(args.model)
+        layers = config.get_text_config().num_hidden_layers
+        error = stages_error(layers, args.stages)
+        if error:
+            raise ValueError(f"--stages {args.stages}: {error}")
+        for s in counts[1:]:
+            error = stages_error(layers, s)
+            if error:  # one of several asked for: the others are still worth printing
+                print(f"plan: skipping --also {s}: {error}", file=sys.stderr)
+        counts = [s for s in counts if stages_error(layers, s) is None]
         dtype = None if args.dtype in ("auto", "int8") else getattr(torch, args.dtype)
         sizes = measure(config, dtype, True if args.dtype == "int8" else None)
         plans = {s: partition(sizes, s, args.context) for s in counts}

@@ -18,7 +18,7 @@ from vlmesh.v1 import coordinator_pb2_grpc as pb_grpc
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--coordinator", default="127.0.0.1:50051", help="coordinator address")
+    p.add_argument("--address", "--coordinator", dest="coordinator", default="127.0.0.1:50051", help="coordinator address")
     p.add_argument("--api-key", default=os.environ.get("VLMESH_API_KEY", ""), help="API key [env VLMESH_API_KEY]")
     p.add_argument("--tls", action="store_true", help="the coordinator's port speaks TLS")
     p.add_argument("--ca-cert", help="CA certificate to check the coordinator's (with --tls)")

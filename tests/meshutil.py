@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
+
 import contextlib
 import io
 import tempfile
@@ -16,7 +19,6 @@ import torch
 from PIL import Image
 from threaded_server import ThreadedServer
 
-from services.common.certs import make_certs
 from services.common.channels import sync_mesh_channel
 from services.common.tls import MeshTLS
 from services.coordinator.server import CoordinatorConfig
@@ -69,9 +71,11 @@ def wait_until(
 
 @lru_cache(maxsize=1)
 def certs_dir() -> str:
-    """One mesh CA and its service certificates for the whole test run."""
-    d = tempfile.mkdtemp(prefix="vlmesh-certs-")
-    make_certs(d)
+    """One mesh CA and its service certificates for the whole test run (removed at its end)."""
+    from services.launcher import make_run_certs
+
+    d = make_run_certs()
+    atexit.register(shutil.rmtree, d, True)
     return d
 
 
@@ -136,7 +140,9 @@ def start_mesh(model, ranges, vision_kw: dict | None = None, stage_kw: dict | No
         ThreadedServer(start_stage, StageConfig(model=str(model), layers=f"{a}:{b}", port=0, **mesh_tls_kw("stage"), **(stage_kw or {})))
         for a, b in ranges
     ]
-    coord = {"state_dir": tempfile.mkdtemp(prefix="vlmesh-state-"), **(coord_kw or {})}
+    state = tempfile.mkdtemp(prefix="vlmesh-state-")
+    atexit.register(shutil.rmtree, state, True)
+    coord = {"state_dir": state, **(coord_kw or {})}
     coordinator = ThreadedServer(
         start_coordinator,
         CoordinatorConfig(

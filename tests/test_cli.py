@@ -97,6 +97,61 @@ def test_up_on_a_port_in_use_fails_at_once_naming_it(grpc_listener, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing was started
 
 
+@pytest.mark.parametrize("flag", ["--openai-port", "--stage-port", "--vision-port", "--metrics-port"])
+def test_up_checks_every_port_before_loading(grpc_listener, flag, tmp_path):
+    """Not only the coordinator's: the gateway's, every stage's, vision's and the metrics port are
+    checked before anything is started (no model loads, nothing in the log directory)."""
+    out = run("up", "--port", "0", flag, str(grpc_listener), "--log-dir", str(tmp_path))
+    assert_one_line_error(out, str(grpc_listener), "in use", flag)
+    assert out.returncode == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_up_default_ports_are_the_readmes(tmp_path):
+    """Without --port 0 the stages start at 50061 and vision is on 50071 (what the README's grpcurl
+    lines name): a taken 50061 is refused at once, naming the flag that moves it."""
+    with socket.socket() as taken:
+        try:
+            taken.bind(("127.0.0.1", 50061))
+        except OSError:
+            pytest.skip("port 50061 is in use on this machine")
+        taken.listen()
+        out = run("up", "--port", str(free_port()), "--log-dir", str(tmp_path))
+    assert_one_line_error(out, "port 50061", "in use", "--stage-port 50061 + 0")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_commands_that_need_no_model_import_no_torch(tmp_path):
+    code = (
+        "import sys\nfrom services.cli import main\ntry:\n    sys.exit(main(sys.argv[1:]))\nfinally:\n"
+        "    print('heavy:', sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    for argv in (["keys", "new", "--name", "a", "--file", str(tmp_path / "keys.txt")], ["certs", "--out", str(tmp_path / "c")],
+                 ["up", "--help"], ["chat", "--help"], ["status", "--address", "127.0.0.1:1"]):
+        out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+        assert "heavy: []" in out.stdout, (argv, out.stdout, out.stderr)
+
+
+def test_the_address_flag_has_one_name_on_every_command():
+    out = run("status", "--address", "127.0.0.1:1")
+    assert out.returncode == 1 and "127.0.0.1:1" in out.stderr, out.stderr
+    out = run("status", "--coordinator", "127.0.0.1:1")
+    assert out.returncode == 1 and "127.0.0.1:1" in out.stderr, out.stderr
+    for flag in ("--address", "--coordinator"):
+        out = run("chat", flag, "127.0.0.1:1", "hello", timeout=60)
+        assert out.returncode == 1 and "unrecognized" not in out.stderr, out.stderr
+
+
+def test_chat_with_no_mesh_says_what_to_do_and_a_text_file_is_no_image(tmp_path):
+    out = run("chat", "--address", "127.0.0.1:1", "hello", timeout=60)
+    assert out.returncode == 1 and "UNAVAILABLE" in out.stderr and "vlmesh up" in out.stderr and "--address" in out.stderr, out.stderr
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a picture\n")
+    out = run("chat", "--address", "127.0.0.1:1", "--image", str(notes), "what is this?", timeout=60)
+    assert out.returncode != 0 and "notes.txt" in out.stderr and "not a recognised image file" in out.stderr, out.stderr
+    assert "BytesIO" not in out.stderr and " object at 0x" not in out.stderr
+
+
 def test_serve_on_a_port_in_use_fails_before_loading(grpc_listener):
     out = run("serve", "coordinator", "--model", str(SHAPES), "--stages", "127.0.0.1:1", "--vision", "127.0.0.1:1",
               "--host", "127.0.0.1", "--port", str(grpc_listener))
@@ -135,6 +190,8 @@ def test_serve_help_lists_the_services():
         (["up", "--layers", "0:2,2:9"], ["4 decoder layers"]),
         (["up", "--layers", "two"], ["START:END"]),
         (["demo", "--image", "/no/such.png"], ["no such file"]),
+        (["demo", "--stages", "5"], ["cannot split 4 layers into 5 stages", "1 to 4"]),
+        (["up", "--stages", "5"], ["cannot split 4 layers into 5 stages", "1 to 4"]),
     ],
 )
 def test_user_mistakes_are_one_line_and_nonzero(args, words, tmp_path):
@@ -152,6 +209,19 @@ def test_demo_checks_the_image_before_starting_a_mesh(tmp_path):
     out = run("demo", "--image", str(not_image), "--log-dir", str(logs))
     assert_one_line_error(out, str(not_image), "not an image")
     assert not logs.exists()
+
+
+def test_demo_leaves_nothing_behind(tmp_path):
+    """Its logs, the coordinator's session store and the throwaway certificates go with it."""
+    tmp, home = tmp_path / "tmp", tmp_path / "home"
+    tmp.mkdir()
+    home.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "HOME": str(home)}
+    out = subprocess.run([*VLMESH, "demo", "--max-tokens", "4"], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "A: " in out.stdout
+    assert [p.name for p in tmp.iterdir() if p.name.startswith("vlmesh-")] == []
+    assert not (home / ".local" / "state" / "vlmesh").exists()
 
 
 def test_plan_flag_uses_the_balanced_split():
@@ -196,7 +266,8 @@ def up_with_flags(tmp_path_factory):
     logs = tmp_path_factory.mktemp("up-logs")
     proc = subprocess.Popen(
         [*VLMESH, "up", "--port", "0", "--layers", "0:1,1:4", "--dtype", "float32", "--kv-budget-mb", "24", "--threads", "1",
-         "--host", "127.0.0.1", "--trace-exporter", "otlp", "--otlp-endpoint", sink.endpoint, "--log-dir", str(logs)],
+         "--host", "127.0.0.1", "--trace-exporter", "otlp", "--otlp-endpoint", sink.endpoint, "--log-dir", str(logs),
+         "--metrics-port", str(free_port())],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -222,11 +293,18 @@ def test_up_flags_reach_the_services(up_with_flags):
     assert {i.dtype for i in infos} == {"float32"}
     threads = {p.cmdline()[p.cmdline().index("--threads") + 1] for p in psutil.Process(proc.pid).children()}
     assert threads == {"1"}
+    coordinator = next(p.cmdline() for p in psutil.Process(proc.pid).children() if "coordinator" in p.cmdline())
+    metrics_port = coordinator[coordinator.index("--metrics-port") + 1]
+    assert coordinator[coordinator.index("--state-dir") + 1] == addresses["state"] == str(Path(proc.args[proc.args.index("--log-dir") + 1]) / "state")
 
     with Client(addresses["coordinator"]) as client:
         answer = client.chat([{"role": "user", "content": [{"type": "image", "image": str(DEMO_PNG)},
                                                            {"type": "text", "text": "What is in this picture?"}]}], max_tokens=16)
     assert answer.text
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:  # --metrics-port reached the coordinator
+        assert "vlmesh:generation_tokens_total" in r.read().decode()
     # Every service exported its spans to the OTLP endpoint `vlmesh up` was given, each under its
     # own service.name (a stage's names its layer range).
     wanted = {"vlmesh-vision", "vlmesh-stage-0-1", "vlmesh-stage-1-4", "vlmesh-coordinator"}

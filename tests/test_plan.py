@@ -259,7 +259,7 @@ def test_dtype_override(models, sizes):
 def test_bad_stage_counts(sizes):
     with pytest.raises(ValueError, match="cannot split 28 layers into 29 stages"):
         plan.partition(sizes["2b"], 29)
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match=r"cannot split 28 layers into 0 stages \(1 to 28"):
         plan.partition(sizes["2b"], 0)
     with pytest.raises(ValueError, match="context"):
         plan.partition(sizes["2b"], 2, context=-1)
@@ -294,8 +294,12 @@ def test_cli_reads_only_config_json(models, capsys):
 def test_cli_errors(models, tmp_path, capsys):
     assert plan.run(_cli("--model", str(models["2b"]), "--stages", "29")) == 2
     assert "cannot split 28 layers into 29 stages" in capsys.readouterr().err
-    assert plan.run(_cli("--model", str(models["2b"]), "--stages", "2", "--also", "0")) == 2
-    assert "at least 1" in capsys.readouterr().err
+    # One of several counts beyond the rule is skipped with a note; the others are still planned.
+    assert plan.run(_cli("--model", str(models["2b"]), "--stages", "2", "--also", "0,4,29")) == 0
+    out = capsys.readouterr()
+    assert "2 stage(s):" in out.out and "4 stage(s):" in out.out and out.out.count("stage(s):") == 2
+    assert "skipping --also 0: cannot split 28 layers into 0 stages" in out.err
+    assert "skipping --also 29: cannot split 28 layers into 29 stages" in out.err
     assert plan.run(_cli("--model", str(tmp_path), "--stages", "2")) == 2
     assert "no config.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -344,3 +348,17 @@ def test_other_families(tmp_path, model_type, tied):
         _check_ranges(stages, n, count)
         copy = sizes.head if tied and count > 1 else 0  # the last stage's own copy of a tied head
         assert sum(st.weight_bytes for st in stages) + sizes.vision == total + copy
+
+
+def test_k8s_stages_too_many_stages_is_one_line(models):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "tools" / "k8s_stages.py"), "--model", str(models["2b"]), "--stages", "29"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        "k8s_stages: error: cannot split 28 layers into 29 stages (1 to 28: a stage holds at least one layer)"
+    )

@@ -4,6 +4,7 @@ nothing beside it), every #anchor names one of its headings, and it names no pat
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,3 +51,50 @@ def test_the_link_checker_catches_what_it_should(tmp_path):
     assert slug("Deploying on Kubernetes") == "deploying-on-kubernetes"
     assert slug("Debugging with `grpcurl`!") == "debugging-with-grpcurl"
     assert links("see [a](k8s/) and [b](#x) and [c](https://x.y) but not\n```\n[d](nope)\n```") == ["k8s/", "#x", "https://x.y"]
+
+
+def bash_blocks(text: str) -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+
+
+def commands(block: str) -> list[list[str]]:
+    """Each command of a bash block as words: comments dropped, `\\` continuations joined, `&&` split."""
+    text = re.sub(r"\\\n", " ", block)
+    out = []
+    for line in text.splitlines():
+        line = re.sub(r"(^|\s)#.*$", "", line).strip()
+        for part in filter(None, (p.strip() for p in line.split("&&"))):
+            try:
+                out.append(shlex.split(part))
+            except ValueError:  # a quoted JSON body that a later line closes: its first words still tell
+                out.append(part.split())
+    return out
+
+
+def test_quick_start_commands_resolve_as_written():
+    """In a fresh shell, after the quick start, the README's `vlmesh ...` lines must find `vlmesh`:
+    the quick start activates the venv (or names .venv/bin/ itself) before any bare `vlmesh`, and
+    every `vlmesh SUBCOMMAND` the README shows is one the CLI has."""
+    from services.cli import COMMANDS
+
+    blocks = bash_blocks(README.read_text())
+    quick, rest = blocks[0], blocks[1:]
+    on_path = False
+    scripts = {"vlmesh"}  # [project.scripts] in pyproject.toml
+    assert "vlmesh = " in (ROOT / "pyproject.toml").read_text()
+    for words in commands(quick):
+        if words[:2] in ([".", ".venv/bin/activate"], ["source", ".venv/bin/activate"]):
+            on_path = True
+        elif words[0].startswith(".venv/bin/"):
+            assert words[0].removeprefix(".venv/bin/") in {"pip", "python", *scripts}, words
+        elif words[0] in scripts:
+            assert on_path, f"{' '.join(words)}: `vlmesh` is not on PATH yet (no `. .venv/bin/activate` before it)"
+    assert on_path, "the quick start never activates the venv, so the README's bare `vlmesh` lines would not resolve"
+    shown = [words for block in rest for words in commands(block) if words and words[0] == "vlmesh"]
+    assert shown, "the parser must find the README's vlmesh lines"
+    for words in shown:
+        assert words[1] in COMMANDS, f"{' '.join(words)}: no such vlmesh command"
+
+
+def test_the_command_checker_catches_what_it_should():
+    assert commands("a b && c  # note\nd \\\n  e") == [["a", "b"], ["c"], ["d", "e"]]

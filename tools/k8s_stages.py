@@ -306,7 +306,11 @@ def main(argv: list[str] | None = None) -> int:
 
         s = Settings(args.stages, args.dtype, args.kv_budget_mb, args.replicas, args.threads, args.image, args.model_path,
                      args.model_pvc, args.startup_seconds)
-        text = render(load_config(args.model), s)
+        try:
+            text = render(load_config(args.model), s)
+        except (ValueError, FileNotFoundError) as e:  # too many stages, no config.json: one line, as `vlmesh plan` says it
+            print(f"k8s_stages: error: {e}", file=sys.stderr)
+            return 2
         if args.out:
             args.out.write_text(text)
         else:

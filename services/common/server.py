@@ -148,32 +148,3 @@ async def start_server(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s on %s:%d (%s)", ", ".join(names), cfg.host, bound, "TLS" if credentials else "plaintext")
     return RunningServer(server, bound, health_servicer, names, on_stop, health_server, health_bound, metrics_server)
-
-
-# Defined in the modules this one was split into; importable from here until every importer
-# names the module that defines them.
-from .channels import channel_options, mesh_channel, sync_mesh_channel, wait_healthy  # noqa: E402
-from .interceptor import TRACE_ID_KEY, abort, error_trailers  # noqa: E402
-from .logs import JsonFormatter, setup_logging  # noqa: E402
-from .serve import prepare_process, serve_main  # noqa: E402
-from .tls import MESH_SERVER_NAME  # noqa: E402
-
-__all__ = [
-    "MESH_SERVER_NAME",
-    "TRACE_ID_KEY",
-    "JsonFormatter",
-    "MeshTLS",
-    "Register",
-    "RunningServer",
-    "abort",
-    "channel_options",
-    "error_trailers",
-    "grpc_options",
-    "mesh_channel",
-    "prepare_process",
-    "serve_main",
-    "setup_logging",
-    "start_server",
-    "sync_mesh_channel",
-    "wait_healthy",
-]

@@ -107,7 +107,7 @@ def _check_image(data: bytes, source: object) -> bytes:
         with Image.open(io.BytesIO(data)) as img:
             img_format = img.format
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"image {_describe(source)} is not a recognised image file: {e}") from e
+        raise ValueError(f"image {_describe(source)} is not a recognised image file (PNG, JPEG, WebP, GIF, ...)") from e
     if not img_format:
         raise ValueError(f"image {_describe(source)} is not a recognised image file")
     return data

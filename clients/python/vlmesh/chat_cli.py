@@ -14,6 +14,8 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
+import grpc
+
 from ._messages import load_image, load_video
 from .client import API_KEY_ENV, DEFAULT_ADDRESS, Client, GenerateOptions, Session
 from .errors import NotFound, VlmeshError
@@ -32,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--address",
+        "--coordinator",
+        dest="address",
         default=None,
         help=f"coordinator address (default: $VLMESH_ADDRESS or {DEFAULT_ADDRESS})",
     )
@@ -91,7 +95,10 @@ def _error(message: str) -> None:
 
 def _report(exc: Exception) -> None:
     if isinstance(exc, VlmeshError):
-        _error(f"{exc.code.name}: {exc.details}")
+        hint = ""
+        if exc.code is grpc.StatusCode.UNAVAILABLE and "connect" in exc.details:
+            hint = "\n  no mesh answers there: start one with `vlmesh up`, or point --address at a running coordinator"
+        _error(f"{exc.code.name}: {exc.details}{hint}")
     else:
         # Local validation (bad image, bad option): the same class of failure the server
         # would report as INVALID_ARGUMENT, so scripts can parse one format.
