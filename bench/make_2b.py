@@ -118,6 +118,37 @@ def is_complete(out: str | Path, dtype: str) -> bool:
         return False
 
 
+def _set_pixel_limits(out: Path) -> None:
+    """The processors' pixel limits, as the real checkpoint sets them."""
+    for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
+        p = out / name
+        cfg = json.loads(p.read_text())
+        cfg.update(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+        if isinstance(cfg.get("size"), dict):
+            cfg["size"].update(shortest_edge=MIN_PIXELS, longest_edge=MAX_PIXELS)
+        p.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _initialise(params: list, norms: set[str], seed: int, total: int) -> None:
+    """N(0, INIT_STD) matrices, norm weights 1, biases 0, with progress every 10 s."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    done, last = 0, time.perf_counter()
+    with torch.no_grad():
+        for name, p in params:
+            if name in norms:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif p.dim() < 2:
+                p.zero_()
+            else:
+                p.normal_(0.0, INIT_STD, generator=gen)
+            done += p.numel()
+            if time.perf_counter() - last > 10:
+                last = time.perf_counter()
+                _log(f"  init {done / total:6.1%} ({done / 1e9:.2f} / {total / 1e9:.2f} G params)")
+
+
 def make_random_2b(
     out: str | Path,
     dtype: str = "bfloat16",
@@ -149,13 +180,7 @@ def make_random_2b(
     make_tiny(out, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
     tiny = json.loads((out / "config.json").read_text())
     generation_config = (out / "generation_config.json").read_bytes()
-    for name in ("preprocessor_config.json", "video_preprocessor_config.json"):  # make sure, as the real checkpoint
-        p = out / name
-        cfg = json.loads(p.read_text())
-        cfg.update(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
-        if isinstance(cfg.get("size"), dict):
-            cfg["size"].update(shortest_edge=MIN_PIXELS, longest_edge=MAX_PIXELS)
-        p.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    _set_pixel_limits(out)
     for stale in [*out.glob("*.safetensors"), out / "model.safetensors.index.json"]:
         stale.unlink(missing_ok=True)  # the tiny weights
 
@@ -181,20 +206,8 @@ def make_random_2b(
     params = [(n, p) for n, p in model.named_parameters()]  # remove_duplicate: the tied head once
     total = sum(p.numel() for _, p in params)
     _log(f"step 3/4: initialising {total:,} parameters (N(0, {INIT_STD}), norms 1, biases 0)")
-    gen = torch.Generator().manual_seed(seed)
-    done, last = 0, time.perf_counter()
+    _initialise(params, norms, seed, total)
     with torch.no_grad():
-        for name, p in params:
-            if name in norms:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-            elif p.dim() < 2:
-                p.zero_()
-            else:
-                p.normal_(0.0, INIT_STD, generator=gen)
-            done += p.numel()
-            if time.perf_counter() - last > 10:
-                last = time.perf_counter()
-                _log(f"  init {done / total:6.1%} ({done / 1e9:.2f} / {total / 1e9:.2f} G params)")
         tokenizer = AutoTokenizer.from_pretrained(out)
         zero = torch.tensor(_never_generated_ids(tokenizer, tc.vocab_size), dtype=torch.long)
         emb[zero] = 0  # tied: the output rows too

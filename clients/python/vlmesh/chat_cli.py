@@ -12,6 +12,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import grpc
@@ -171,14 +172,70 @@ def _close_quietly(session: Session | None) -> None:
             session.close()
 
 
+@dataclass
+class _Conversation:
+    """What the interactive loop carries between lines."""
+
+    session: Session | None = None
+    send_system: bool = True  # the system prompt goes with the first turn of each session
+    pending: list[dict[str, Any]] = field(default_factory=list)  # images and videos for the next message
+
+
+def _slash(client: Client, conv: _Conversation, text: str) -> bool:
+    """A /command; True when it ends the chat."""
+    command, _, rest = text.partition(" ")
+    if command == "/quit":
+        return True
+    if command == "/reset":
+        _close_quietly(conv.session)
+        conv.session, conv.send_system, conv.pending = None, True, []
+        print("(new session)", file=sys.stderr)
+    elif command in ("/image", "/video"):
+        kind = command[1:]
+        try:
+            load = load_image if kind == "image" else load_video
+            data = load(rest.strip(), allow_private_urls=client.allow_private_urls)
+            conv.pending.append({"type": kind, kind: data})
+            print(f"({kind} attached: {rest.strip()})", file=sys.stderr)
+        except ValueError as e:
+            _report(e)
+    else:
+        _error(f"unknown command {command!r}; {_HELP}")
+    return False
+
+
+def _say(client: Client, args: argparse.Namespace, conv: _Conversation, text: str) -> None:
+    """One turn: stream the reply, or report why there is none."""
+    printer = _Printer(sys.stdout)
+    try:
+        if conv.session is None:
+            conv.session = client.session()
+        messages = _turn(args.system if conv.send_system else None, conv.pending, text)
+        printer.stream(conv.session.stream(messages, **_options(args)))
+        conv.send_system, conv.pending = False, []
+    except (VlmeshError, ValueError) as e:
+        printer.end_line()
+        _report(e)
+        if isinstance(e, NotFound) and conv.session is not None:
+            # The server dropped the session (evicted, restarted): start over.
+            print("(session lost; the next message starts a new session)", file=sys.stderr)
+            conv.session, conv.send_system = None, True
+    except KeyboardInterrupt:
+        if conv.session is not None:
+            # The turn reached the server, which may keep part of it: don't resend it.
+            conv.send_system, conv.pending = False, []
+        printer.end_line()
+        print("(interrupted)", file=sys.stderr)
+    else:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
 def _interactive(client: Client, args: argparse.Namespace, images: list[dict[str, Any]]) -> int:
     tty = sys.stdin.isatty()
     if tty:
         print(_HELP, file=sys.stderr)
-    session: Session | None = None
-    # The system prompt goes with the first turn of each session; --image with the first message.
-    send_system = True
-    pending: list[dict[str, Any]] = list(images)
+    conv = _Conversation(pending=list(images))  # --image goes with the first message
     try:
         while True:
             try:
@@ -192,51 +249,12 @@ def _interactive(client: Client, args: argparse.Namespace, images: list[dict[str
             if not text:
                 continue
             if text.startswith("/"):
-                command, _, rest = text.partition(" ")
-                if command == "/quit":
+                if _slash(client, conv, text):
                     return 0
-                if command == "/reset":
-                    _close_quietly(session)
-                    session, send_system, pending = None, True, []
-                    print("(new session)", file=sys.stderr)
-                elif command in ("/image", "/video"):
-                    kind = command[1:]
-                    try:
-                        load = load_image if kind == "image" else load_video
-                        data = load(rest.strip(), allow_private_urls=client.allow_private_urls)
-                        pending.append({"type": kind, kind: data})
-                        print(f"({kind} attached: {rest.strip()})", file=sys.stderr)
-                    except ValueError as e:
-                        _report(e)
-                else:
-                    _error(f"unknown command {command!r}; {_HELP}")
                 continue
-
-            printer = _Printer(sys.stdout)
-            try:
-                if session is None:
-                    session = client.session()
-                messages = _turn(args.system if send_system else None, pending, text)
-                printer.stream(session.stream(messages, **_options(args)))
-                send_system, pending = False, []
-            except (VlmeshError, ValueError) as e:
-                printer.end_line()
-                _report(e)
-                if isinstance(e, NotFound) and session is not None:
-                    # The server dropped the session (evicted, restarted): start over.
-                    print("(session lost; the next message starts a new session)", file=sys.stderr)
-                    session, send_system = None, True
-            except KeyboardInterrupt:
-                if session is not None:
-                    # The turn reached the server, which may keep part of it: don't resend it.
-                    send_system, pending = False, []
-                printer.end_line()
-                print("(interrupted)", file=sys.stderr)
-            else:
-                sys.stdout.write("\n")
-                sys.stdout.flush()
+            _say(client, args, conv, text)
     finally:
-        _close_quietly(session)
+        _close_quietly(conv.session)
 
 
 def run(args: argparse.Namespace) -> int:
