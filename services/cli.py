@@ -161,7 +161,7 @@ def _service_args(args: argparse.Namespace) -> tuple[list[str], dict[str, list[s
         return [] if value is None else ["--" + name.replace("_", "-"), str(value)]
 
     common = [*flag("threads"), *flag("trace_exporter"), *flag("otlp_endpoint")]
-    return common, {"vision": flag("dtype"), "stage": [*flag("dtype"), *flag("kv_budget_mb")]}
+    return common, {"vision": flag("dtype"), "stage": [*flag("dtype"), *flag("kv_budget_mb"), *flag("numerics")]}
 
 
 def _progress(line: str) -> None:
@@ -313,6 +313,9 @@ def _add_up_arguments(up: argparse.ArgumentParser) -> None:
     up.add_argument("--metrics-port", type=int, default=None, help="serve the coordinator's Prometheus metrics on this HTTP port")
     up.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="vision and stage parameter dtype")
     up.add_argument("--kv-budget-mb", type=int, help="each stage's KV cache budget in MiB")
+    up.add_argument(
+        "--numerics", choices=("exact", "fast"), help="stages' attention: exact (the default: equal to generate()) or fast (one batched call per layer)"
+    )
     up.add_argument("--threads", type=int, help="torch threads per service (0 = torch's default)")
     up.add_argument("--trace-exporter", choices=("none", "console", "otlp"), help="where every service sends its spans")
     up.add_argument("--otlp-endpoint", help="OTLP gRPC collector for --trace-exporter otlp, e.g. http://127.0.0.1:4317")

@@ -267,7 +267,7 @@ def up_with_flags(tmp_path_factory):
     proc = subprocess.Popen(
         [*VLMESH, "up", "--port", "0", "--layers", "0:1,1:4", "--dtype", "float32", "--kv-budget-mb", "24", "--threads", "1",
          "--host", "127.0.0.1", "--trace-exporter", "otlp", "--otlp-endpoint", sink.endpoint, "--log-dir", str(logs),
-         "--metrics-port", str(free_port())],
+         "--metrics-port", str(free_port()), "--numerics", "fast"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -293,6 +293,8 @@ def test_up_flags_reach_the_services(up_with_flags):
     assert {i.dtype for i in infos} == {"float32"}
     threads = {p.cmdline()[p.cmdline().index("--threads") + 1] for p in psutil.Process(proc.pid).children()}
     assert threads == {"1"}
+    stages = [p.cmdline() for p in psutil.Process(proc.pid).children() if "stage" in p.cmdline()]
+    assert len(stages) == 2 and all(c[c.index("--numerics") + 1] == "fast" for c in stages)
     coordinator = next(p.cmdline() for p in psutil.Process(proc.pid).children() if "coordinator" in p.cmdline())
     metrics_port = coordinator[coordinator.index("--metrics-port") + 1]
     assert coordinator[coordinator.index("--state-dir") + 1] == addresses["state"] == str(Path(proc.args[proc.args.index("--log-dir") + 1]) / "state")

@@ -2,7 +2,8 @@
 
 Each step is validated and admitted against the KV budget on its own; a step that fails gets its
 own error and the rest run. The sessions' tokens go side by side through the layers ([1, N, H]);
-attention is per session over its KV in place (attention.py). Plain exceptions only; the handler
+attention is per session over its KV in place (numerics "exact") or one padded call per layer
+(numerics "fast"; attention.py). Plain exceptions only; the handler
 turns them into statuses. Called from one thread at a time (the stage's runner thread)."""
 
 from __future__ import annotations
@@ -73,9 +74,10 @@ class StageBackend:
         lease_seconds: float = 60.0,
         max_batch: int = 64,
         quantize: str = "auto",
+        numerics: str = "exact",
     ):
         self.ckpt = ckpt
-        self.model = StageModel(ckpt, start, end, dtype, device, quantize)
+        self.model = StageModel(ckpt, start, end, dtype, device, quantize, numerics)
         tc = ckpt.text_config
         self.dtype = dtype
         self.device = device
@@ -101,48 +103,59 @@ class StageBackend:
         if t == 0:
             raise InvalidInput("a step needs at least one position")
         if self.is_first:
-            if step.token_ids is None or step.hidden is not None:
-                raise WrongStage("the first stage embeds token ids itself; send tokens, not hidden_states")
-            if step.token_ids.shape != (t,):
-                raise InvalidInput(f"{step.token_ids.shape[0]} token ids for {t} positions")
-            if int(step.token_ids.min()) < 0 or int(step.token_ids.max()) >= self.vocab_size:
-                raise InvalidInput(f"token id outside [0, {self.vocab_size})")
-            rows = 0 if step.visual is None else step.visual.shape[0]
-            spans = 0 if step.visual_index is None else step.visual_index.numel()
-            if rows != spans:
-                raise InvalidInput(f"{spans} visual positions but {rows} visual embedding rows")
-            if step.visual is not None:
-                if step.visual.shape[1] != self.hidden_size:
-                    raise InvalidInput(f"visual_embeds width {step.visual.shape[1]} != {self.hidden_size}")
-                if not bool(torch.isfinite(step.visual).all()):
-                    raise InvalidInput("visual_embeds hold NaN or infinite values")
+            self._validate_first_inputs(step, t)
         else:
-            if step.hidden is None:
-                raise WrongStage(f"stage {self.model.start}:{self.model.end} takes hidden_states, not token ids")
-            if step.hidden.shape != (t, self.hidden_size):
-                raise InvalidInput(f"hidden_states shape {list(step.hidden.shape)} does not match [{t}, {self.hidden_size}]")
-            if not bool(torch.isfinite(step.hidden).all()):
-                raise InvalidInput("hidden_states hold NaN or infinite values")
-            if step.visual is not None:
-                raise WrongStage("visual_embeds go to the first stage only")
+            self._validate_hidden_inputs(step, t)
         if step.visual_index is not None and step.visual_index.numel():
             if int(step.visual_index.min()) < 0 or int(step.visual_index.max()) >= t:
                 raise InvalidInput(f"visual spans reach outside the step's {t} positions")
         self._validate_deepstack(step)
         if step.sample is not None:
-            if not self.is_last:
-                raise WrongStage("only the last stage samples")
-            step.sample.params.validate()
-            if step.sample.top_logprobs < 0:
-                raise InvalidInput("top_logprobs must be >= 0")
-            ids = step.sample.penalty_ids
-            if ids is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
-                raise InvalidInput(f"penalty token id outside [0, {self.vocab_size})")
+            self._validate_sample(step.sample)
         if step.start < 0:
             raise InvalidInput("negative start_position")
         if step.start + t > self.max_positions:
             raise InvalidInput(f"{step.start + t} positions exceed the model's limit of {self.max_positions}")
         self.kv.check(step.session_id, step.start, step.rewind)
+
+    def _validate_first_inputs(self, step: Step, t: int) -> None:
+        """The first stage's inputs: t token ids and the visual rows to scatter over them."""
+        if step.token_ids is None or step.hidden is not None:
+            raise WrongStage("the first stage embeds token ids itself; send tokens, not hidden_states")
+        if step.token_ids.shape != (t,):
+            raise InvalidInput(f"{step.token_ids.shape[0]} token ids for {t} positions")
+        if int(step.token_ids.min()) < 0 or int(step.token_ids.max()) >= self.vocab_size:
+            raise InvalidInput(f"token id outside [0, {self.vocab_size})")
+        rows = 0 if step.visual is None else step.visual.shape[0]
+        spans = 0 if step.visual_index is None else step.visual_index.numel()
+        if rows != spans:
+            raise InvalidInput(f"{spans} visual positions but {rows} visual embedding rows")
+        if step.visual is not None:
+            if step.visual.shape[1] != self.hidden_size:
+                raise InvalidInput(f"visual_embeds width {step.visual.shape[1]} != {self.hidden_size}")
+            if not bool(torch.isfinite(step.visual).all()):
+                raise InvalidInput("visual_embeds hold NaN or infinite values")
+
+    def _validate_hidden_inputs(self, step: Step, t: int) -> None:
+        """A later stage's input: the previous stage's [t, H] hidden states, nothing visual."""
+        if step.hidden is None:
+            raise WrongStage(f"stage {self.model.start}:{self.model.end} takes hidden_states, not token ids")
+        if step.hidden.shape != (t, self.hidden_size):
+            raise InvalidInput(f"hidden_states shape {list(step.hidden.shape)} does not match [{t}, {self.hidden_size}]")
+        if not bool(torch.isfinite(step.hidden).all()):
+            raise InvalidInput("hidden_states hold NaN or infinite values")
+        if step.visual is not None:
+            raise WrongStage("visual_embeds go to the first stage only")
+
+    def _validate_sample(self, spec: SampleSpec) -> None:
+        if not self.is_last:
+            raise WrongStage("only the last stage samples")
+        spec.params.validate()
+        if spec.top_logprobs < 0:
+            raise InvalidInput("top_logprobs must be >= 0")
+        ids = spec.penalty_ids
+        if ids is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            raise InvalidInput(f"penalty token id outside [0, {self.vocab_size})")
 
     def _validate_deepstack(self, step: Step) -> None:
         owned = set(self.model.deepstack_layers)

@@ -16,8 +16,7 @@ from torch import nn
 
 from services.common.checkpoint import Checkpoint, build_on_meta, load_weights
 
-from . import attention  # noqa: F401 - registers the "vlmesh" attention the layers are built with
-from . import quant
+from . import attention, quant  # attention: registers the attentions the layers are built with
 from .kv_cache import BatchKV
 
 log = logging.getLogger(__name__)
@@ -32,7 +31,14 @@ class StageModel(nn.Module):
     _deepstack_process: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor] | None
 
     def __init__(
-        self, ckpt: Checkpoint, start: int, end: int, dtype: torch.dtype, device: torch.device = torch.device("cpu"), quantize: str = "auto"
+        self,
+        ckpt: Checkpoint,
+        start: int,
+        end: int,
+        dtype: torch.dtype,
+        device: torch.device = torch.device("cpu"),
+        quantize: str = "auto",
+        numerics: str = "exact",
     ):
         super().__init__()
         tc = ckpt.text_config
@@ -41,10 +47,14 @@ class StageModel(nn.Module):
             raise ValueError(f"layer range {start}:{end} is not inside the model's 0:{n}")
         self.start, self.end, self.num_layers = start, end, n
         self.is_first, self.is_last = start == 0, end == n
-        # The layers attend through the "vlmesh" attention (attention.py): per session, over its
-        # KV in place. A copy, so the checkpoint's own config keeps sdpa for anyone else.
+        # The layers attend through a "vlmesh" attention (attention.py): per session over its KV in
+        # place (exact), or one padded call per micro-batch (fast). A copy, so the checkpoint's own
+        # config keeps sdpa for anyone else.
+        if numerics not in attention.NUMERICS:
+            raise ValueError(f"numerics must be one of {sorted(attention.NUMERICS)}, got {numerics!r}")
+        self.numerics = numerics
         tc = copy.deepcopy(tc)
-        tc._attn_implementation = attention.NAME
+        tc._attn_implementation = attention.NUMERICS[numerics]
         self.config = tc
         # Build the whole text model on the meta device (no memory), keep our slice, then load
         # only our tensors into it: the layers keep their global layer_idx for the cache.
@@ -118,6 +128,9 @@ class StageModel(nn.Module):
         at the M True positions of visual_mask [1, N], in order (the text model's own
         _deepstack_process)."""
         position_embeddings = self.rotary_emb(hidden, position_ids)
+        extra: dict[str, attention.PaddedLayout] = {}
+        if self.numerics == "fast":  # the padded layout is the same for every layer: built once
+            extra["vlmesh_layout"] = attention.PaddedLayout.of(batch.starts, batch.spans, hidden.device)
         for i, layer in enumerate(self.layers):
             hidden = layer(
                 hidden,
@@ -126,6 +139,7 @@ class StageModel(nn.Module):
                 past_key_values=batch,
                 use_cache=True,
                 vlmesh_batch=batch,
+                **extra,
             )
             feature = deepstack.get(self.start + i) if deepstack else None
             if feature is not None and self._deepstack_process is not None:
