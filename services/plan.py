@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from services.common.checkpoint import canonical_key, config_dtype, load_config
+from services.common.geometry import KVGeometry
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 KV_TOKENS = 1000  # the unit of the KV column: "bytes per 1k tokens"
@@ -127,8 +128,7 @@ def measure(config, dtype: torch.dtype | None = None, int8: bool | None = None) 
         else:
             # A tensor no service loads would make the plan disagree with the mesh: say so.
             raise ValueError(f"model_type {config.model_type!r}: no service owns parameter {key!r}")
-    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-    kv = 2 * tc.num_key_value_heads * head_dim * size
+    kv = KVGeometry.from_text_config(tc).bytes_per_token(1, dtype)
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     return ModelBytes(config.model_type, dtype, tied, tuple(layers), (kv,) * n, embed, norm, head, vision, int8)
 

@@ -133,12 +133,9 @@ def test_downstream_failures_pass_on_unchanged(failing: _Failing) -> None:
     assert type(got) is errors.Aborted and got.reason == "ABORTED"
 
 
-def test_old_names_are_the_same_classes_and_wire_reasons_are_unchanged() -> None:
-    # Until the tree-wide rename: the names the services raise today are these classes.
-    assert server_errors.InvalidInput is errors.InvalidArgument
-    assert server_errors.Conflict is errors.SessionBusy
+def test_wire_reasons_are_unchanged() -> None:
     # Programs match these strings (README, tests, users): they are the wire's.
-    assert {cls.__name__: cls("x").reason for cls in (server_errors.InvalidInput, errors.Unauthenticated, errors.UnknownSession, errors.KVBudgetFull, errors.WrongStage, server_errors.Conflict, errors.Cancelled, errors.DeadlineExceeded, errors.StageDown, errors.VlmeshError)} == {
+    assert {cls.__name__: cls("x").reason for cls in (errors.InvalidArgument, errors.Unauthenticated, errors.UnknownSession, errors.KVBudgetFull, errors.WrongStage, errors.SessionBusy, errors.Cancelled, errors.DeadlineExceeded, errors.StageDown, errors.VlmeshError)} == {
         "InvalidArgument": "INVALID_INPUT",
         "Unauthenticated": "UNAUTHENTICATED",
         "UnknownSession": "UNKNOWN_SESSION",

@@ -81,14 +81,7 @@ __all__ = [
     "from_status",
     "reason_of",
     "short",
-    # Old names, until the tree-wide rename (the code raising them is being changed elsewhere).
-    "Conflict",
-    "InvalidInput",
 ]
-
-# Old names of the same classes (not new ones: `except InvalidArgument` catches an InvalidInput).
-InvalidInput = InvalidArgument
-Conflict = SessionBusy
 
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 # A downstream service that is down, stalled or went away mid-call: the coordinator retries

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from services.common.checkpoint import Checkpoint
-from services.common.errors import InvalidInput, VlmeshError, WrongStage
+from services.common.errors import InvalidArgument, VlmeshError, WrongStage
 
 from .kv_cache import BatchKV, KVCache, KVShape, SessionKV
 from .model import StageModel
@@ -84,8 +84,7 @@ class StageBackend:
         self.hidden_size = tc.hidden_size
         self.vocab_size = tc.vocab_size
         self.max_positions = tc.max_position_embeddings
-        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        self.kv = KVCache(KVShape(range(start, end), tc.num_key_value_heads, head_dim, dtype, device), kv_budget_bytes, lease_seconds)
+        self.kv = KVCache(KVShape.for_model(tc, range(start, end), dtype, device), kv_budget_bytes, lease_seconds)
         self.max_batch = max_batch
 
     @property
@@ -97,25 +96,25 @@ class StageBackend:
         return self.model.is_last
 
     def validate(self, step: Step) -> None:
-        """Everything about one step that can be known before running it. Raises InvalidInput
+        """Everything about one step that can be known before running it. Raises InvalidArgument
         (malformed) or WrongStage (this stage cannot run it)."""
         t = step.num_tokens
         if t == 0:
-            raise InvalidInput("a step needs at least one position")
+            raise InvalidArgument("a step needs at least one position")
         if self.is_first:
             self._validate_first_inputs(step, t)
         else:
             self._validate_hidden_inputs(step, t)
         if step.visual_index is not None and step.visual_index.numel():
             if int(step.visual_index.min()) < 0 or int(step.visual_index.max()) >= t:
-                raise InvalidInput(f"visual spans reach outside the step's {t} positions")
+                raise InvalidArgument(f"visual spans reach outside the step's {t} positions")
         self._validate_deepstack(step)
         if step.sample is not None:
             self._validate_sample(step.sample)
         if step.start < 0:
-            raise InvalidInput("negative start_position")
+            raise InvalidArgument("negative start_position")
         if step.start + t > self.max_positions:
-            raise InvalidInput(f"{step.start + t} positions exceed the model's limit of {self.max_positions}")
+            raise InvalidArgument(f"{step.start + t} positions exceed the model's limit of {self.max_positions}")
         self.kv.check(step.session_id, step.start, step.rewind)
 
     def _validate_first_inputs(self, step: Step, t: int) -> None:
@@ -123,27 +122,27 @@ class StageBackend:
         if step.token_ids is None or step.hidden is not None:
             raise WrongStage("the first stage embeds token ids itself; send tokens, not hidden_states")
         if step.token_ids.shape != (t,):
-            raise InvalidInput(f"{step.token_ids.shape[0]} token ids for {t} positions")
+            raise InvalidArgument(f"{step.token_ids.shape[0]} token ids for {t} positions")
         if int(step.token_ids.min()) < 0 or int(step.token_ids.max()) >= self.vocab_size:
-            raise InvalidInput(f"token id outside [0, {self.vocab_size})")
+            raise InvalidArgument(f"token id outside [0, {self.vocab_size})")
         rows = 0 if step.visual is None else step.visual.shape[0]
         spans = 0 if step.visual_index is None else step.visual_index.numel()
         if rows != spans:
-            raise InvalidInput(f"{spans} visual positions but {rows} visual embedding rows")
+            raise InvalidArgument(f"{spans} visual positions but {rows} visual embedding rows")
         if step.visual is not None:
             if step.visual.shape[1] != self.hidden_size:
-                raise InvalidInput(f"visual_embeds width {step.visual.shape[1]} != {self.hidden_size}")
+                raise InvalidArgument(f"visual_embeds width {step.visual.shape[1]} != {self.hidden_size}")
             if not bool(torch.isfinite(step.visual).all()):
-                raise InvalidInput("visual_embeds hold NaN or infinite values")
+                raise InvalidArgument("visual_embeds hold NaN or infinite values")
 
     def _validate_hidden_inputs(self, step: Step, t: int) -> None:
         """A later stage's input: the previous stage's [t, H] hidden states, nothing visual."""
         if step.hidden is None:
             raise WrongStage(f"stage {self.model.start}:{self.model.end} takes hidden_states, not token ids")
         if step.hidden.shape != (t, self.hidden_size):
-            raise InvalidInput(f"hidden_states shape {list(step.hidden.shape)} does not match [{t}, {self.hidden_size}]")
+            raise InvalidArgument(f"hidden_states shape {list(step.hidden.shape)} does not match [{t}, {self.hidden_size}]")
         if not bool(torch.isfinite(step.hidden).all()):
-            raise InvalidInput("hidden_states hold NaN or infinite values")
+            raise InvalidArgument("hidden_states hold NaN or infinite values")
         if step.visual is not None:
             raise WrongStage("visual_embeds go to the first stage only")
 
@@ -152,10 +151,10 @@ class StageBackend:
             raise WrongStage("only the last stage samples")
         spec.params.validate()
         if spec.top_logprobs < 0:
-            raise InvalidInput("top_logprobs must be >= 0")
+            raise InvalidArgument("top_logprobs must be >= 0")
         ids = spec.penalty_ids
         if ids is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
-            raise InvalidInput(f"penalty token id outside [0, {self.vocab_size})")
+            raise InvalidArgument(f"penalty token id outside [0, {self.vocab_size})")
 
     def _validate_deepstack(self, step: Step) -> None:
         owned = set(self.model.deepstack_layers)
@@ -167,20 +166,20 @@ class StageBackend:
             )
         rows = 0 if step.visual_index is None else step.visual_index.numel()
         if rows and owned and set(step.deepstack) != owned:
-            raise InvalidInput(f"{rows} visual positions but no deepstack features for layers {sorted(owned - set(step.deepstack))}")
+            raise InvalidArgument(f"{rows} visual positions but no deepstack features for layers {sorted(owned - set(step.deepstack))}")
         for layer, feature in step.deepstack.items():
             if feature.shape != (rows, self.hidden_size):
-                raise InvalidInput(
+                raise InvalidArgument(
                     f"deepstack features of layer {layer} have shape {list(feature.shape)}, want [{rows}, {self.hidden_size}]"
                 )
             if not bool(torch.isfinite(feature).all()):
-                raise InvalidInput(f"deepstack features of layer {layer} hold NaN or infinite values")
+                raise InvalidArgument(f"deepstack features of layer {layer} hold NaN or infinite values")
 
     def run(self, steps: list[Step | VlmeshError]) -> list[StepResult]:
         """One batch. An entry that is already an error (undecodable on the wire) is answered
         with it; every other step is validated and admitted alone, and those that pass run."""
         if len(steps) > self.max_batch:
-            raise InvalidInput(f"{len(steps)} steps in one request; this stage takes at most {self.max_batch}")
+            raise InvalidArgument(f"{len(steps)} steps in one request; this stage takes at most {self.max_batch}")
         results: list[StepResult] = []
         admitted: list[tuple[int, Step, SessionKV]] = []
         seen: set[str] = set()
@@ -191,7 +190,7 @@ class StageBackend:
             results.append(StepResult(step.session_id))
             try:
                 if step.session_id in seen:
-                    raise InvalidInput("two steps of the same session in one request")
+                    raise InvalidArgument("two steps of the same session in one request")
                 seen.add(step.session_id)
                 self.validate(step)
                 admitted.append((i, step, self.kv.reserve(step.session_id, step.start, step.num_tokens)))
@@ -278,12 +277,12 @@ class StageBackend:
     def restore(self, session_id: str, length: int, entries: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> int:
         layers = self.kv.shape.layers
         if set(entries) != set(layers):
-            raise InvalidInput(f"a restore must bring every owned layer {layers.start}:{layers.stop}, got {sorted(entries)}")
+            raise InvalidArgument(f"a restore must bring every owned layer {layers.start}:{layers.stop}, got {sorted(entries)}")
         sh = self.kv.shape
         for layer, (k, v) in entries.items():
             for t in (k, v):
                 if t.shape != (sh.kv_heads, length, sh.head_dim):
-                    raise InvalidInput(f"layer {layer}: K/V of shape {list(t.shape)}, want [{sh.kv_heads}, {length}, {sh.head_dim}]")
+                    raise InvalidArgument(f"layer {layer}: K/V of shape {list(t.shape)}, want [{sh.kv_heads}, {length}, {sh.head_dim}]")
         self.kv.restore(session_id, length, entries)
         return length
 
