@@ -365,7 +365,7 @@ def test_request_options_map_to_the_client_library() -> None:
         ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"logit_bias": {"1": 5}}, "logit_bias"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_object", "strict": True}}, "response_format.strict"),
         ({"modalities": ["text", "audio"]}, "modalities"),
         ({"user": 5}, "user"),
         ({"stream": "yes"}, "stream"),

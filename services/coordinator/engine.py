@@ -613,6 +613,8 @@ class Engine:
             sample = stage_pb2.SampleRequest(params=r.sampling, top_logprobs=r.spec.params.logprobs)
             if r.sampling.repetition_penalty not in (0.0, 1.0):
                 sample.penalty_token_ids.extend(sorted(r.seen))
+            if r.sampling.HasField("constraint"):  # the sampler rebuilds the constraint's state from them
+                sample.constraint_token_ids.extend(r.generated)
         return StepPlan(
             session_id=s.id,
             replicas=tuple(s.replicas[i] for i in range(len(self.mesh.ranges))),

@@ -157,6 +157,9 @@ def parse_params(request: coordinator_pb2.GenerateRequest) -> GenerateParams:
         raise InvalidArgument("logprobs must be in [0, 20]")
     if any(not s for s in request.stop):
         raise InvalidArgument("stop strings must not be empty")
+    if p.HasField("constraint") and p.constraint.WhichOneof("kind") is None:
+        # The rest of a constraint is checked where it compiles, on the sampling stage.
+        raise InvalidArgument("a constraint needs one of json_schema, json_object, regex, choice or grammar")
     return GenerateParams(p, request.max_tokens, tuple(request.stop), request.logprobs, request.include_stop_token_text)
 
 

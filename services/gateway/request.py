@@ -2,8 +2,12 @@
 
 Everything OpenAI's API defines is either honoured, accepted because it changes nothing here
 (`user`, `metadata`, `store`, ... and "off" values such as ``n: 1`` or ``tools: []``), or refused
-with a 400 that names it (tools, JSON output, penalties, n > 1, audio, ...). Names OpenAI does not
-define are refused as OpenAI refuses them, except vLLM's `top_k` and `repetition_penalty`.
+with a 400 that names it (tools, penalties, n > 1, audio, ...). Names OpenAI does not define are
+refused as OpenAI refuses them, except vLLM's `top_k`, `repetition_penalty` and `structured_outputs`.
+
+Structured output (`response_format` json_object / json_schema, or vLLM's `structured_outputs`
+json / regex / choice / grammar) becomes the mesh's Constraint: the sampling stage masks tokens, so
+the reply is valid by construction; a schema the engine cannot compile comes back as a 400.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlmesh import GenerateOptions
+from vlmesh.v1 import tensor_pb2
 
 from .errors import invalid
 
@@ -47,7 +52,6 @@ _OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "logit_bias": (None, {}),
     "frequency_penalty": (None, 0, 0.0),
     "presence_penalty": (None, 0, 0.0),
-    "response_format": (None, {"type": "text"}),
     "modalities": (None, ["text"]),
     "audio": (None,),
     "prediction": (None,),
@@ -71,6 +75,8 @@ _HANDLED = {
     "n",
     "top_k",
     "repetition_penalty",
+    "response_format",
+    "structured_outputs",
 }
 _MESSAGE_KEYS = {"role", "content", "name"}
 _URL_SCHEMES = ("data:", "http://", "https://")
@@ -226,6 +232,80 @@ def _stop(body: Mapping[str, Any]) -> list[str]:
     return stops
 
 
+def _keys(value: Any, param: str, allowed: set[str]) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise invalid(f"'{param}' must be an object", param)
+    extra = set(value) - allowed
+    if extra:
+        raise invalid(f"unknown field '{min(extra)}' in '{param}'", f"{param}.{min(extra)}")
+    return value
+
+
+def _schema_text(schema: Any, param: str) -> str:
+    """A JSON schema as the mesh takes it (JSON text); whether it compiles the mesh says."""
+    if isinstance(schema, str):  # vLLM also takes the schema as a JSON string
+        try:
+            schema = json.loads(schema)
+        except ValueError:
+            raise invalid(f"'{param}' is not valid JSON", param) from None
+    if not isinstance(schema, Mapping | bool):
+        raise invalid(f"'{param}' must be a JSON schema (an object)", param)
+    return json.dumps(schema)
+
+
+def _response_format(value: Any) -> tensor_pb2.Constraint | None:
+    """OpenAI's response_format: text (no constraint), json_object, or json_schema."""
+    fmt = _keys(value, "response_format", {"type", "json_schema"})
+    kind = fmt.get("type")
+    if kind == "text" and "json_schema" not in fmt:
+        return None
+    if kind == "json_object" and "json_schema" not in fmt:
+        return tensor_pb2.Constraint(json_object=True)
+    if kind != "json_schema":
+        raise invalid(f"'response_format.type' must be 'text', 'json_object' or 'json_schema', got {kind!r}", "response_format.type")
+    spec = _keys(fmt.get("json_schema"), "response_format.json_schema", {"name", "description", "schema", "strict"})
+    name = spec.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+        raise invalid("'response_format.json_schema.name' must be 1 to 64 letters, digits, '_' or '-'", "response_format.json_schema.name")
+    if spec.get("strict") not in (None, True, False):
+        raise invalid("'response_format.json_schema.strict' must be true or false", "response_format.json_schema.strict")
+    # The mask enforces the schema whatever `strict` says; no schema means any JSON value.
+    return tensor_pb2.Constraint(json_schema=_schema_text(spec.get("schema", {}), "response_format.json_schema.schema"))
+
+
+def _structured_outputs(value: Any) -> tensor_pb2.Constraint:
+    """vLLM's structured_outputs extension: exactly one of json, json_object, regex, choice, grammar."""
+    spec = _keys(value, "structured_outputs", {"json", "json_object", "regex", "choice", "grammar"})
+    given = [k for k in spec if spec[k] is not None]
+    if len(given) != 1:
+        raise invalid("'structured_outputs' takes exactly one of json, json_object, regex, choice, grammar", "structured_outputs")
+    kind = given[0]
+    param = f"structured_outputs.{kind}"
+    item = spec[kind]
+    if kind == "json":
+        return tensor_pb2.Constraint(json_schema=_schema_text(item, param))
+    if kind == "json_object":
+        if item is not True:
+            raise invalid(f"'{param}' must be true", param)
+        return tensor_pb2.Constraint(json_object=True)
+    if kind == "choice":
+        if not isinstance(item, list) or not item or not all(isinstance(o, str) and o for o in item):
+            raise invalid(f"'{param}' must be a non-empty list of non-empty strings", param)
+        return tensor_pb2.Constraint(choice=tensor_pb2.Choices(options=item))
+    if not isinstance(item, str) or not item:
+        raise invalid(f"'{param}' must be a non-empty string", param)
+    return tensor_pb2.Constraint(regex=item) if kind == "regex" else tensor_pb2.Constraint(grammar=item)
+
+
+def _constraint(body: Mapping[str, Any]) -> tensor_pb2.Constraint | None:
+    fmt = None if body.get("response_format") is None else _response_format(body["response_format"])
+    if body.get("structured_outputs") is None:
+        return fmt
+    if fmt is not None:
+        raise invalid("give either 'response_format' or 'structured_outputs', not both", "structured_outputs")
+    return _structured_outputs(body["structured_outputs"])
+
+
 def _check_unsupported(body: Mapping[str, Any]) -> None:
     for name in body:
         if name in _HANDLED or name in _IGNORED:
@@ -297,6 +377,9 @@ def parse_chat_request(body: Any) -> ChatRequest:
         # The mesh returns a token's logprob only with at least one alternative.
         "logprobs": max(top_logprobs or 0, 1) if logprobs else 0,
     }
+    constraint = _constraint(body)
+    if constraint is not None:
+        options["constraint"] = constraint
     return ChatRequest(
         model=model,
         messages=[_message(m, i) for i, m in enumerate(messages)],

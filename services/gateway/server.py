@@ -233,19 +233,8 @@ def _error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=_trace(trace_id))
 
 
-def create_app(cfg: GatewayConfig) -> FastAPI:
-    gateway = Gateway(cfg)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        await gateway.client.close()
-
-    # FastAPI's own OpenTelemetry spans: one SERVER span per request ("POST /v1/chat/completions"),
-    # a child of the caller's W3C traceparent if it sent one, around the whole response (a stream's
-    # last event included); the coordinator call inside it joins the same trace.
-    telemetry: TelemetryConfig = {"exclude": _untraced, "operation_spans": False}
-    app = FastAPI(title="vlmesh gateway", lifespan=lifespan, docs_url=None, redoc_url=None, telemetry=telemetry)
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every failure as OpenAI's error shape."""
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -262,6 +251,51 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error")
         return _error_response(ApiError(500, f"internal error: {type(exc).__name__}", type="server_error"))
+
+
+def _add_chat_completions(app: FastAPI, gateway: Gateway) -> None:
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        client = _client(gateway, request)
+        chat = parse_chat_request(await _json_body(request, gateway.max_body))
+        served = await gateway.model_id(client)
+        if chat.model != served:
+            raise ApiError(
+                404,
+                f"The model '{chat.model}' does not exist; this server serves '{served}'",
+                type="not_found_error",
+                param="model",
+                code="model_not_found",
+            )
+        if chat.top_logprobs is not None and gateway.pieces is None:
+            raise invalid("logprobs need the gateway's --model (the checkpoint's tokenizer)", "logprobs")
+        reply = Reply(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), served, chat.top_logprobs, gateway.pieces)
+        log.info("%s user=%r stream=%s", reply.id, chat.user, chat.stream)
+        try:
+            if chat.stream:
+                return await _stream(request, client, chat, reply)
+            result = await _unless_disconnected(request, _call(client.chat(chat.messages, **chat.options)))
+        except _ClientGone:
+            log.info("%s: the client disconnected; generation cancelled", reply.id)
+            return Response(status_code=499)
+        return JSONResponse(reply.completion(result), headers=_trace(result.trace_id))
+
+
+def create_app(cfg: GatewayConfig) -> FastAPI:
+    gateway = Gateway(cfg)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await gateway.client.close()
+
+    # FastAPI's own OpenTelemetry spans: one SERVER span per request ("POST /v1/chat/completions"),
+    # a child of the caller's W3C traceparent if it sent one, around the whole response (a stream's
+    # last event included); the coordinator call inside it joins the same trace.
+    telemetry: TelemetryConfig = {"exclude": _untraced, "operation_spans": False}
+    app = FastAPI(title="vlmesh gateway", lifespan=lifespan, docs_url=None, redoc_url=None, telemetry=telemetry)
+
+    _add_error_handlers(app)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -300,32 +334,7 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
             )
         return found
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        client = _client(gateway, request)
-        chat = parse_chat_request(await _json_body(request, gateway.max_body))
-        served = await gateway.model_id(client)
-        if chat.model != served:
-            raise ApiError(
-                404,
-                f"The model '{chat.model}' does not exist; this server serves '{served}'",
-                type="not_found_error",
-                param="model",
-                code="model_not_found",
-            )
-        if chat.top_logprobs is not None and gateway.pieces is None:
-            raise invalid("logprobs need the gateway's --model (the checkpoint's tokenizer)", "logprobs")
-        reply = Reply(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), served, chat.top_logprobs, gateway.pieces)
-        log.info("%s user=%r stream=%s", reply.id, chat.user, chat.stream)
-        try:
-            if chat.stream:
-                return await _stream(request, client, chat, reply)
-            result = await _unless_disconnected(request, _call(client.chat(chat.messages, **chat.options)))
-        except _ClientGone:
-            log.info("%s: the client disconnected; generation cancelled", reply.id)
-            return Response(status_code=499)
-        return JSONResponse(reply.completion(result), headers=_trace(result.trace_id))
-
+    _add_chat_completions(app, gateway)
     return app
 
 

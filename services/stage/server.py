@@ -31,7 +31,7 @@ from vlmesh.internal.v1 import stage_pb2, stage_pb2_grpc
 from vlmesh.v1 import tensor_pb2
 
 from .backend import SampleSpec, StageBackend, Step, StepResult
-from .sampler import SamplingParams
+from .sampler import Constraints, SamplingParams, eos_token_ids
 
 log = logging.getLogger(__name__)
 _tracer = tracer("stage")
@@ -49,6 +49,10 @@ class StageConfig(ServiceConfig):
     kv_budget_mb: int = field(2048, "KV cache budget in MiB; a step beyond it is refused (RESOURCE_EXHAUSTED)")
     max_batch: int = field(64, "most session steps in one request")
     lease_seconds: float = field(60.0, "drop a session's KV this long after its last step or lease renewal")
+    numerics: str = field(
+        "exact",
+        "attention: exact (transformers' call per session; greedy output equals generate()) or fast (one padded call per layer per micro-batch: not bitwise equal, agreement measured in the README)",
+    )
 
     def layer_range(self) -> tuple[int, int]:
         try:
@@ -58,21 +62,28 @@ class StageConfig(ServiceConfig):
             raise ValueError(f"--layers must be START:END, got {self.layers!r}") from None
 
 
-def _sample_spec(m: stage_pb2.SampleRequest) -> SampleSpec:
+def _sample_spec(m: stage_pb2.SampleRequest, session_id: str, constraints: Constraints | None) -> SampleSpec:
     p = m.params
+    allowed = None
+    if p.HasField("constraint"):
+        if constraints is None:
+            raise InvalidArgument("this stage does not sample, so it takes no constraint")
+        allowed = constraints.mask(session_id, p.constraint, m.constraint_token_ids)
     params = SamplingParams(
         temperature=p.temperature,
         top_k=p.top_k,
         top_p=p.top_p if p.top_p > 0 else 1.0,
         repetition_penalty=p.repetition_penalty if p.repetition_penalty > 0 else 1.0,
         seed=p.seed,
+        allowed=allowed,
     )
     ids = torch.tensor(list(m.penalty_token_ids), dtype=torch.int64) if m.penalty_token_ids else None
     return SampleSpec(params, m.top_logprobs, ids)
 
 
-def decode_step(m: stage_pb2.StepInput) -> Step:
-    """A StepInput as tensors (views of the message's bytes); InvalidArgument names what is wrong."""
+def decode_step(m: stage_pb2.StepInput, constraints: Constraints | None = None) -> Step:
+    """A StepInput as tensors (views of the message's bytes); InvalidArgument names what is wrong.
+    `constraints`: the last stage's, which turns a step's constraint into its token mask."""
     if not m.session_id:
         raise InvalidArgument("step without session_id")
     positions = tensors.from_proto(m.position_ids, "position_ids", dtypes=(torch.int64,), shape=(3, None))
@@ -99,7 +110,7 @@ def decode_step(m: stage_pb2.StepInput) -> Step:
             raise InvalidArgument(f"two deepstack features for layer {d.layer}")
         step.deepstack[d.layer] = tensors.from_proto(d.embeds, f"deepstack[{d.layer}]", dtypes=_FLOATS, shape=(None, None))
     if m.HasField("sample"):
-        step.sample = _sample_spec(m.sample)
+        step.sample = _sample_spec(m.sample, m.session_id, constraints)
     return step
 
 
@@ -120,8 +131,10 @@ def encode_result(r: StepResult, start: int) -> stage_pb2.StepOutput:
 
 
 class StageServicer(stage_pb2_grpc.StageServiceServicer):
-    def __init__(self, backend: StageBackend, model_type: str):
+    def __init__(self, backend: StageBackend, model_type: str, constraints: Constraints | None = None):
         self.backend = backend
+        # Structured output on the last stage; touched only on the runner thread.
+        self.constraints = constraints
         self.model_type = model_type
         self.instance_id = uuid.uuid4().hex
         self.layers = f"{backend.model.start}:{backend.model.end}"
@@ -134,7 +147,7 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
         steps: list[Step | VlmeshError] = []
         for m in request.steps:
             try:
-                steps.append(decode_step(m))
+                steps.append(decode_step(m, self.constraints))
             except VlmeshError as err:
                 steps.append(err)
         spans = [
@@ -277,9 +290,11 @@ async def start(cfg: StageConfig) -> RunningServer:
             lease_seconds=cfg.lease_seconds,
             max_batch=cfg.max_batch,
             quantize=cfg.quantize,
+            numerics=cfg.numerics,
         ),
     )
-    servicer = StageServicer(backend, ckpt.config.model_type)
+    constraints = Constraints(cfg.model, ckpt.text_config.vocab_size, eos_token_ids(cfg.model)) if backend.is_last else None
+    servicer = StageServicer(backend, ckpt.config.model_type, constraints)
     expiry = asyncio.create_task(servicer.expire_loop())
     metrics = StageMetrics.create()
     metrics.track_kv(servicer.layers, used=lambda: backend.kv.used, budget=backend.kv.budget, sessions=lambda: len(backend.kv))

@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vlmesh.v1 import coordinator_pb2 as pb
 from vlmesh.v1 import coordinator_pb2_grpc as pb_grpc
+from vlmesh.v1 import tensor_pb2
 
 from ._messages import MessagesLike, to_proto_messages
 from ._results import (
@@ -101,6 +102,7 @@ class GenerateOptions(TypedDict, total=False):
     stop: str | Sequence[str] | None
     logprobs: int
     include_stop_token_text: bool
+    constraint: tensor_pb2.Constraint | None
 
 
 def build_request(
@@ -117,6 +119,7 @@ def build_request(
     logprobs: int = 0,
     include_stop_token_text: bool = False,
     allow_private_urls: AllowPrivate = False,
+    constraint: tensor_pb2.Constraint | None = None,
 ) -> pb.GenerateRequest:
     """The GenerateRequest for a conversation and options (see `Client.chat`).
 
@@ -138,6 +141,8 @@ def build_request(
         include_stop_token_text=include_stop_token_text,
     )
     request = options.to_proto()
+    if constraint is not None:
+        request.sampling.constraint.CopyFrom(constraint)
     request.session_id = session_id or ""
     request.messages.extend(to_proto_messages(messages, allow_private_urls=allow_private_urls))
     return request
@@ -357,6 +362,7 @@ class Client:
         logprobs: int = 0,
         session_id: str | None = None,
         include_stop_token_text: bool = False,
+        constraint: tensor_pb2.Constraint | None = None,
     ) -> ChatResult:
         """Generate a complete reply.
 
@@ -374,6 +380,8 @@ class Client:
             logprobs: return each token's log-probability and this many alternatives.
             session_id: continue this session (see `session()` for the managed way).
             include_stop_token_text: keep the end-of-turn token's text in the reply.
+            constraint: structured output (JSON schema, JSON object, regex, choice or grammar);
+                a constraint that does not compile is `InvalidArgument`.
 
         Raises:
             ValueError: invalid messages/options (before any RPC).
@@ -392,6 +400,7 @@ class Client:
             logprobs=logprobs,
             include_stop_token_text=include_stop_token_text,
             allow_private_urls=self.allow_private_urls,
+            constraint=constraint,
         )
         acc = _result(request)
         for event in self._events(request):
@@ -682,6 +691,7 @@ class AsyncClient:
         logprobs: int = 0,
         session_id: str | None = None,
         include_stop_token_text: bool = False,
+        constraint: tensor_pb2.Constraint | None = None,
     ) -> ChatResult:
         """Generate a complete reply; arguments and errors as for `Client.chat`."""
         options: GenerateOptions = {
@@ -694,6 +704,7 @@ class AsyncClient:
             "stop": stop,
             "logprobs": logprobs,
             "include_stop_token_text": include_stop_token_text,
+            "constraint": constraint,
         }
         request = await self._build(messages, session_id, options)
         acc = _result(request)

@@ -24,23 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16vlmesh/v1/tensor.proto\x12\tvlmesh.v1\"F\n\x06Tensor\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.vlmesh.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"r\n\x07KVDelta\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x16\n\x0estart_position\x18\x02 \x01(\x03\x12\x1e\n\x03key\x18\x03 \x01(\x0b\x32\x11.vlmesh.v1.Tensor\x12 \n\x05value\x18\x04 \x01(\x0b\x32\x11.vlmesh.v1.Tensor\"{\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"*\n\x0bVideoFrames\x12\x0e\n\x06\x66rames\x18\x01 \x03(\x0c\x12\x0b\n\x03\x66ps\x18\x02 \x01(\x01\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x02*\x9b\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x06\x12\x0e\n\nDTYPE_BOOL\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16vlmesh/v1/tensor.proto\x12\tvlmesh.v1\"F\n\x06Tensor\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.vlmesh.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"r\n\x07KVDelta\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x16\n\x0estart_position\x18\x02 \x01(\x03\x12\x1e\n\x03key\x18\x03 \x01(\x0b\x32\x11.vlmesh.v1.Tensor\x12 \n\x05value\x18\x04 \x01(\x0b\x32\x11.vlmesh.v1.Tensor\"\xa6\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12)\n\nconstraint\x18\x06 \x01(\x0b\x32\x15.vlmesh.v1.ConstraintB\x07\n\x05_seed\"\x8c\x01\n\nConstraint\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12$\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x12.vlmesh.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07options\x18\x01 \x03(\t\"*\n\x0bVideoFrames\x12\x0e\n\x06\x66rames\x18\x01 \x03(\x0c\x12\x0b\n\x03\x66ps\x18\x02 \x01(\x01\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x02*\x9b\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x06\x12\x0e\n\nDTYPE_BOOL\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vlmesh.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=446
-  _globals['_DTYPE']._serialized_end=601
+  _globals['_DTYPE']._serialized_start=661
+  _globals['_DTYPE']._serialized_end=816
   _globals['_TENSOR']._serialized_start=37
   _globals['_TENSOR']._serialized_end=107
   _globals['_KVDELTA']._serialized_start=109
   _globals['_KVDELTA']._serialized_end=223
-  _globals['_SAMPLINGPARAMS']._serialized_start=225
-  _globals['_SAMPLINGPARAMS']._serialized_end=348
-  _globals['_VIDEOFRAMES']._serialized_start=350
-  _globals['_VIDEOFRAMES']._serialized_end=392
-  _globals['_TOKENLOGPROB']._serialized_start=394
-  _globals['_TOKENLOGPROB']._serialized_end=443
+  _globals['_SAMPLINGPARAMS']._serialized_start=226
+  _globals['_SAMPLINGPARAMS']._serialized_end=392
+  _globals['_CONSTRAINT']._serialized_start=395
+  _globals['_CONSTRAINT']._serialized_end=535
+  _globals['_CHOICES']._serialized_start=537
+  _globals['_CHOICES']._serialized_end=563
+  _globals['_VIDEOFRAMES']._serialized_start=565
+  _globals['_VIDEOFRAMES']._serialized_end=607
+  _globals['_TOKENLOGPROB']._serialized_start=609
+  _globals['_TOKENLOGPROB']._serialized_end=658
 # @@protoc_insertion_point(module_scope)

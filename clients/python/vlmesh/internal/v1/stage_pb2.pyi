@@ -81,6 +81,7 @@ class SampleRequest(_message.Message):
     PARAMS_FIELD_NUMBER: _builtins.int
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     PENALTY_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    CONSTRAINT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     top_logprobs: _builtins.int
     """Also return this many most likely tokens with their log-probabilities."""
     @_builtins.property
@@ -96,16 +97,23 @@ class SampleRequest(_message.Message):
         sent only when params.repetition_penalty is on.
         """
 
+    @_builtins.property
+    def constraint_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """This turn's generated token ids so far, in order; sent only when params.constraint is set.
+        The constraint's state is a function of them, so any replica can rebuild it (failover).
+        """
+
     def __init__(
         self,
         *,
         params: _tensor_pb2.SamplingParams | None = ...,
         top_logprobs: _builtins.int = ...,
         penalty_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        constraint_token_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "penalty_token_ids", b"penalty_token_ids", "top_logprobs", b"top_logprobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["constraint_token_ids", b"constraint_token_ids", "params", b"params", "penalty_token_ids", b"penalty_token_ids", "top_logprobs", b"top_logprobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
