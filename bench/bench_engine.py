@@ -47,7 +47,9 @@ class Replica:
     def __init__(self, address: str, start: int, end: int, last: bool):
         self.address, self.start, self.end, self.last = address, start, end, last
         self.up = True
-        self.info = SimpleNamespace(dtype="bfloat16", kv_budget_bytes=1 << 40, lease_seconds=60.0, deepstack_layers=(), layer_start=start, layer_end=end)
+        self.info = SimpleNamespace(
+            dtype="bfloat16", kv_budget_bytes=1 << 40, lease_seconds=60.0, deepstack_layers=(), layer_start=start, layer_end=end
+        )
         self._hidden = {n: tensors.to_proto(torch.zeros(n, HIDDEN, dtype=torch.bfloat16)) for n in (1,)}
         self._kv = tensors.to_proto(torch.zeros(KV_HEADS, 1, HEAD_DIM, dtype=torch.bfloat16))
 
@@ -168,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         goal = 1.0 + 0.02 * n
         rows.append({"sessions": n, "cpu_ms_median": statistics.median(cpu), "cpu_ms_min": min(cpu), "cpu_ms_max": max(cpu), "goal_ms": goal})
         print(f"sessions {n}: {statistics.median(cpu):.2f} ms per micro-batch", file=sys.stderr)
-    print(f"coordinator CPU per micro-batch, {args.ranges} ranges, {args.tokens} tokens per session, {args.repeats} runs ({platform.processor() or platform.machine()})\n")
+    print(
+        f"coordinator CPU per micro-batch, {args.ranges} ranges, {args.tokens} tokens per session, {args.repeats} runs ({platform.processor() or platform.machine()})\n"
+    )
     print("| sessions | ms per micro-batch (median) | spread | goal (1 ms + 20 us/session) |")
     print("|---|---|---|---|")
     for r in rows:

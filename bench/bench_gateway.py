@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT / "clients" / "python"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_mesh import RESULTS, SMOKE_HELP  # noqa: E402
+
 QUESTION = "What is in this image?"
 STREAM_PROMPT = "Tell me about shapes and colours."
 
@@ -149,9 +150,7 @@ def summary(values: list[float]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="the gateway's added latency against the gRPC client")
-    ap.add_argument(
-        "--model", default=None, help="checkpoint directory (default: a tiny random-weight Qwen2-VL, made here)"
-    )
+    ap.add_argument("--model", default=None, help="checkpoint directory (default: a tiny random-weight Qwen2-VL, made here)")
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--requests", type=int, default=20, help="request pairs (gRPC, HTTP) for the per-request figure")
     ap.add_argument("--streams", type=int, default=5, help="stream pairs for the per-token figure")
@@ -243,10 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     def ms(x: float) -> str:
         return f"{1e3 * x:.2f}"
 
-    print(
-        "| measure (ms) | gRPC client median / mean | gateway (HTTP) median / mean "
-        "| added median / mean | HTTP / gRPC (median) |"
-    )
+    print("| measure (ms) | gRPC client median / mean | gateway (HTTP) median / mean | added median / mean | HTTP / gRPC (median) |")
     print("|---|---|---|---|---|")
     for name, table in (("request (image, 1 token)", req), ("stream TTFT", ttft), ("per streamed token", per_token)):
         g, h = table["grpc"], table["http"]

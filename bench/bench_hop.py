@@ -155,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def start(kind: str, tls: bool, nxt: str = "-") -> str:
         port = free_port()
-        procs.append(subprocess.Popen([sys.executable, __file__, "--serve", kind, str(port), certs if tls else "-", nxt], env={**os.environ, "OMP_NUM_THREADS": "1"}))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, __file__, "--serve", kind, str(port), certs if tls else "-", nxt], env={**os.environ, "OMP_NUM_THREADS": "1"}
+            )
+        )
         addr = f"127.0.0.1:{port}"
         time.sleep(2.5)  # the child imports torch-free gRPC code only; it listens within this
         return addr

@@ -108,7 +108,10 @@ def bench_kernels() -> dict:
                 x = torch.randn(m, k).bfloat16()
                 with bm.watched(f"kernels {name} M={m}"):
                     row = {
-                        "linear": name, "in": k, "out": n, "tokens": m,
+                        "linear": name,
+                        "in": k,
+                        "out": n,
+                        "tokens": m,
                         "bf16_ms": _time(lambda: F.linear(x, wb)) * 1e3,
                         "int8_int_mm_ms": _time(lambda: int8(x)) * 1e3,
                         "int8_int_mm_kn_copy_ms": _time(lambda: contiguous_kn(x)) * 1e3,
@@ -120,10 +123,16 @@ def bench_kernels() -> dict:
 
 
 def kernels_table(res: dict) -> str:
-    keys = [("bf16_ms", "bf16 F.linear"), ("int8_int_mm_ms", "Int8Linear (_int_mm, [out,in].t())"),
-            ("int8_int_mm_kn_copy_ms", "_int_mm, [in,out] copy"), ("torchao_ms", "torchao int8 dyn")]
-    lines = ["| linear (in→out) | tokens | " + " | ".join(label for _, label in keys) + " | Int8Linear vs bf16 |",
-             "|---|---|" + "---|" * len(keys) + "---|"]
+    keys = [
+        ("bf16_ms", "bf16 F.linear"),
+        ("int8_int_mm_ms", "Int8Linear (_int_mm, [out,in].t())"),
+        ("int8_int_mm_kn_copy_ms", "_int_mm, [in,out] copy"),
+        ("torchao_ms", "torchao int8 dyn"),
+    ]
+    lines = [
+        "| linear (in→out) | tokens | " + " | ".join(label for _, label in keys) + " | Int8Linear vs bf16 |",
+        "|---|---|" + "---|" * len(keys) + "---|",
+    ]
     for r in res["rows"]:
         cells = [bm.fmt(r[k], ".3f") for k, _ in keys]
         speedup = r["bf16_ms"] / r["int8_int_mm_ms"]
@@ -226,8 +235,11 @@ def logit_agreement(examples, answers: list[str], quantized: Path) -> list[dict]
     from services.shapes import SHIPPED_MODEL
 
     processor = AutoProcessor.from_pretrained(SHIPPED_MODEL)
-    models = {"float32": Qwen2VLForConditionalGeneration.from_pretrained(SHIPPED_MODEL).eval(),
-              "int8 SmoothQuant": _int8_transformers(quantized), "int8 without SmoothQuant": _int8_transformers(None)}
+    models = {
+        "float32": Qwen2VLForConditionalGeneration.from_pretrained(SHIPPED_MODEL).eval(),
+        "int8 SmoothQuant": _int8_transformers(quantized),
+        "int8 without SmoothQuant": _int8_transformers(None),
+    }
     logits: dict[str, list] = {name: [] for name in models}
     answer_rows = []  # [positions] bool: the position predicts an answer token
     for ex, answer in zip(examples, answers):
@@ -248,8 +260,17 @@ def logit_agreement(examples, answers: list[str], quantized: Path) -> list[dict]
             got, want = full[rows], ref[rows]
             kl = torch.nn.functional.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True, reduction="none").sum(-1)
             agree = (got.argmax(-1) == want.argmax(-1)).float().mean()
-            out.append({"model": name, "where": where, "positions": int(want.shape[0]), "mean_kl": float(kl.mean()),
-                        "max_kl": float(kl.max()), "logit_rel_error": float((got - want).norm() / want.norm()), "top1_agree": float(agree)})
+            out.append(
+                {
+                    "model": name,
+                    "where": where,
+                    "positions": int(want.shape[0]),
+                    "mean_kl": float(kl.mean()),
+                    "max_kl": float(kl.max()),
+                    "logit_rel_error": float((got - want).norm() / want.norm()),
+                    "top1_agree": float(agree),
+                }
+            )
             numbers = ", ".join(f"{k} {v:.4g}" for k, v in out[-1].items() if k not in ("model", "where"))
             bm.log(f"accuracy: logits {name}, {where}: {numbers}")
     return out
@@ -258,18 +279,27 @@ def logit_agreement(examples, answers: list[str], quantized: Path) -> list[dict]
 def accuracy_table(res: dict) -> str:
     from services.shapes import data
 
-    lines = [f"| held-out ({res['count']} questions, seed {res['seed']}) | overall | " + " | ".join(data.QUESTION_TYPES)
-             + " | answers identical to float32 |", "|---|---|" + "---|" * len(data.QUESTION_TYPES) + "---|"]
+    lines = [
+        f"| held-out ({res['count']} questions, seed {res['seed']}) | overall | "
+        + " | ".join(data.QUESTION_TYPES)
+        + " | answers identical to float32 |",
+        "|---|---|" + "---|" * len(data.QUESTION_TYPES) + "---|",
+    ]
     for r in res["rows"]:
         # A few questions (--smoke) need not cover every type.
         types = " | ".join(f"{r['by_type'][t]:.0%}" if t in r["by_type"] else "-" for t in data.QUESTION_TYPES)
         lines.append(f"| {r['config']} | {r['accuracy']:.1%} | {types} | {r['same_as_float32']}/{r['count']} |")
-    lines += ["", f"| teacher-forced on float32's answers ({res['logit_count']} questions; transformers, decoder linears swapped "
-              "for Int8Linear) | positions | mean KL(float32 ‖ int8) | max KL | logit error ‖Δ‖/‖logits‖ | top-1 agreement |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"| teacher-forced on float32's answers ({res['logit_count']} questions; transformers, decoder linears swapped "
+        "for Int8Linear) | positions | mean KL(float32 ‖ int8) | max KL | logit error ‖Δ‖/‖logits‖ | top-1 agreement |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in res["logits"]:
-        lines.append(f"| {r['model']}, {r['where']} | {r['positions']} | {r['mean_kl']:.2e} | {r['max_kl']:.2e} "
-                     f"| {r['logit_rel_error']:.4f} | {r['top1_agree']:.2%} |")
+        lines.append(
+            f"| {r['model']}, {r['where']} | {r['positions']} | {r['mean_kl']:.2e} | {r['max_kl']:.2e} "
+            f"| {r['logit_rel_error']:.4f} | {r['top1_agree']:.2%} |"
+        )
     return "\n".join(lines)
 
 
@@ -289,19 +319,21 @@ def run_quantize(model_dir: Path, out: Path, samples: int) -> dict:
         raise RuntimeError(f"vlmesh quantize failed: {run.stderr[-3000:]}")
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB, the largest child so far
     record = json.loads((out / "quantize.json").read_text())
-    return {"wall_s": wall, "peak_rss_mb": peak / 1024 if peak > before else None, "record": record,
-            "bytes_on_disk": sum(f.stat().st_size for f in out.glob("*.safetensors"))}
+    return {
+        "wall_s": wall,
+        "peak_rss_mb": peak / 1024 if peak > before else None,
+        "record": record,
+        "bytes_on_disk": sum(f.stat().st_size for f in out.glob("*.safetensors")),
+    }
 
 
-def mesh_run(
-    model_dir: Path, label: str, stages: int, warm_image: Path, image: Path, prompt: str, decode_tokens: int, repeats: int
-) -> dict:
+def mesh_run(model_dir: Path, label: str, stages: int, warm_image: Path, image: Path, prompt: str, decode_tokens: int, repeats: int) -> dict:
     import psutil
-    from vlmesh import Client
-    from vlmesh.internal.v1 import stage_pb2, stage_pb2_grpc
 
     from services.common.channels import sync_mesh_channel
     from services.launcher import LocalMesh, split_layers
+    from vlmesh import Client
+    from vlmesh.internal.v1 import stage_pb2, stage_pb2_grpc
 
     ranges = split_layers(28, stages)
     res: dict = {"config": f"{label} S={stages}", "ranges": [f"{a}:{b}" for a, b in ranges]}
@@ -332,8 +364,10 @@ def mesh_run(
             res["decode_tok_s"] = bm.median_or_none([d["tok_s"] for d in runs])
             res["decode_tokens"] = runs[-1]["tokens"]
             res["decode_token_ids"] = runs[-1]["token_ids"]
-    bm.log(f"speed: {res['config']}: TTFT {res['ttft_s']:.2f} s, decode {bm.fmt(res['decode_tok_s'], '.2f')} tok/s, stage weights "
-           + ", ".join(f"{s['layers']} {s['weight_bytes'] / 2**20:.0f} MiB" for s in res["stage_info"]))
+    bm.log(
+        f"speed: {res['config']}: TTFT {res['ttft_s']:.2f} s, decode {bm.fmt(res['decode_tok_s'], '.2f')} tok/s, stage weights "
+        + ", ".join(f"{s['layers']} {s['weight_bytes'] / 2**20:.0f} MiB" for s in res["stage_info"])
+    )
     return res
 
 
@@ -368,10 +402,15 @@ def bench_speed(args) -> dict:
 def speed_table(res: dict) -> str:
     hf = res["hf"]
     by = {m["config"]: m for m in res["mesh"]}
-    lines = ["| config | TTFT s | decode tok/s | decode vs HF bf16 | decode int8/bf16 mesh | stage weights MiB (GetInfo) "
-             "| weights int8/bf16 | stage RSS MB |", "|---|---|---|---|---|---|---|---|"]
-    lines.append(f"| HF generate bfloat16 (1 process) | {hf['ttft_s']:.2f} | {hf['decode_tok_s']:.2f} | 1.00 | | "
-                 f"model +{hf['rss_model_warm_mb']:.0f} RSS | | |")
+    lines = [
+        "| config | TTFT s | decode tok/s | decode vs HF bf16 | decode int8/bf16 mesh | stage weights MiB (GetInfo) "
+        "| weights int8/bf16 | stage RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines.append(
+        f"| HF generate bfloat16 (1 process) | {hf['ttft_s']:.2f} | {hf['decode_tok_s']:.2f} | 1.00 | | "
+        f"model +{hf['rss_model_warm_mb']:.0f} RSS | | |"
+    )
     for m in res["mesh"]:
         other = by.get(m["config"].replace("int8", "bf16"))
         weights = ", ".join(f"{s['weight_bytes'] / 2**20:.0f}" for s in m["stage_info"])
@@ -382,18 +421,24 @@ def speed_table(res: dict) -> str:
             ratio_d = bm.fmt(m["decode_tok_s"] / other["decode_tok_s"] if both else None, ".2f") + "×"
         rss = ", ".join(f"{v:.0f}" for k, v in m["rss_mb"].items() if k.startswith("stage"))
         vs_hf = bm.fmt(m["decode_tok_s"] / hf["decode_tok_s"] if m["decode_tok_s"] else None, ".2f")
-        lines.append(f"| mesh {m['config']} ({', '.join(m['ranges'])}) | {m['ttft_s']:.2f} | {bm.fmt(m['decode_tok_s'], '.2f')} "
-                     f"({m['decode_tokens']} tok) | {vs_hf} | {ratio_d} | {weights} | {ratio_w} | {rss} |")
+        lines.append(
+            f"| mesh {m['config']} ({', '.join(m['ranges'])}) | {m['ttft_s']:.2f} | {bm.fmt(m['decode_tok_s'], '.2f')} "
+            f"({m['decode_tokens']} tok) | {vs_hf} | {ratio_d} | {weights} | {ratio_w} | {rss} |"
+        )
     layer = res["decoder_layer_bytes"]
     lines.append("")
-    lines.append(f"decoder layers alone (28, vlmesh plan): bf16 {layer['bf16'] / 2**20:.0f} MiB, int8 {layer['int8'] / 2**20:.0f} MiB "
-                 f"({layer['int8'] / layer['bf16']:.3f}×); embeddings and the (tied) head stay bfloat16")
+    lines.append(
+        f"decoder layers alone (28, vlmesh plan): bf16 {layer['bf16'] / 2**20:.0f} MiB, int8 {layer['int8'] / 2**20:.0f} MiB "
+        f"({layer['int8'] / layer['bf16']:.3f}×); embeddings and the (tied) head stay bfloat16"
+    )
     if "quantize" in res:
         q = res["quantize"]
-        lines.append(f"vlmesh quantize on the 2B (bf16 in, {q['record']['samples']} shapes calibration prompts): "
-                     f"{q['wall_s']:.0f} s wall (calibration {q['record']['calibration_s']:.0f} s), "
-                     f"peak RSS {bm.fmt(q['peak_rss_mb'], '.0f')} MB, "
-                     f"{q['bytes_on_disk'] / 2**30:.2f} GiB written")
+        lines.append(
+            f"vlmesh quantize on the 2B (bf16 in, {q['record']['samples']} shapes calibration prompts): "
+            f"{q['wall_s']:.0f} s wall (calibration {q['record']['calibration_s']:.0f} s), "
+            f"peak RSS {bm.fmt(q['peak_rss_mb'], '.0f')} MB, "
+            f"{q['bytes_on_disk'] / 2**30:.2f} GiB written"
+        )
     return "\n".join(lines)
 
 
@@ -406,8 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--samples", type=int, default=64, help="speed: calibration prompts for vlmesh quantize on the 2B")
     ap.add_argument("--requantize", action="store_true", help="speed: run vlmesh quantize even if its output exists")
-    ap.add_argument("--quiet-wait", type=float, default=0.0,
-                    help="wait up to this long for other processes to go idle before each measurement")
+    ap.add_argument("--quiet-wait", type=float, default=0.0, help="wait up to this long for other processes to go idle before each measurement")
     ap.add_argument("--threads", type=int, default=0, help="kernels: torch threads (0 = torch's default)")
     ap.add_argument("--smoke", action="store_true", help=bm.SMOKE_HELP + "; the accuracy part on 2 questions (the others need the 2B)")
     args = ap.parse_args(argv)

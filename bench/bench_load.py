@@ -75,7 +75,9 @@ def hf_batched(model_dir: Path, dtype: str, sizes: list[int], tokens: int) -> di
     processor.tokenizer.padding_side = "left"
     out = {}
     for c in [1, *sizes]:  # the first: warm-up
-        texts = [processor.apply_chat_template([{"role": "user", "content": prompt(i)}], add_generation_prompt=True, tokenize=False) for i in range(c)]
+        texts = [
+            processor.apply_chat_template([{"role": "user", "content": prompt(i)}], add_generation_prompt=True, tokenize=False) for i in range(c)
+        ]
         inputs = processor(text=texts, return_tensors="pt", padding=True)
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -220,9 +222,7 @@ def start_mesh(model_dir: Path, stages: int, threads: int | None, chunk: int | N
     if chunk:
         env["VLMESH_CHUNK_TOKENS"] = str(chunk)
     extra = ["--threads", str(threads)] if threads else []
-    mesh = LocalMesh(
-        str(model_dir), split_layers(layers, stages), env=env, log_dir=str(log_dir), service_args={"stage": extra}, pipeline=pipeline
-    )
+    mesh = LocalMesh(str(model_dir), split_layers(layers, stages), env=env, log_dir=str(log_dir), service_args={"stage": extra}, pipeline=pipeline)
     log(f"mesh: starting {stages} stage(s){' with --threads ' + str(threads) if threads else ''}{f', chunk {chunk}' if chunk else ''}")
     mesh.start(timeout=1800)
     return mesh, layers
@@ -296,9 +296,7 @@ def table(r: dict) -> str:
             for c, m in entry["sweep"].items():
                 hf = r["hf"].get(c) or r["hf"].get(str(c))
                 ratio = f"{m['tok_s'] / hf['tok_s']:.2f}" if hf else "-"
-                lines.append(
-                    f"| {c} | {hf['tok_s']:.2f} |" if hf else f"| {c} | - |"
-                )
+                lines.append(f"| {c} | {hf['tok_s']:.2f} |" if hf else f"| {c} | - |")
                 lines[-1] += f" {m['tok_s']:.2f} | {ratio} | {m['ttft_p50']:.2f} / {m['ttft_p99']:.2f} | {m['itl_p50']:.3f} / {m['itl_p99']:.3f} |"
         if "prefill" in entry:
             pf = entry["prefill"]

@@ -172,8 +172,15 @@ def watched(what: str):
     w = CpuWatch()
     with w:
         yield w
-    FOREIGN.append({"what": what, "seconds": round(time.perf_counter() - w.t0, 3), "foreign_cores": round(w.foreign_cores, 3),
-                    "bench_tree_cores": round(w.own_cores, 3), "waited_for_quiet_s": round(waited, 1)})
+    FOREIGN.append(
+        {
+            "what": what,
+            "seconds": round(time.perf_counter() - w.t0, 3),
+            "foreign_cores": round(w.foreign_cores, 3),
+            "bench_tree_cores": round(w.own_cores, 3),
+            "waited_for_quiet_s": round(waited, 1),
+        }
+    )
     if w.foreign_cores > 0.2:
         log(f"  note: other processes used {w.foreign_cores:.2f} cores on average during '{what}'")
 
@@ -365,7 +372,9 @@ def bench_hf(args, model_dir: Path, warm_image: Path, images: list[Path]) -> dic
     res["ttft_s"] = median_or_none(res["ttft_s_all"])
 
     n = args.decode_tokens
-    eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list) else [model.generation_config.eos_token_id])
+    eos = set(
+        model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list) else [model.generation_config.eos_token_id]
+    )
 
     def text_inputs(prompt: str):
         text = processor.apply_chat_template(text_messages(prompt), add_generation_prompt=True, tokenize=False)
@@ -617,8 +626,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="TTFT/decode runs per config (default 3 tiny, 1 2b)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = torch's default)")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment for the mesh processes")
-    ap.add_argument("--quiet-wait", type=float, default=300.0,
-                    help="before each measurement wait up to this many seconds for other processes to go idle (0 = off)")
+    ap.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=300.0,
+        help="before each measurement wait up to this many seconds for other processes to go idle (0 = off)",
+    )
     ap.add_argument("--quiet-threshold", type=float, default=0.25, help="cores other processes may use and still count as idle")
     ap.add_argument("--model-dir", default=None, help="use this checkpoint directory instead of making one")
     ap.add_argument("--skip-hf", action="store_true", help="no HF baseline (debugging)")

@@ -44,7 +44,8 @@ from torch.overrides import TorchFunctionMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from services.common.checkpoint import open_checkpoint  # noqa: E402
-from services.stage import attention, backend as backend_mod  # noqa: E402
+from services.stage import attention  # noqa: E402
+from services.stage import backend as backend_mod
 from services.stage.backend import SampleSpec, StageBackend, Step, StepResult  # noqa: E402
 from services.stage.sampler import SamplingParams  # noqa: E402
 
@@ -179,9 +180,8 @@ def agreement(
 
 
 def bitwise(args: argparse.Namespace) -> None:
-    from services.tiny import make_tiny
-
     from services.shapes import SHIPPED_MODEL
+    from services.tiny import make_tiny
 
     root = Path(tempfile.mkdtemp(prefix="vlmesh-bitwise-"))
     sizes = [1, 2, 3, 5, 8, 16] if not args.smoke else [1, 3]

@@ -232,8 +232,14 @@ def _up(args: argparse.Namespace) -> int:
     try:
         mesh.status_file = str(status_path(int(mesh.address.rsplit(":", 1)[1])))
         mesh.write_status()
-        addresses = {"coordinator": mesh.address, "vision": mesh.vision_address, "stages": mesh.stage_addresses, "certs": mesh.certs,
-                     "state": mesh.state_dir, "status": mesh.status_file}
+        addresses = {
+            "coordinator": mesh.address,
+            "vision": mesh.vision_address,
+            "stages": mesh.stage_addresses,
+            "certs": mesh.certs,
+            "state": mesh.state_dir,
+            "status": mesh.status_file,
+        }
         if mesh.openai_url:
             addresses["openai"] = mesh.openai_url
         print(json.dumps(addresses))
@@ -301,20 +307,25 @@ def _add_up_arguments(up: argparse.ArgumentParser) -> None:
     up.add_argument("--model", help="checkpoint directory (default: the shipped shapes model)")
     split = up.add_mutually_exclusive_group()
     split.add_argument("--layers", metavar="A:B,B:C,...", help="the stages' layer ranges, e.g. 0:14,14:28 (sets the stage count)")
-    split.add_argument("--plan", action="store_true",
-                       help="split --stages the way `vlmesh plan` balances memory (default: even layer counts)")
+    split.add_argument("--plan", action="store_true", help="split --stages the way `vlmesh plan` balances memory (default: even layer counts)")
     up.add_argument("--stages", type=int, default=2, help="number of transformer stages (without --layers)")
     up.add_argument("--replicas", type=int, default=1, help="stage processes per layer range (the coordinator gets every address)")
     up.add_argument("--host", default="127.0.0.1", help="address every service binds (0.0.0.0: all interfaces)")
     up.add_argument("--port", type=int, default=COORDINATOR_PORT, help="coordinator port (0: every service on any free port)")
-    up.add_argument("--stage-port", type=int, default=None,
-                    help=f"the first stage process's port, the others counting up from it (default {STAGE_PORT}; 0: any free ports)")
+    up.add_argument(
+        "--stage-port",
+        type=int,
+        default=None,
+        help=f"the first stage process's port, the others counting up from it (default {STAGE_PORT}; 0: any free ports)",
+    )
     up.add_argument("--vision-port", type=int, default=None, help=f"the vision service's port (default {VISION_PORT}; 0: any free port)")
     up.add_argument("--metrics-port", type=int, default=None, help="serve the coordinator's Prometheus metrics on this HTTP port")
     up.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="vision and stage parameter dtype")
     up.add_argument("--kv-budget-mb", type=int, help="each stage's KV cache budget in MiB")
     up.add_argument(
-        "--numerics", choices=("exact", "fast"), help="stages' attention: exact (the default: equal to generate()) or fast (one batched call per layer)"
+        "--numerics",
+        choices=("exact", "fast"),
+        help="stages' attention: exact (the default: equal to generate()) or fast (one batched call per layer)",
     )
     up.add_argument("--threads", type=int, help="torch threads per service (0 = torch's default)")
     up.add_argument("--trace-exporter", choices=("none", "console", "otlp"), help="where every service sends its spans")
@@ -322,10 +333,12 @@ def _add_up_arguments(up: argparse.ArgumentParser) -> None:
     up.add_argument("--log-dir", help="write each service's log here instead of the terminal, and keep the coordinator's sessions in LOG_DIR/state")
     up.add_argument("--timeout", type=float, default=600, help="seconds to wait for the services to be healthy")
     up.add_argument("--openai-port", type=int, default=None, help="also start the OpenAI-compatible gateway on this port (0 = any free one)")
-    up.add_argument("--pipeline", action="store_true",
-                    help="keep one micro-batch in flight per stage (off here: local stages share the machine's cores)")
-    up.add_argument("--quantize", default="auto",
-                    help="stages' decoder-layer linears: auto, int8 or none, or a comma list with one per stage (e.g. int8,none)")
+    up.add_argument(
+        "--pipeline", action="store_true", help="keep one micro-batch in flight per stage (off here: local stages share the machine's cores)"
+    )
+    up.add_argument(
+        "--quantize", default="auto", help="stages' decoder-layer linears: auto, int8 or none, or a comma list with one per stage (e.g. int8,none)"
+    )
 
 
 def _run_guarded(name: str, fn, args: argparse.Namespace) -> int:

@@ -36,8 +36,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.certs import make_certs
-from services.common.ports import PortInUse, ensure_free
 from services.common.channels import sync_mesh_channel, wait_healthy
+from services.common.ports import PortInUse, ensure_free
 from services.common.tls import MeshTLS
 
 # Fixed default ports of `vlmesh up`, the ones the README's grpcurl lines name (0 = any free port).
@@ -90,9 +90,7 @@ def parse_layers(spec: str, num_layers: int) -> list[tuple[int, int]]:
     expected = 0
     for a, b in ranges:
         if a != expected:
-            raise ValueError(
-                f"--layers {spec!r}: range {a}:{b} should start at layer {expected} (ranges must be contiguous, in order, from 0)"
-            )
+            raise ValueError(f"--layers {spec!r}: range {a}:{b} should start at layer {expected} (ranges must be contiguous, in order, from 0)")
         if b <= a:
             raise ValueError(f"--layers {spec!r}: range {a}:{b} is empty")
         expected = b
@@ -497,9 +495,20 @@ class LocalMesh:
             "coordinator",
             "coordinator",
             self.port or next(free),
-            ["--model", self.model, "--stages", ",".join(self.stage_addresses), "--vision", self.vision_address,
-             "--pipeline", "true" if self.pipeline else "false", "--state-dir", str(self.state_dir), *metrics,
-             *self._tls_args("coordinator")],
+            [
+                "--model",
+                self.model,
+                "--stages",
+                ",".join(self.stage_addresses),
+                "--vision",
+                self.vision_address,
+                "--pipeline",
+                "true" if self.pipeline else "false",
+                "--state-dir",
+                str(self.state_dir),
+                *metrics,
+                *self._tls_args("coordinator"),
+            ],
         )
         if self.openai_port is not None:
             self._add("gateway", "gateway", self.openai_port or next(free), ["--coordinator", coordinator.address, "--model", self.model])
@@ -639,8 +648,10 @@ class LocalMesh:
         log = f" (log: {c.log})" if c.log else ""
         if c.quick_exits >= policy.give_up_after:
             c.state = "gave up"
-            return (f"{c.name} at {c.address} {how} after {ran:.1f} s, its {c.quick_exits}th exit in a row within "
-                    f"{policy.quick_exit_s:.0f} s of starting: gave up on it{log}; the rest of the mesh keeps running")
+            return (
+                f"{c.name} at {c.address} {how} after {ran:.1f} s, its {c.quick_exits}th exit in a row within "
+                f"{policy.quick_exit_s:.0f} s of starting: gave up on it{log}; the rest of the mesh keeps running"
+            )
         delay = min(policy.max_delay_s, policy.first_delay_s * 2 ** (c.quick_exits - 1))
         c.state = "backoff"
         c.restart_at = now + delay
@@ -654,8 +665,13 @@ class LocalMesh:
             "log_dir": self.log_dir,
             "state_dir": self.state_dir,
             "children": [
-                {"name": c.name, "address": c.address, "state": c.state, "restarts": c.restarts,
-                 "pid": c.proc.pid if c.proc is not None and c.state != "gave up" else None}
+                {
+                    "name": c.name,
+                    "address": c.address,
+                    "state": c.state,
+                    "restarts": c.restarts,
+                    "pid": c.proc.pid if c.proc is not None and c.state != "gave up" else None,
+                }
                 for c in self.children.values()
             ],
             "events": list(self.events),

@@ -254,10 +254,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, type=Path, help="checkpoint directory (only config.json is read)")
     parser.add_argument("--stages", type=int, required=True, help="number of transformer stages")
     parser.add_argument("--also", type=_stage_counts, default=[], metavar="N,N,...", help="plan these stage counts too")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto",
-                        help="parameter dtype (default: the checkpoint's); int8: W8A8 decoder-layer linears, the rest at the checkpoint's")
-    parser.add_argument("--context", type=int, default=0, metavar="TOKENS",
-                        help="balance weights plus the KV cache of this many tokens per stage (default: weights only)")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="parameter dtype (default: the checkpoint's); int8: W8A8 decoder-layer linears, the rest at the checkpoint's",
+    )
+    parser.add_argument(
+        "--context",
+        type=int,
+        default=0,
+        metavar="TOKENS",
+        help="balance weights plus the KV cache of this many tokens per stage (default: weights only)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     return parser
 

@@ -49,8 +49,17 @@ DEFAULT_SAMPLES = 64
 CALIBRATION_SEED = 20261130  # on the shapes training stream; the held-out set is another stream
 CALIBRATION_FILE = "calibration.jsonl"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-COPIED = ("tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.*",
-          "*preprocessor_config.json", "processor_config.json", "generation_config.json")
+COPIED = (
+    "tokenizer*",
+    "vocab*",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.*",
+    "*preprocessor_config.json",
+    "processor_config.json",
+    "generation_config.json",
+)
 
 
 @dataclass(frozen=True)
@@ -91,7 +100,7 @@ def directory_samples(path: Path, count: int) -> list[Sample]:
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{listing}:{n}: not JSON ({e})") from None
                 if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
-                    raise ValueError(f"{listing}:{n}: needs a \"prompt\" string")
+                    raise ValueError(f'{listing}:{n}: needs a "prompt" string')
                 entries.append(entry)
     else:
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -170,9 +179,7 @@ def _column_max(t: dict[str, torch.Tensor], linears: list[str]) -> torch.Tensor:
     return torch.cat([t[f"{n}.weight"] for n in linears]).abs().amax(0)
 
 
-def smooth_layer(
-    t: dict[str, torch.Tensor], maxima: dict[str, torch.Tensor], prefix: str, heads: int, kv_heads: int, alpha: float
-) -> list[str]:
+def smooth_layer(t: dict[str, torch.Tensor], maxima: dict[str, torch.Tensor], prefix: str, heads: int, kv_heads: int, alpha: float) -> list[str]:
     """Fold SmoothQuant's scales into one decoder layer's float32 tensors `t` (canonical names) in
     place; returns the linears whose input was smoothed. Every fold is exact in real arithmetic:
 
@@ -287,8 +294,7 @@ def _layer_of(name: str) -> int | None:
     return None
 
 
-def quantize(model: str | Path, out: str | Path, alpha: float = DEFAULT_ALPHA, calibration: str = "shapes",
-             samples: int = DEFAULT_SAMPLES) -> dict:
+def quantize(model: str | Path, out: str | Path, alpha: float = DEFAULT_ALPHA, calibration: str = "shapes", samples: int = DEFAULT_SAMPLES) -> dict:
     """Calibrate, smooth, quantize and write; returns the record also written to out/quantize.json."""
     began = time.monotonic()
     if not 0.0 <= alpha <= 1.0:
@@ -403,10 +409,17 @@ def _write_config(ckpt: Checkpoint, out: Path) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, type=Path, help="float checkpoint directory (HF layout)")
     parser.add_argument("--out", required=True, type=Path, help="directory to write the W8A8 checkpoint to")
-    parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
-                        help="SmoothQuant migration strength in [0, 1]: how much of the activations' range moves into the weights")
-    parser.add_argument("--calibration", default="shapes",
-                        help=f"'shapes' (pictures and questions of the shapes task) or a directory (see {CALIBRATION_FILE} in the README)")
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        default=DEFAULT_ALPHA,
+        help="SmoothQuant migration strength in [0, 1]: how much of the activations' range moves into the weights",
+    )
+    parser.add_argument(
+        "--calibration",
+        default="shapes",
+        help=f"'shapes' (pictures and questions of the shapes task) or a directory (see {CALIBRATION_FILE} in the README)",
+    )
     parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="calibration prompts")
     return parser
 

@@ -1,6 +1,6 @@
 """`vlmesh status`: the running mesh as its coordinator sees it, one line per service replica.
 
-    vlmesh status [--coordinator 127.0.0.1:50051] [--api-key KEY] [--tls --ca-cert FILE] [--json]
+vlmesh status [--coordinator 127.0.0.1:50051] [--api-key KEY] [--tls --ca-cert FILE] [--json]
 """
 
 from __future__ import annotations
@@ -35,7 +35,17 @@ def table(s: pb.GetMeshStatusResponse) -> str:
     for r in s.stages:
         quant = f" {r.quantization}" if r.quantization not in ("", "none") else ""
         layers = f"{r.layers.start}:{r.layers.end}" if r.HasField("layers") else "?"
-        rows.append(("stage", r.address, layers, state.get(r.state, "?"), f"{_mib(r.kv_used_bytes)}/{_mib(r.kv_budget_bytes)}", f"{r.num_sessions} ({r.pinned_sessions})", r.dtype + quant))
+        rows.append(
+            (
+                "stage",
+                r.address,
+                layers,
+                state.get(r.state, "?"),
+                f"{_mib(r.kv_used_bytes)}/{_mib(r.kv_budget_bytes)}",
+                f"{r.num_sessions} ({r.pinned_sessions})",
+                r.dtype + quant,
+            )
+        )
     for v in s.vision:
         cache = f"cache {v.cache_entries} entries, {_mib(v.cache_bytes)} MiB, {v.cache_hits} hits / {v.cache_misses} misses"
         rows.append(("vision", v.address, "", state.get(v.state, "?"), cache, "", ""))

@@ -58,12 +58,12 @@ Notes on transformers 5.23 (checked, not assumed):
 
 from __future__ import annotations
 
-from typing import Any
 import argparse
 import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 SUPPORTED_FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe")
 KEY_LAYOUTS = ("hub", "transformers")
@@ -87,9 +87,7 @@ SPECIAL_TOKENS = (
 )
 
 # The Qwen2 pre-tokenizer regex (transformers.models.qwen2.tokenization_qwen2.PRETOKENIZE_REGEX).
-PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 # The data the checkpoint is built from (the tokenizer's corpus, the chat templates) ships next to this
 # module: services/tiny_data/, installed as package data.
@@ -146,8 +144,17 @@ def _corpus() -> list[str]:
                 lines.append(f"How many {colour} {plural} are there? There are {n}.")
     animals = ["cat", "dog", "bird", "horse", "cow", "fish", "rabbit", "duck", "sheep", "mouse", "child", "man", "woman"]
     actions = ["sitting", "sleeping", "running", "jumping", "eating", "standing", "playing", "looking up", "walking"]
-    spots = ["on the grass", "under the table", "next to the door", "near the window", "in the garden",
-             "by the river", "on the road", "behind the house", "in front of the car"]
+    spots = [
+        "on the grass",
+        "under the table",
+        "next to the door",
+        "near the window",
+        "in the garden",
+        "by the river",
+        "on the road",
+        "behind the house",
+        "in front of the car",
+    ]
     for i, animal in enumerate(animals):
         for j in range(3):
             action = actions[(i * 2 + j) % len(actions)]
@@ -383,9 +390,16 @@ def build_family_config(
 ):
     """The config of a tiny checkpoint of `family` (a SUPPORTED_FAMILIES name)."""
     sizes = dict(
-        num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
-        intermediate_size=intermediate_size, vision_depth=vision_depth, vision_embed_dim=vision_embed_dim,
-        vision_heads=vision_heads, tie_word_embeddings=tie_word_embeddings, dtype=dtype,
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        intermediate_size=intermediate_size,
+        vision_depth=vision_depth,
+        vision_embed_dim=vision_embed_dim,
+        vision_heads=vision_heads,
+        tie_word_embeddings=tie_word_embeddings,
+        dtype=dtype,
     )
     if family == "qwen2-vl":
         return build_config(tokenizer, **sizes)
@@ -394,9 +408,19 @@ def build_family_config(
     text = {
         k: base["text_config"][k]
         for k in (
-            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "intermediate_size", "hidden_act", "max_position_embeddings", "rms_norm_eps", "bos_token_id",
-            "eos_token_id", "pad_token_id", "tie_word_embeddings",
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "intermediate_size",
+            "hidden_act",
+            "max_position_embeddings",
+            "rms_norm_eps",
+            "bos_token_id",
+            "eos_token_id",
+            "pad_token_id",
+            "tie_word_embeddings",
         )
     }
     text["dtype"] = dtype
@@ -421,12 +445,24 @@ def build_family_config(
             dtype=dtype,
         )
         return Qwen2_5_VLConfig(
-            text_config=text, vision_config=vision, tie_word_embeddings=tie_word_embeddings,
-            architectures=["Qwen2_5_VLForConditionalGeneration"], dtype=dtype, **ids,
+            text_config=text,
+            vision_config=vision,
+            tie_word_embeddings=tie_word_embeddings,
+            architectures=["Qwen2_5_VLForConditionalGeneration"],
+            dtype=dtype,
+            **ids,
         )
     _check_family_sizes(
-        family, num_layers, hidden_size, num_heads, vision_depth, deepstack_layers=deepstack_layers, num_experts=num_experts,
-        experts_per_token=experts_per_token, moe_intermediate_size=moe_intermediate_size, mlp_only_layers=mlp_only_layers,
+        family,
+        num_layers,
+        hidden_size,
+        num_heads,
+        vision_depth,
+        deepstack_layers=deepstack_layers,
+        num_experts=num_experts,
+        experts_per_token=experts_per_token,
+        moe_intermediate_size=moe_intermediate_size,
+        mlp_only_layers=mlp_only_layers,
     )
     head_dim = hidden_size // num_heads
     text.update(
@@ -459,8 +495,12 @@ def build_family_config(
         from transformers import Qwen3VLConfig
 
         return Qwen3VLConfig(
-            text_config=text, vision_config=vision, tie_word_embeddings=tie_word_embeddings,
-            architectures=["Qwen3VLForConditionalGeneration"], dtype=dtype, **ids,
+            text_config=text,
+            vision_config=vision,
+            tie_word_embeddings=tie_word_embeddings,
+            architectures=["Qwen3VLForConditionalGeneration"],
+            dtype=dtype,
+            **ids,
         )
     from transformers import Qwen3VLMoeConfig
 
@@ -472,8 +512,12 @@ def build_family_config(
         mlp_only_layers=list((num_layers - 1,) if mlp_only_layers is None else mlp_only_layers),
     )
     return Qwen3VLMoeConfig(
-        text_config=text, vision_config=vision, tie_word_embeddings=tie_word_embeddings,
-        architectures=["Qwen3VLMoeForConditionalGeneration"], dtype=dtype, **ids,
+        text_config=text,
+        vision_config=vision,
+        tie_word_embeddings=tie_word_embeddings,
+        architectures=["Qwen3VLMoeForConditionalGeneration"],
+        dtype=dtype,
+        **ids,
     )
 
 
@@ -696,13 +740,23 @@ def make_tiny(
         raise ValueError(f"dtype must be a torch floating dtype name (float32, bfloat16, float16), got {dtype!r}")
     _check_sizes(hidden_size, num_heads, num_kv_heads, vision_embed_dim, vision_heads)  # before writing anything
     family_sizes = dict(
-        deepstack_layers=deepstack_layers, num_experts=num_experts, experts_per_token=experts_per_token,
-        moe_intermediate_size=moe_intermediate_size, mlp_only_layers=mlp_only_layers,
+        deepstack_layers=deepstack_layers,
+        num_experts=num_experts,
+        experts_per_token=experts_per_token,
+        moe_intermediate_size=moe_intermediate_size,
+        mlp_only_layers=mlp_only_layers,
     )
     sizes = dict(
-        num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
-        intermediate_size=intermediate_size, vision_depth=vision_depth, vision_embed_dim=vision_embed_dim,
-        vision_heads=vision_heads, tie_word_embeddings=tie_word_embeddings, dtype=dtype,
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        intermediate_size=intermediate_size,
+        vision_depth=vision_depth,
+        vision_embed_dim=vision_embed_dim,
+        vision_heads=vision_heads,
+        tie_word_embeddings=tie_word_embeddings,
+        dtype=dtype,
     )
     _check_family_sizes(family, num_layers, hidden_size, num_heads, vision_depth, **family_sizes)
     out = Path(out)
@@ -725,8 +779,9 @@ def make_tiny(
     model.to(torch_dtype)
     model.generation_config = build_generation_config(tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
-    _log(f"model: {family}, {n_params:,} parameters, {num_layers} layers, hidden {hidden_size}, {dtype}, "
-         f"{'tied' if tie_word_embeddings else 'untied'}")
+    _log(
+        f"model: {family}, {n_params:,} parameters, {num_layers} layers, hidden {hidden_size}, {dtype}, {'tied' if tie_word_embeddings else 'untied'}"
+    )
 
     save_kwargs: dict[str, Any] = dict(safe_serialization=True, save_original_format=False)
     if max_shard_size:
@@ -760,8 +815,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--vision-depth", type=int, default=2)
     parser.add_argument("--vision-embed-dim", type=int, default=32)
     parser.add_argument("--vision-heads", type=int, default=2)
-    parser.add_argument("--untied", dest="tie_word_embeddings", action="store_false",
-                        help="separate lm_head.weight (default: tied to embed_tokens, as Qwen2-VL-2B)")
+    parser.add_argument(
+        "--untied", dest="tie_word_embeddings", action="store_false", help="separate lm_head.weight (default: tied to embed_tokens, as Qwen2-VL-2B)"
+    )
     parser.add_argument("--key-layout", choices=KEY_LAYOUTS, default="hub")
     parser.add_argument("--max-shard-size", default=None, help='e.g. "200KB": sharded files + index json')
     parser.add_argument("--seed", type=int, default=0)
@@ -776,9 +832,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 _ARG_NAMES = (
-    "num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size", "vision_depth",
-    "vision_embed_dim", "vision_heads", "tie_word_embeddings", "key_layout", "max_shard_size", "seed",
-    "dtype", "min_pixels", "max_pixels", "deepstack_layers", "num_experts", "experts_per_token", "moe_intermediate_size",
+    "num_layers",
+    "hidden_size",
+    "num_heads",
+    "num_kv_heads",
+    "intermediate_size",
+    "vision_depth",
+    "vision_embed_dim",
+    "vision_heads",
+    "tie_word_embeddings",
+    "key_layout",
+    "max_shard_size",
+    "seed",
+    "dtype",
+    "min_pixels",
+    "max_pixels",
+    "deepstack_layers",
+    "num_experts",
+    "experts_per_token",
+    "moe_intermediate_size",
 )
 
 

@@ -39,8 +39,9 @@ def kubectl() -> str:
 
 @cache
 def overlay(path: Path) -> tuple[dict, ...]:
-    out = subprocess.run([kubectl(), "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(path)],
-                         capture_output=True, text=True, timeout=60, check=False)
+    out = subprocess.run(
+        [kubectl(), "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
     assert out.returncode == 0, out.stderr
     return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
 

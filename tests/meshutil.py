@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import atexit
-import shutil
-
 import contextlib
 import io
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,7 +29,6 @@ from services.vision.server import start as start_vision
 from vlmesh.v1 import coordinator_pb2 as cpb
 from vlmesh.v1 import coordinator_pb2_grpc as cgrpc
 from vlmesh.v1 import tensor_pb2
-
 
 T = TypeVar("T")
 
@@ -190,21 +188,13 @@ def with_pil(messages: list[dict]) -> list[dict]:
     for m in messages:
         content = m["content"]
         if isinstance(content, list):
-            content = [
-                {"type": "image", "image": Image.open(io.BytesIO(c["image"]))} if c["type"] == "image" else c for c in content
-            ]
+            content = [{"type": "image", "image": Image.open(io.BytesIO(c["image"]))} if c["type"] == "image" else c for c in content]
         out.append({"role": m["role"], "content": content})
     return out
 
 
 def images_of(messages: list[dict]) -> list[Image.Image]:
-    return [
-        Image.open(io.BytesIO(c["image"]))
-        for m in messages
-        if isinstance(m["content"], list)
-        for c in m["content"]
-        if c["type"] == "image"
-    ]
+    return [Image.open(io.BytesIO(c["image"])) for m in messages if isinstance(m["content"], list) for c in m["content"] if c["type"] == "image"]
 
 
 def videos_of(messages: list[dict]) -> list[dict]:
@@ -237,10 +227,7 @@ class Reference:
         frame_lists = [isinstance(v["video"], (list, tuple)) for v in videos]
         if all(frame_lists):
             clips = [[Image.open(io.BytesIO(f)).convert("RGB") for f in v["video"]] for v in videos]
-            meta = [
-                {"total_num_frames": len(c), "fps": v.get("fps") or None, "frames_indices": list(range(len(c)))}
-                for c, v in zip(clips, videos)
-            ]
+            meta = [{"total_num_frames": len(c), "fps": v.get("fps") or None, "frames_indices": list(range(len(c)))} for c, v in zip(clips, videos)]
             return dict(videos=clips, video_metadata=meta, do_sample_frames=False)
         if any(frame_lists):
             raise ValueError("the reference takes video files or frame lists in one prompt, not both")
@@ -265,16 +252,12 @@ class Reference:
             inputs.update({k: v for k, v in vid.items() if k in wanted})
         return inputs
 
-    def generate_ids(
-        self, input_ids: list[int], images: list[Image.Image], max_new_tokens: int, videos: list[dict] = (), **kw
-    ):
+    def generate_ids(self, input_ids: list[int], images: list[Image.Image], max_new_tokens: int, videos: list[dict] = (), **kw):
         inputs = {"input_ids": torch.tensor([input_ids])}
         inputs["mm_token_type_ids"] = torch.tensor(self.processor.create_mm_token_type_ids([input_ids]))
         inputs.update(self.visual_inputs(images, list(videos)))
         with torch.inference_mode():
-            out = self.model.generate(
-                **inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True, **kw
-            )
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True, **kw)
         return out.sequences[0, len(input_ids) :].tolist(), out
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
@@ -325,9 +308,7 @@ def image_prompts(images) -> dict[str, list[dict]]:
     """Text-only, one-image and two-image conversations over the `images` fixture's pictures."""
     return {
         "text": [{"role": "user", "content": "Tell me about shapes and colours."}],
-        "one image": [
-            {"role": "user", "content": [{"type": "image", "image": images["wide"]}, {"type": "text", "text": "What is this?"}]}
-        ],
+        "one image": [{"role": "user", "content": [{"type": "image", "image": images["wide"]}, {"type": "text", "text": "What is this?"}]}],
         "two images": [
             {"role": "system", "content": "You describe pictures."},
             {

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import grpc
-
 from meshutil import certs_dir
+
 from services.launcher import Child, LocalMesh
 from vlmesh.v1 import coordinator_pb2 as cpb
 from vlmesh.v1 import coordinator_pb2_grpc as cgrpc

@@ -10,10 +10,10 @@ import threading
 
 import pytest
 import torch
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
 from conftest import png
 from meshutil import images_of, reference, stage_info, start_mesh, videos_of, wait_until
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
 from services.common.tracing import setup_tracing
 
 SPANS = InMemorySpanExporter()
@@ -28,7 +28,16 @@ def requests(images, videos) -> list[list[dict]]:
         [{"role": "user", "content": [{"type": "image", "image": images["wide"]}, {"type": "text", "text": "What is it?"}]}],
         [{"role": "user", "content": [{"type": "image", "image": images["tall"]}, {"type": "text", "text": "Describe it."}]}],
         [{"role": "user", "content": [{"type": "video", "video": videos["short"]}, {"type": "text", "text": "What happens?"}]}],
-        [{"role": "user", "content": [{"type": "image", "image": images["square"]}, {"type": "image", "image": images["wide"]}, {"type": "text", "text": "Compare."}]}],
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": images["square"]},
+                    {"type": "image", "image": images["wide"]},
+                    {"type": "text", "text": "Compare."},
+                ],
+            }
+        ],
         [{"role": "user", "content": "Count from one to twenty, slowly."}],
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "image", "image": images["tall"]}]}],
     ]
@@ -81,13 +90,20 @@ def test_a_newcomer_joins_the_running_batch(mesh, images):
     out: dict = {}
     t = threading.Thread(target=lambda: out.setdefault("long", mesh.generate(long, max_tokens=120)))
     t.start()
-    wait_until(lambda: any(s.name == "step" and s.attributes["vlmesh.tokens"] == 1 for s in SPANS.get_finished_spans()), 30, "the long request to decode", interval=0.01)
+    wait_until(
+        lambda: any(s.name == "step" and s.attributes["vlmesh.tokens"] == 1 for s in SPANS.get_finished_spans()),
+        30,
+        "the long request to decode",
+        interval=0.01,
+    )
     _, _, last = mesh.generate(newcomer, max_tokens=4)
     t.join(120)
     long_trace = out["long"][2].trace_id
     steps = [s for s in SPANS.get_finished_spans() if s.name == "step"]
     mine = {s.attributes["vlmesh.batch"] for s in steps if format(s.context.trace_id, "032x") == last.trace_id and s.attributes["vlmesh.tokens"] > 1}
-    decoding = {s.attributes["vlmesh.batch"] for s in steps if format(s.context.trace_id, "032x") == long_trace and s.attributes["vlmesh.tokens"] == 1}
+    decoding = {
+        s.attributes["vlmesh.batch"] for s in steps if format(s.context.trace_id, "032x") == long_trace and s.attributes["vlmesh.tokens"] == 1
+    }
     assert len(mine) > 1, "the image prompt was not fed in chunks"
     # The newcomer started before the running request finished, and its prompt did not stall it:
     # the running request decoded between the newcomer's first and last prompt chunks (in the same
@@ -100,6 +116,7 @@ def test_concurrent_images_share_one_tower_pass(tiny_models):
     """Requests that arrive while the encoder is busy are encoded together: one pass of the vision
     tower for all of them, and each embedding equals the one encoded alone."""
     from meshutil import mesh_tls_kw
+
     from services.common.checkpoint import open_checkpoint
     from services.vision.encoder import VisionEncoder, VisualItem
     from services.vision.server import VisionConfig, VisionServicer

@@ -6,15 +6,15 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
+from conftest import png
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from meshutil import forward_once, images_of, internal_channel, reference, start_mesh, to_proto, vision_stats
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from conftest import png
-from meshutil import forward_once, images_of, internal_channel, reference, start_mesh, to_proto, vision_stats
 from services.common import tensors
 from services.common.tracing import setup_tracing
-from vlmesh.v1 import coordinator_pb2 as cpb
 from vlmesh.internal.v1 import stage_pb2
+from vlmesh.v1 import coordinator_pb2 as cpb
 from vlmesh.v1 import tensor_pb2
 
 SPANS = InMemorySpanExporter()

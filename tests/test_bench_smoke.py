@@ -14,8 +14,15 @@ SCRIPTS = sorted(p.name for p in BENCH.glob("bench_*.py"))
 
 
 def test_every_bench_script_is_covered():
-    assert set(SCRIPTS) >= {"bench_failover.py", "bench_gateway.py", "bench_hop.py", "bench_int8.py", "bench_load.py",
-                            "bench_mesh.py", "bench_prefix.py"}
+    assert set(SCRIPTS) >= {
+        "bench_failover.py",
+        "bench_gateway.py",
+        "bench_hop.py",
+        "bench_int8.py",
+        "bench_load.py",
+        "bench_mesh.py",
+        "bench_prefix.py",
+    }
     for name in SCRIPTS:
         assert "--smoke" in (BENCH / name).read_text(), f"{name} has no --smoke mode"
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
-
 from otlp_sink import OtlpSink
+
 from services.common.ports import PortInUse, ensure_free
 from services.launcher import free_port, parse_layers
 from vlmesh import Client
@@ -126,8 +126,13 @@ def test_commands_that_need_no_model_import_no_torch(tmp_path):
         "import sys\nfrom services.cli import main\ntry:\n    sys.exit(main(sys.argv[1:]))\nfinally:\n"
         "    print('heavy:', sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
-    for argv in (["keys", "new", "--name", "a", "--file", str(tmp_path / "keys.txt")], ["certs", "--out", str(tmp_path / "c")],
-                 ["up", "--help"], ["chat", "--help"], ["status", "--address", "127.0.0.1:1"]):
+    for argv in (
+        ["keys", "new", "--name", "a", "--file", str(tmp_path / "keys.txt")],
+        ["certs", "--out", str(tmp_path / "c")],
+        ["up", "--help"],
+        ["chat", "--help"],
+        ["status", "--address", "127.0.0.1:1"],
+    ):
         out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
         assert "heavy: []" in out.stdout, (argv, out.stdout, out.stderr)
 
@@ -153,12 +158,30 @@ def test_chat_with_no_mesh_says_what_to_do_and_a_text_file_is_no_image(tmp_path)
 
 
 def test_serve_on_a_port_in_use_fails_before_loading(grpc_listener):
-    out = run("serve", "coordinator", "--model", str(SHAPES), "--stages", "127.0.0.1:1", "--vision", "127.0.0.1:1",
-              "--host", "127.0.0.1", "--port", str(grpc_listener))
+    out = run(
+        "serve",
+        "coordinator",
+        "--model",
+        str(SHAPES),
+        "--stages",
+        "127.0.0.1:1",
+        "--vision",
+        "127.0.0.1:1",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(grpc_listener),
+    )
     assert_one_line_error(out, f"--port: port {grpc_listener}", "in use")
     env = {**os.environ, "VLMESH_PORT": str(grpc_listener)}  # the environment form too
-    out = subprocess.run([*VLMESH, "serve", "stage", "--model", str(SHAPES), "--layers", "0:2", "--host", "127.0.0.1"],
-                         check=False, capture_output=True, text=True, timeout=120, env=env)
+    out = subprocess.run(
+        [*VLMESH, "serve", "stage", "--model", str(SHAPES), "--layers", "0:2", "--host", "127.0.0.1"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert_one_line_error(out, str(grpc_listener), "in use")
 
 
@@ -237,8 +260,7 @@ def test_plan_flag_uses_the_balanced_split():
 
 
 def test_ctrl_c_during_startup_stops_everything(tmp_path):
-    proc = subprocess.Popen([*VLMESH, "up", "--port", "0", "--log-dir", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*VLMESH, "up", "--port", "0", "--log-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while len(psutil.Process(proc.pid).children()) < 3:  # vision and both stages are loading
@@ -265,9 +287,32 @@ def up_with_flags(tmp_path_factory):
     sink = OtlpSink().start()
     logs = tmp_path_factory.mktemp("up-logs")
     proc = subprocess.Popen(
-        [*VLMESH, "up", "--port", "0", "--layers", "0:1,1:4", "--dtype", "float32", "--kv-budget-mb", "24", "--threads", "1",
-         "--host", "127.0.0.1", "--trace-exporter", "otlp", "--otlp-endpoint", sink.endpoint, "--log-dir", str(logs),
-         "--metrics-port", str(free_port()), "--numerics", "fast"],
+        [
+            *VLMESH,
+            "up",
+            "--port",
+            "0",
+            "--layers",
+            "0:1,1:4",
+            "--dtype",
+            "float32",
+            "--kv-budget-mb",
+            "24",
+            "--threads",
+            "1",
+            "--host",
+            "127.0.0.1",
+            "--trace-exporter",
+            "otlp",
+            "--otlp-endpoint",
+            sink.endpoint,
+            "--log-dir",
+            str(logs),
+            "--metrics-port",
+            str(free_port()),
+            "--numerics",
+            "fast",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -300,8 +345,10 @@ def test_up_flags_reach_the_services(up_with_flags):
     assert coordinator[coordinator.index("--state-dir") + 1] == addresses["state"] == str(Path(proc.args[proc.args.index("--log-dir") + 1]) / "state")
 
     with Client(addresses["coordinator"]) as client:
-        answer = client.chat([{"role": "user", "content": [{"type": "image", "image": str(DEMO_PNG)},
-                                                           {"type": "text", "text": "What is in this picture?"}]}], max_tokens=16)
+        answer = client.chat(
+            [{"role": "user", "content": [{"type": "image", "image": str(DEMO_PNG)}, {"type": "text", "text": "What is in this picture?"}]}],
+            max_tokens=16,
+        )
     assert answer.text
     import urllib.request
 
@@ -326,8 +373,12 @@ def test_up_shows_startup_progress(up_with_flags):
 def test_up_replicas_start_every_stage_process_and_serve(tmp_path):
     """Needs the coordinator that groups replicas by the layer range each reports (today's
     coordinator refuses overlapping ranges)."""
-    proc = subprocess.Popen([*VLMESH, "up", "--port", "0", "--stages", "2", "--replicas", "2", "--threads", "1", "--log-dir", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*VLMESH, "up", "--port", "0", "--stages", "2", "--replicas", "2", "--threads", "1", "--log-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         if not line:
@@ -339,8 +390,10 @@ def test_up_replicas_start_every_stage_process_and_serve(tmp_path):
         cmd = coordinator.cmdline()
         assert cmd[cmd.index("--stages") + 1] == ",".join(addresses["stages"])
         with Client(addresses["coordinator"]) as client:
-            assert client.chat([{"role": "user", "content": [{"type": "image", "image": str(DEMO_PNG)},
-                                                             {"type": "text", "text": "What is in this picture?"}]}], max_tokens=8).text
+            assert client.chat(
+                [{"role": "user", "content": [{"type": "image", "image": str(DEMO_PNG)}, {"type": "text", "text": "What is in this picture?"}]}],
+                max_tokens=8,
+            ).text
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)

@@ -23,12 +23,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-import vlmesh
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from PIL import Image
+
+import vlmesh
 from vlmesh import _messages, chat_cli
 from vlmesh._messages import load_image, to_proto_messages
 from vlmesh.v1 import coordinator_pb2 as pb
@@ -41,13 +42,7 @@ pytestmark = pytest.mark.timeout(60)
 def png_bytes(size: tuple[int, int] = (5, 4), mode: str = "RGB") -> bytes:
     img = Image.new(mode, size)
     # Distinct pixels, so a lossy or transposed round trip shows.
-    img.putdata(
-        [
-            tuple((x * 40 + y * 7 + c * 50) % 256 for c in range(len(mode)))
-            for y in range(size[1])
-            for x in range(size[0])
-        ]
-    )
+    img.putdata([tuple((x * 40 + y * 7 + c * 50) % 256 for c in range(len(mode))) for y in range(size[1]) for x in range(size[0])])
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
@@ -324,9 +319,7 @@ def test_private_urls_allowed_by_option(http_base: str) -> None:
         load_image(url, allow_private_urls=["127.0.0.2"])
     with pytest.raises(ValueError, match="allow_private_urls"):
         load_image(url, allow_private_urls=["not-a-network"])
-    msgs = to_proto_messages(
-        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}], allow_private_urls=True
-    )
+    msgs = to_proto_messages([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}], allow_private_urls=True)
     assert only_image(msgs) == PNG
     with pytest.raises(ValueError, match="loopback"):
         to_proto_messages([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
@@ -503,15 +496,10 @@ class FakeCoordinator(pb_grpc.CoordinatorServiceServicer):
                 details = [
                     pb.TokenDetail(
                         token=tensor_pb2.TokenLogprob(token_id=100 + i, logprob=-0.5 * i),
-                        top=[
-                            tensor_pb2.TokenLogprob(token_id=200 + k, logprob=-1.0 - k)
-                            for k in range(request.logprobs)
-                        ],
+                        top=[tensor_pb2.TokenLogprob(token_id=200 + k, logprob=-1.0 - k) for k in range(request.logprobs)],
                     )
                 ]
-            yield pb.GenerateResponse(
-                text=delta, token_ids=[100 + i], logprobs=details, session_id=sid, trace_id="feed"
-            )
+            yield pb.GenerateResponse(text=delta, token_ids=[100 + i], logprobs=details, session_id=sid, trace_id="feed")
         if prompt == "exhaust":
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "KV cache full")
         if prompt == "quota-mid":
@@ -523,9 +511,7 @@ class FakeCoordinator(pb_grpc.CoordinatorServiceServicer):
         if sid:
             self.sessions[sid] = cached + prompt_tokens + len(REPLY)
         yield pb.GenerateResponse(
-            finish_reason=pb.FINISH_REASON_LENGTH
-            if request.max_tokens == len(REPLY)
-            else pb.FINISH_REASON_STOP,
+            finish_reason=pb.FINISH_REASON_LENGTH if request.max_tokens == len(REPLY) else pb.FINISH_REASON_STOP,
             usage=pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=len(REPLY), cached_tokens=cached),
             session_id=sid,
             trace_id="feed",
@@ -549,7 +535,10 @@ class FakeCoordinator(pb_grpc.CoordinatorServiceServicer):
         if self.model_info_error:
             abort_rich(context, grpc.StatusCode.UNAVAILABLE, "stage 1 is down", "STAGE_UNAVAILABLE")
         return pb.GetModelInfoResponse(
-            model_type="qwen2_vl", num_layers=28, stage_layers=[pb.LayerRange(start=0, end=14), pb.LayerRange(start=14, end=28)], max_sequence_length=32768
+            model_type="qwen2_vl",
+            num_layers=28,
+            stage_layers=[pb.LayerRange(start=0, end=14), pb.LayerRange(start=14, end=28)],
+            max_sequence_length=32768,
         )
 
 
@@ -615,11 +604,7 @@ def test_chat_joins_deltas(coordinator: tuple[FakeCoordinator, str]) -> None:
     assert req.messages[1].content[0].image == PNG
     s = req.sampling
     assert (s.top_k, s.seed) == (20, 7) and s.HasField("seed")
-    assert (
-        s.temperature == pytest.approx(0.7)
-        and s.top_p == pytest.approx(0.9)
-        and s.repetition_penalty == pytest.approx(1.05)
-    )
+    assert s.temperature == pytest.approx(0.7) and s.top_p == pytest.approx(0.9) and s.repetition_penalty == pytest.approx(1.05)
     assert fake.metadata[0]["x-user"] == "ann"
 
 
@@ -835,9 +820,7 @@ def _cli_args(*argv: str) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
-def test_cli_one_shot(
-    coordinator: tuple[FakeCoordinator, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_one_shot(coordinator: tuple[FakeCoordinator, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fake, address = coordinator
     image = tmp_path / "a.png"
     image.write_bytes(PNG)
@@ -1050,9 +1033,7 @@ def _self_signed() -> tuple[bytes, bytes]:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
@@ -1120,9 +1101,7 @@ def test_health(coordinator_health: tuple[FakeCoordinator, str, health.HealthSer
         client.health()
 
 
-def test_cli_private_urls(
-    coordinator: tuple[FakeCoordinator, str], http_base: str, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_private_urls(coordinator: tuple[FakeCoordinator, str], http_base: str, capsys: pytest.CaptureFixture[str]) -> None:
     fake, address = coordinator
     url = f"{http_base}/cat.png"
     assert chat_cli.run(_cli_args("--address", address, "--image", url, "hi")) == 1

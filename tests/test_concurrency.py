@@ -7,9 +7,9 @@ import threading
 
 import grpc
 import pytest
+from meshutil import images_of, reference, stage_holds, start_mesh, to_proto, wait_until
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from meshutil import images_of, reference, stage_holds, start_mesh, to_proto, wait_until
 from services.common.tracing import setup_tracing
 from vlmesh.v1 import coordinator_pb2 as cpb
 
@@ -57,6 +57,7 @@ def test_cancelled_stream_leaves_the_session_usable(mesh, images):
     call = mesh.stub.Generate(cpb.GenerateRequest(messages=to_proto(first), session_id=sid, max_tokens=200))
     next(iter(call))
     call.cancel()
+
     # The cancelled turn never happened: the next request on the session is its first turn again
     # (once the engine has let go of the cancelled one, the session is no longer busy).
     def again():

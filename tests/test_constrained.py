@@ -199,13 +199,21 @@ def test_gateway_json_object_and_vllm_structured_outputs(sdk):
     got = sdk.chat.completions.create(model=MODEL_ID, messages=OPENAI_PICTURE, response_format={"type": "json_object"}, max_tokens=120, temperature=0)
     assert got.choices[0].finish_reason == "stop" and isinstance(json.loads(got.choices[0].message.content), dict)
     pattern = r"(red|green|blue) [a-z]{3,8}, [0-9]{1,2}"
-    got = sdk.chat.completions.create(model=MODEL_ID, messages=OPENAI_PICTURE, max_tokens=40, temperature=0, extra_body={"structured_outputs": {"regex": pattern}})
+    got = sdk.chat.completions.create(
+        model=MODEL_ID, messages=OPENAI_PICTURE, max_tokens=40, temperature=0, extra_body={"structured_outputs": {"regex": pattern}}
+    )
     assert re.fullmatch(pattern, got.choices[0].message.content)
     options = ["a red circle", "a blue square"]
-    got = sdk.chat.completions.create(model=MODEL_ID, messages=OPENAI_PICTURE, max_tokens=40, temperature=1.0, seed=2, extra_body={"structured_outputs": {"choice": options}})
+    got = sdk.chat.completions.create(
+        model=MODEL_ID, messages=OPENAI_PICTURE, max_tokens=40, temperature=1.0, seed=2, extra_body={"structured_outputs": {"choice": options}}
+    )
     assert got.choices[0].message.content in options
     got = sdk.chat.completions.create(
-        model=MODEL_ID, messages=OPENAI_PICTURE, max_tokens=40, temperature=0, extra_body={"structured_outputs": {"grammar": 'start: "shape: " ("circle" | "square")'}}
+        model=MODEL_ID,
+        messages=OPENAI_PICTURE,
+        max_tokens=40,
+        temperature=0,
+        extra_body={"structured_outputs": {"grammar": 'start: "shape: " ("circle" | "square")'}},
     )
     assert got.choices[0].message.content in ("shape: circle", "shape: square")
     fmt = {"type": "json_schema", "json_schema": {"name": "shape", "schema": SCHEMA}}

@@ -64,7 +64,9 @@ def decode(constraints: Constraints, c: tensor_pb2.Constraint, params: SamplingP
     return ids, False
 
 
-@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=1.0, top_k=50, seed=7), SamplingParams(temperature=0.7, top_p=0.9, seed=3)])
+@pytest.mark.parametrize(
+    "params", [SamplingParams(), SamplingParams(temperature=1.0, top_k=50, seed=7), SamplingParams(temperature=0.7, top_p=0.9, seed=3)]
+)
 @pytest.mark.parametrize("seed", range(4))
 def test_schema_output_always_parses_validates_and_ends(constraints, hf, params, seed):
     ids, ended = decode(constraints, schema_constraint(), params, seed)
@@ -128,7 +130,13 @@ def test_one_compilation_per_distinct_constraint(constraints):
 
 def test_every_kind_has_a_grammar():
     kinds = {f.name for f in tensor_pb2.Constraint.DESCRIPTOR.oneofs_by_name["kind"].fields}
-    examples = [schema_constraint(), tensor_pb2.Constraint(json_object=True), tensor_pb2.Constraint(regex="a"), tensor_pb2.Constraint(choice=tensor_pb2.Choices(options=["a"])), tensor_pb2.Constraint(grammar='start: "a"')]
+    examples = [
+        schema_constraint(),
+        tensor_pb2.Constraint(json_object=True),
+        tensor_pb2.Constraint(regex="a"),
+        tensor_pb2.Constraint(choice=tensor_pb2.Choices(options=["a"])),
+        tensor_pb2.Constraint(grammar='start: "a"'),
+    ]
     assert {c.WhichOneof("kind") for c in examples} == kinds
     assert all(grammar_of(c) for c in examples)
 

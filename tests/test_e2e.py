@@ -11,8 +11,8 @@ import sys
 
 import psutil
 import pytest
-
 from meshutil import images_of, reference
+
 from vlmesh import Client
 
 VLMESH = [sys.executable, "-m", "services.cli"]
@@ -73,9 +73,8 @@ def test_sigterm_stops_every_child(up):
 def test_stage_memory_scales_with_its_layers(tmp_path):
     """Each stage reads only its own tensors: 1 of 8 layers vs all 8 differ by ~7 layers of
     weights in resident memory. Weights are memory-mapped, so one step runs first to touch them."""
-    import torch
-
     import grpc
+    import torch
 
     from services.common import tensors
     from services.common.channels import wait_healthy

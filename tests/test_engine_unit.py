@@ -353,4 +353,3 @@ def test_a_busy_session_refuses_a_second_turn_and_a_runner_bug_fails_only_its_ba
 
     err, text = _run(main())
     assert "boom" in str(err) and text == "xxx"
-

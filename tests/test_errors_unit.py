@@ -65,7 +65,11 @@ def failing() -> Iterator[_Failing]:
 
 
 # Every class the vocabulary exports.
-RAISED = [c for c in (getattr(errors, n) for n in errors.__all__) if isinstance(c, type) and issubclass(c, errors.VlmeshError) and c is not errors.VlmeshError]
+RAISED = [
+    c
+    for c in (getattr(errors, n) for n in errors.__all__)
+    if isinstance(c, type) and issubclass(c, errors.VlmeshError) and c is not errors.VlmeshError
+]
 
 
 @pytest.mark.parametrize("cls", RAISED, ids=lambda c: c.__name__)
@@ -135,7 +139,21 @@ def test_downstream_failures_pass_on_unchanged(failing: _Failing) -> None:
 
 def test_wire_reasons_are_unchanged() -> None:
     # Programs match these strings (README, tests, users): they are the wire's.
-    assert {cls.__name__: cls("x").reason for cls in (errors.InvalidArgument, errors.Unauthenticated, errors.UnknownSession, errors.KVBudgetFull, errors.WrongStage, errors.SessionBusy, errors.Cancelled, errors.DeadlineExceeded, errors.StageDown, errors.VlmeshError)} == {
+    assert {
+        cls.__name__: cls("x").reason
+        for cls in (
+            errors.InvalidArgument,
+            errors.Unauthenticated,
+            errors.UnknownSession,
+            errors.KVBudgetFull,
+            errors.WrongStage,
+            errors.SessionBusy,
+            errors.Cancelled,
+            errors.DeadlineExceeded,
+            errors.StageDown,
+            errors.VlmeshError,
+        )
+    } == {
         "InvalidArgument": "INVALID_INPUT",
         "Unauthenticated": "UNAUTHENTICATED",
         "UnknownSession": "UNKNOWN_SESSION",

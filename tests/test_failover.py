@@ -9,10 +9,10 @@ import time
 
 import grpc
 import pytest
-
 from conftest import png
 from meshutil import images_of, reference, stage_info, to_proto
 from procmesh import ProcMesh
+
 from vlmesh.v1 import coordinator_pb2 as cpb
 
 MAX_NEW = 64
@@ -45,7 +45,9 @@ class Chaos:
         for r in status.stages:
             key = (r.layers.start, r.layers.end)
             up_per_range[key] = up_per_range.get(key, 0) + (r.state == cpb.REPLICA_STATE_UP)
-        holding = [r for r in status.stages if r.pinned_sessions > 0 and r.state == cpb.REPLICA_STATE_UP and up_per_range[(r.layers.start, r.layers.end)] > 1]
+        holding = [
+            r for r in status.stages if r.pinned_sessions > 0 and r.state == cpb.REPLICA_STATE_UP and up_per_range[(r.layers.start, r.layers.end)] > 1
+        ]
         if not holding:
             return
         victim = self.mesh.stage_name(self.rng.choice(holding).address)
@@ -240,7 +242,10 @@ def test_replay_without_a_kv_log_equals_the_undisturbed_run(tiny_models, images)
     ref = reference(tiny_models["a"])
     turns, expected = three_turns(ref, images)
     mesh = ProcMesh(
-        str(tiny_models["a"]), [(0, 2), (2, 4)], replicas=2, coord_args=["--kv-log-mb", "0", "--health-interval", "0.3", "--prefix-cache-sessions", "0"]
+        str(tiny_models["a"]),
+        [(0, 2), (2, 4)],
+        replicas=2,
+        coord_args=["--kv-log-mb", "0", "--health-interval", "0.3", "--prefix-cache-sessions", "0"],
     ).start()
     try:
         ch, stub = mesh.stub()

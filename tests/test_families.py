@@ -9,13 +9,13 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
-
 from conftest import mp4, png
 from meshutil import forward_once, image_prompts, images_of, kv_log, reference, start_mesh, videos_of
+
 from services.common import tensors
 from services.common.tensors import from_proto
-from vlmesh.v1 import coordinator_pb2 as cpb
 from vlmesh.internal.v1 import stage_pb2
+from vlmesh.v1 import coordinator_pb2 as cpb
 
 MAX_NEW = 8
 FAMILIES = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe"]
@@ -59,9 +59,7 @@ def frames(n: int, seed: int) -> list[bytes]:
 def prompts(images, videos) -> dict[str, list[dict]]:
     return {
         **image_prompts(images),
-        "one video": [
-            {"role": "user", "content": [{"type": "video", "video": videos["short"]}, {"type": "text", "text": "What happens?"}]}
-        ],
+        "one video": [{"role": "user", "content": [{"type": "video", "video": videos["short"]}, {"type": "text", "text": "What happens?"}]}],
         "image and video": [
             {
                 "role": "user",

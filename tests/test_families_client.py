@@ -6,8 +6,8 @@ from __future__ import annotations
 import base64
 
 import pytest
-
 from conftest import png
+
 from vlmesh._messages import load_video, to_proto_messages
 
 VIDEO = b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 32  # the client does not decode videos

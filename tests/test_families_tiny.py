@@ -11,9 +11,9 @@ import warnings
 
 import pytest
 import torch
+from conftest import FAMILY_TINY
 from safetensors import safe_open
 
-from conftest import FAMILY_TINY
 from services import tiny
 from services.common.checkpoint import open_checkpoint
 
@@ -42,8 +42,15 @@ def test_layout_and_loading(family_model, family):
     model_type, arch, processor_cls, video_cls, patch = EXPECT[family]
     path = family_model(family)
     names = {p.name for p in path.iterdir()}
-    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-            "preprocessor_config.json", "video_preprocessor_config.json"} <= names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "preprocessor_config.json",
+        "video_preprocessor_config.json",
+    } <= names
     assert json.loads((path / "config.json").read_text())["architectures"] == [arch]
     video_cfg = json.loads((path / "video_preprocessor_config.json").read_text())
     assert video_cfg["video_processor_type"] == video_cls and video_cfg["fps"] == 2.0
@@ -117,7 +124,7 @@ def test_stage_model_matches_transformers_layers(family_model):
         ckpt = open_checkpoint(path)
         ref = getattr(transformers, EXPECT[family][1]).from_pretrained(path, dtype=torch.float32)
         stage = StageModel(ckpt, 0, ckpt.text_config.num_hidden_layers, torch.float32)
-        want = {f"layers.{k[len('layers.'):]}": v for k, v in ref.model.language_model.state_dict().items() if k.startswith("layers.")}
+        want = {f"layers.{k[len('layers.') :]}": v for k, v in ref.model.language_model.state_dict().items() if k.startswith("layers.")}
         got = {k: v for k, v in stage.state_dict().items() if k.startswith("layers.")}
         assert got.keys() == want.keys()
         for k in want:

@@ -7,13 +7,13 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
+from conftest import png
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import png
 from meshutil import internal_channel, to_proto
 from procmesh import ProcMesh
+
 from services.common import tensors
 from vlmesh.internal.v1 import stage_pb2, vision_pb2
 from vlmesh.v1 import coordinator_pb2 as cpb
@@ -96,7 +96,10 @@ def generate_requests(draw) -> cpb.GenerateRequest:
                 st.builds(lambda t: cpb.Content(text=t), st.text(max_size=40)),
                 st.builds(lambda b: cpb.Content(image=b), st.one_of(st.binary(max_size=64), st.just(PNG))),
                 st.builds(lambda b: cpb.Content(video=b), st.binary(max_size=64)),
-                st.builds(lambda fs: cpb.Content(video_frames=tensor_pb2.VideoFrames(frames=fs)), st.lists(st.one_of(st.binary(max_size=16), st.just(PNG)), max_size=3)),
+                st.builds(
+                    lambda fs: cpb.Content(video_frames=tensor_pb2.VideoFrames(frames=fs)),
+                    st.lists(st.one_of(st.binary(max_size=16), st.just(PNG)), max_size=3),
+                ),
             ),
             max_size=3,
         )
@@ -222,14 +225,39 @@ def test_fuzz_stages_and_vision(mesh):
                 assert not set(codes) & set(internal), codes
 
             @EXAMPLES
-            @given(raw=mutated(stage_pb2.ForwardRequest(steps=[stage_pb2.StepInput(session_id="s", tokens=stage_pb2.TokenIds(ids=[1, 2]), position_ids=tensors.to_proto(torch.zeros(3, 2, dtype=torch.long)))]).SerializeToString()))
+            @given(
+                raw=mutated(
+                    stage_pb2.ForwardRequest(
+                        steps=[
+                            stage_pb2.StepInput(
+                                session_id="s",
+                                tokens=stage_pb2.TokenIds(ids=[1, 2]),
+                                position_ids=tensors.to_proto(torch.zeros(3, 2, dtype=torch.long)),
+                            )
+                        ]
+                    ).SerializeToString()
+                )
+            )
             def forward_mutated(raw):
                 assert call(ch, "/vlmesh.internal.v1.StageService/Forward", raw, stream_in=True) in DOCUMENTED
 
             @EXAMPLES
-            @given(sid=ids, length=st.integers(-3, 8), entry=st.builds(lambda k, v, layer, start: tensor_pb2.KVDelta(layer=layer, start_position=start, key=k, value=v), tensor_protos(3), tensor_protos(3), st.integers(-1, 5), st.integers(-2, 8)))
+            @given(
+                sid=ids,
+                length=st.integers(-3, 8),
+                entry=st.builds(
+                    lambda k, v, layer, start: tensor_pb2.KVDelta(layer=layer, start_position=start, key=k, value=v),
+                    tensor_protos(3),
+                    tensor_protos(3),
+                    st.integers(-1, 5),
+                    st.integers(-2, 8),
+                ),
+            )
             def restore_and_friends(sid, length, entry):
-                msgs = [stage_pb2.RestoreSessionRequest(header=stage_pb2.RestoreHeader(session_id=sid, length=length)), stage_pb2.RestoreSessionRequest(entry=entry)]
+                msgs = [
+                    stage_pb2.RestoreSessionRequest(header=stage_pb2.RestoreHeader(session_id=sid, length=length)),
+                    stage_pb2.RestoreSessionRequest(entry=entry),
+                ]
                 stub = stage_pb2_grpc.StageServiceStub(ch)
                 for fn in (
                     lambda: stub.RestoreSession(iter(msgs), timeout=30),
@@ -255,7 +283,11 @@ def test_fuzz_stages_and_vision(mesh):
                 st.one_of(
                     st.builds(lambda b: vision_pb2.VisualInput(image_bytes=b), st.one_of(st.binary(max_size=64), st.just(PNG))),
                     st.builds(lambda b: vision_pb2.VisualInput(video_bytes=b), st.binary(max_size=64)),
-                    st.builds(lambda fs, fps: vision_pb2.VisualInput(video_frames=tensor_pb2.VideoFrames(frames=fs, fps=fps)), st.lists(st.one_of(st.binary(max_size=8), st.just(PNG)), max_size=3), st.floats()),
+                    st.builds(
+                        lambda fs, fps: vision_pb2.VisualInput(video_frames=tensor_pb2.VideoFrames(frames=fs, fps=fps)),
+                        st.lists(st.one_of(st.binary(max_size=8), st.just(PNG)), max_size=3),
+                        st.floats(),
+                    ),
                     st.just(vision_pb2.VisualInput()),
                 ),
                 max_size=3,
@@ -284,7 +316,12 @@ def test_every_process_still_serves(mesh):
     with grpc.insecure_channel(mesh.address) as ch:
         from vlmesh.v1 import coordinator_pb2_grpc
 
-        out = list(coordinator_pb2_grpc.CoordinatorServiceStub(ch).Generate(
-            cpb.GenerateRequest(messages=to_proto([{"role": "user", "content": [{"type": "image", "image": PNG}, {"type": "text", "text": "hi"}]}]), max_tokens=3), timeout=60
-        ))
+        out = list(
+            coordinator_pb2_grpc.CoordinatorServiceStub(ch).Generate(
+                cpb.GenerateRequest(
+                    messages=to_proto([{"role": "user", "content": [{"type": "image", "image": PNG}, {"type": "text", "text": "hi"}]}]), max_tokens=3
+                ),
+                timeout=60,
+            )
+        )
         assert sum(len(r.token_ids) for r in out) == 3

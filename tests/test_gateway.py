@@ -13,10 +13,10 @@ from typing import Any
 
 import openai
 import pytest
+from meshutil import vlmesh_up
 
 from services.cli import DEMO_IMAGE
 from services.shapes import SHIPPED_MODEL
-from meshutil import vlmesh_up
 from vlmesh import Client
 
 MODEL_ID = SHIPPED_MODEL.name  # the gateway serves the checkpoint directory's name
@@ -121,9 +121,7 @@ def test_stream_equals_grpc_client(sdk: openai.OpenAI, grpc_client: Client, toke
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == ref.text
-    tokens = [
-        e.token for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content or []
-    ]
+    tokens = [e.token for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content or []]
     assert tokens == [tokenizer.decode([i]) for i in ref.token_ids]
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishes == ["stop"]
@@ -188,9 +186,7 @@ def test_bad_requests_get_openai_errors(mesh: dict[str, Any], sdk: openai.OpenAI
         (
             {
                 "model": MODEL_ID,
-                "messages": [
-                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}
-                ],
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}],
             },
             {},
             400,
@@ -277,9 +273,7 @@ def test_stateless_conversation_reuses_the_previous_turns_kv(sdk: openai.OpenAI,
     for turn, question in enumerate(questions, start=1):
         if turn == 1:
             history += picture_question(question)
-            as_reference.append(
-                {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}
-            )
+            as_reference.append({"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]})
         else:
             history.append({"role": "user", "content": question})
             as_reference.append({"role": "user", "content": question})
@@ -292,9 +286,7 @@ def test_stateless_conversation_reuses_the_previous_turns_kv(sdk: openai.OpenAI,
         if fed_before is not None:
             pairs = enumerate(zip(fed_before, prompt, strict=False))
             common = next((i for i, (a, b) in pairs if a != b), min(len(fed_before), len(prompt)))
-            assert common == len(fed_before), (
-                f"turn {turn}: the previous conversation is not a token prefix of this prompt"
-            )
+            assert common == len(fed_before), f"turn {turn}: the previous conversation is not a token prefix of this prompt"
             details = got.usage.prompt_tokens_details
             cached = details.cached_tokens if details is not None else None
             assert cached is not None and cached >= len(fed_before), (

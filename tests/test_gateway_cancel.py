@@ -14,8 +14,8 @@ from typing import Any
 
 import openai
 import pytest
-
 from meshutil import vlmesh_up
+
 from vlmesh import Client
 
 PROMPT = "Tell me about shapes and colours."
@@ -58,9 +58,7 @@ def wait_freed(stages: list[str], before: list[int], bound_s: float) -> float:
     """Seconds until every stage's KV use is back to `before`; fails past `bound_s`."""
     start = time.monotonic()
     while (now := [stage_kv_used_bytes(s) for s in stages]) != before:
-        assert time.monotonic() - start < bound_s, (
-            f"stage KV still held {bound_s:.2f} s after the disconnect: {now} (before {before})"
-        )
+        assert time.monotonic() - start < bound_s, f"stage KV still held {bound_s:.2f} s after the disconnect: {now} (before {before})"
         time.sleep(0.02)
     return time.monotonic() - start
 
@@ -105,8 +103,7 @@ def test_disconnect_while_waiting_for_a_whole_answer_frees_stage_kv(mesh: dict[s
         }
     ).encode()
     head = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode()
     with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
         sock.sendall(head + body)

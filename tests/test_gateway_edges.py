@@ -15,13 +15,13 @@ from typing import Any
 
 import openai
 import pytest
+from conftest import png
 from grpc_health.v1 import health
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-from conftest import png
 from otlp_sink import OtlpSink
-from services.gateway.request import MAX_JSON_DEPTH
 from test_gateway_unit import MODEL, FakeCoordinator, _serve_fake, _start_gateway, _stop, call, chat
+
+from services.gateway.request import MAX_JSON_DEPTH
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -167,19 +167,17 @@ def test_gateway_spans_continue_the_callers_trace() -> None:
         sink.stop()
 
 
-
 def test_one_trace_from_the_gateway_to_every_stage(tiny_models: dict[str, Path]) -> None:
     """A request through the gateway with a traceparent: the gateway's span, the coordinator's,
     vision's and both stages' spans, all in the caller's trace, the gateway's span the child of
     the caller's and the parent of the coordinator's (an in-process mesh and gateway, one
     exporter for all of them)."""
     import base64
-
     import urllib.request
 
     import uvicorn
-
     from meshutil import start_mesh
+
     from services.common.tracing import setup_tracing
     from services.gateway.server import GatewayConfig, create_app
     from services.launcher import free_port
@@ -234,7 +232,7 @@ def _depth(value: Any) -> int:
 @pytest.mark.parametrize("depth", [MAX_JSON_DEPTH - 1, MAX_JSON_DEPTH, MAX_JSON_DEPTH + 1, 3 * MAX_JSON_DEPTH])
 @pytest.mark.parametrize(
     "text",
-    ['plain', '[[[{{{', ']]]}}}', 'a \\ backslash', 'ends in a backslash \\', 'a "quote" [', '\\"[', '\\\\"]'],
+    ["plain", "[[[{{{", "]]]}}}", "a \\ backslash", "ends in a backslash \\", 'a "quote" [', '\\"[', '\\\\"]'],
 )
 def test_depth_is_counted_outside_strings_only(depth: int, text: str) -> None:
     """Strings full of brackets, escaped quotes and backslashes, between arrays and objects

@@ -43,9 +43,7 @@ def abort_rich(context: grpc.ServicerContext, code: grpc.StatusCode, message: st
     detail = any_pb2.Any()
     detail.Pack(error_details_pb2.ErrorInfo(reason=reason, domain="vlmesh.dev"))
     status = rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=[detail]))
-    context.abort_with_status(
-        _Status(status.code, status.details, (*status.trailing_metadata, ("vlmesh-trace-id", TRACE_ID)))
-    )
+    context.abort_with_status(_Status(status.code, status.details, (*status.trailing_metadata, ("vlmesh-trace-id", TRACE_ID))))
 
 
 class FakeCoordinator(pb_grpc.CoordinatorServiceServicer):
@@ -65,9 +63,7 @@ class FakeCoordinator(pb_grpc.CoordinatorServiceServicer):
         self._check_key(context)
         prompt = request.messages[-1].content[-1].text
         if prompt == "quota":
-            abort_rich(
-                context, grpc.StatusCode.RESOURCE_EXHAUSTED, "quota of concurrent requests reached", "QUOTA_EXCEEDED"
-            )
+            abort_rich(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "quota of concurrent requests reached", "QUOTA_EXCEEDED")
         if prompt == "down":
             abort_rich(context, grpc.StatusCode.UNAVAILABLE, "stage 127.0.0.1:1 is down", "STAGE_UNAVAILABLE")
         if prompt == "sleep":
@@ -221,9 +217,7 @@ def test_coordinator_statuses_become_http_statuses(
     if prompt != "sleep":
         assert response_headers.get("vlmesh-trace-id") == TRACE_ID
     # The same through the SDK's own exception classes.
-    sdk = openai.OpenAI(
-        base_url=url + "/v1", api_key=headers.get("Authorization", "Bearer ok").split()[1], max_retries=0
-    )
+    sdk = openai.OpenAI(base_url=url + "/v1", api_key=headers.get("Authorization", "Bearer ok").split()[1], max_retries=0)
     expected = {
         401: openai.AuthenticationError,
         429: openai.RateLimitError,
@@ -287,9 +281,7 @@ def test_mesh_down_is_503() -> None:
     try:
         status, _, body = call(url + "/health")
         assert status == 503 and body["error"]["type"] == "server_error"
-        status, _, body = call(
-            url + "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-        )
+        status, _, body = call(url + "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
         assert status == 503 and body["error"]["code"] == "unavailable"
     finally:
         _stop(proc)

@@ -12,8 +12,8 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from meshutil import images_of, reference, stage_info, start_mesh, to_proto, wait_until
+
 from services.common.errors import reason_of
 from vlmesh.v1 import coordinator_pb2 as cpb
 

@@ -15,7 +15,6 @@ import sys
 
 import kubernetes_validate
 import pytest
-
 from k8sutil import (
     K8S,
     OVERLAYS,
@@ -108,8 +107,9 @@ def test_every_container_has_probes_resources_and_a_locked_down_security_context
 def test_stages_and_vision_take_grpc_only_from_the_coordinator(name):
     docs = SETS[name]
     policies = of_kind(docs, "NetworkPolicy")
-    assert any(p["spec"]["podSelector"] == {} and "ingress" not in p["spec"] and p["spec"]["policyTypes"] == ["Ingress"]
-               for p in policies), "a default deny-ingress policy"
+    assert any(p["spec"]["podSelector"] == {} and "ingress" not in p["spec"] and p["spec"]["policyTypes"] == ["Ingress"] for p in policies), (
+        "a default deny-ingress policy"
+    )
     coordinator_labels = next(w for w in vlmesh_workloads(docs) if component(w) == "coordinator")["spec"]["template"]["metadata"]["labels"]
     for w in vlmesh_workloads(docs):
         if component(w) not in ("stage", "vision"):
@@ -119,8 +119,7 @@ def test_stages_and_vision_take_grpc_only_from_the_coordinator(name):
         grpc_port = int(flags(argv)["port"])
         covering = [p for p in policies if p["spec"]["podSelector"] != {} and selects(p["spec"]["podSelector"], labels)]
         assert covering, f"{w['metadata']['name']}: no NetworkPolicy selects its pods"
-        allowed = [r for p in covering for r in p["spec"].get("ingress", [])
-                   if not r.get("ports") or grpc_port in [pp["port"] for pp in r["ports"]]]
+        allowed = [r for p in covering for r in p["spec"].get("ingress", []) if not r.get("ports") or grpc_port in [pp["port"] for pp in r["ports"]]]
         assert allowed, f"{w['metadata']['name']}: nothing may reach its gRPC port"
         for rule in allowed:
             sources = rule.get("from")
@@ -128,8 +127,11 @@ def test_stages_and_vision_take_grpc_only_from_the_coordinator(name):
             for src in sources:
                 assert set(src) == {"podSelector"}, src  # this namespace's pods only
                 assert selects(src["podSelector"], coordinator_labels), src
-                assert all(not selects(src["podSelector"], o["spec"]["template"]["metadata"]["labels"])
-                           for o in vlmesh_workloads(docs) if component(o) != "coordinator"), src
+                assert all(
+                    not selects(src["podSelector"], o["spec"]["template"]["metadata"]["labels"])
+                    for o in vlmesh_workloads(docs)
+                    if component(o) != "coordinator"
+                ), src
 
 
 @pytest.mark.parametrize("name", sorted(SETS))
@@ -237,8 +239,7 @@ def test_every_flag_and_variable_is_one_the_service_has(name):
 
 
 def test_generated_stage_files_are_up_to_date():
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "k8s_stages.py"), "--check"], capture_output=True, text=True,
-                         timeout=300, check=False)
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "k8s_stages.py"), "--check"], capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr
 
 
@@ -299,7 +300,9 @@ def test_real_checkpoint_overlay_serves_the_volume_on_four_stages():
         _, env = command_line(w, docs)
         assert env["VLMESH_MODEL"] == "/models/Qwen2-VL-2B-Instruct", w["metadata"]["name"]
         mounts = {m["name"]: m for m in the_container(w)["volumeMounts"]}
-        (weights,) = [v for v in pod_spec(w)["volumes"] if "persistentVolumeClaim" in v and v["persistentVolumeClaim"]["claimName"] == "vlmesh-weights"]
+        (weights,) = [
+            v for v in pod_spec(w)["volumes"] if "persistentVolumeClaim" in v and v["persistentVolumeClaim"]["claimName"] == "vlmesh-weights"
+        ]
         assert mounts[weights["name"]]["mountPath"] == "/models" and mounts[weights["name"]]["readOnly"] is True
     assert "vlmesh-weights" in claims
     stages = [w for w in vlmesh_workloads(docs) if component(w) == "stage"]

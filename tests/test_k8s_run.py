@@ -25,9 +25,9 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from k8sutil import ROOT, base, command_line, component, of_kind, selects, vlmesh_workloads
 from otlp_sink import OtlpSink
+
 from services.launcher import free_ports
 from vlmesh import Client, VlmeshError
 
@@ -134,8 +134,11 @@ def local_pods(docs, tmp: Path, jaeger_port: int, certs: Path, api_keys: Path) -
 
 def probe(port: int, spec: dict) -> int:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=spec["grpc"].get("service", "")),
-                                                    timeout=spec.get("timeoutSeconds", 1)).status
+        return (
+            health_pb2_grpc.HealthStub(ch)
+            .Check(health_pb2.HealthCheckRequest(service=spec["grpc"].get("service", "")), timeout=spec.get("timeoutSeconds", 1))
+            .status
+        )
 
 
 def wait_started(pod: LocalPod) -> None:
@@ -166,8 +169,9 @@ def mesh(tmp_path_factory):
     docs = base()
     sink = OtlpSink().start()
     certs = tmp / "mesh-tls"
-    made = subprocess.run([sys.executable, "-m", "services.cli", "certs", "--out", str(certs)], capture_output=True, text=True,
-                          timeout=120, check=False)
+    made = subprocess.run(
+        [sys.executable, "-m", "services.cli", "certs", "--out", str(certs)], capture_output=True, text=True, timeout=120, check=False
+    )
     assert made.returncode == 0, f"`vlmesh certs --out DIR` makes the Secret vlmesh-mesh-tls's files: {made.stderr[-2000:]}"
     for key in ("ca.crt", "tls.crt", "tls.key"):  # the keys of the Secret, as the README creates it
         assert (certs / key).is_file(), f"vlmesh certs wrote no {key}"
@@ -175,7 +179,10 @@ def mesh(tmp_path_factory):
     api_keys.mkdir()
     made = subprocess.run(  # as the README makes the Secret vlmesh-api-keys's file
         [sys.executable, "-m", "services.cli", "keys", "new", "--name", "k8s-run", "--file", str(api_keys / "api-keys")],
-        capture_output=True, text=True, timeout=120, check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
     key = made.stdout.strip()
     pods = local_pods(docs, tmp, sink.port, certs, api_keys)
@@ -203,8 +210,12 @@ def coordinator_of(pods) -> LocalPod:
     return c
 
 
-MESSAGES = [{"role": "user", "content": [{"type": "image", "image": str(ROOT / "services" / "assets" / "demo.png")},
-                                         {"type": "text", "text": "What is in this picture?"}]}]
+MESSAGES = [
+    {
+        "role": "user",
+        "content": [{"type": "image", "image": str(ROOT / "services" / "assets" / "demo.png")}, {"type": "text", "text": "What is in this picture?"}],
+    }
+]
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import grpc
 import pytest
-
 from meshutil import start_mesh
+
 from services.common.errors import reason_of
 from services.shapes import SHIPPED_MODEL
 from vlmesh.v1 import coordinator_pb2 as cpb

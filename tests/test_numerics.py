@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 from bench_profile import agreement  # noqa: E402
+
 from services.shapes import SHIPPED_MODEL  # noqa: E402
 
 BAR = 0.995  # teacher-forced top-1 agreement with exact

@@ -7,8 +7,8 @@ import argparse
 
 import grpc
 import pytest
-
 from meshutil import start_mesh
+
 from services.common.certs import make_certs
 from services.coordinator.auth import digest
 from services.shapes import SHIPPED_MODEL

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from meshutil import image_prompts, images_of, kv_log, reference, start_mesh
+
 from services.common import tensors
 from vlmesh.v1 import coordinator_pb2 as cpb
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.common.checkpoint import config_dtype
 from services import plan
+from services.common.checkpoint import config_dtype
 from services.launcher import split_layers
 
 # Qwen/Qwen2-VL-2B-Instruct's config.json as the hub has it (flat text fields, torch_dtype, rope_scaling).
@@ -208,10 +208,7 @@ def test_2b_plans(sizes):
 def test_2b_plan_is_optimal(sizes):
     s = sizes["2b"]
     for count in (3, 4):
-        best = min(
-            _largest(plan.stage_plans(s, list(zip((0, *cuts), (*cuts, 28)))))
-            for cuts in itertools.combinations(range(1, 28), count - 1)
-        )
+        best = min(_largest(plan.stage_plans(s, list(zip((0, *cuts), (*cuts, 28))))) for cuts in itertools.combinations(range(1, 28), count - 1))
         assert _largest(plan.partition(s, count)) == best
 
 
@@ -355,8 +352,12 @@ def test_k8s_stages_too_many_stages_is_one_line(models):
     import sys
 
     root = Path(__file__).resolve().parent.parent
-    out = subprocess.run([sys.executable, str(root / "tools" / "k8s_stages.py"), "--model", str(models["2b"]), "--stages", "29"],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(root / "tools" / "k8s_stages.py"), "--model", str(models["2b"]), "--stages", "29"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1] == (

@@ -6,9 +6,9 @@ the stages run out of room."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import png
 from meshutil import images_of, reference, stage_info, start_mesh
+
 from vlmesh.v1 import coordinator_pb2 as cpb
 
 MAX_NEW = 10
@@ -46,7 +46,11 @@ def test_a_stateless_conversation_reuses_the_previous_turns_kv(shapes_mesh):
     history: list[dict] = []
     fed_before: list[int] = []
     for turn, q in enumerate(questions, start=1):
-        history.append({"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": q}]} if turn == 1 else {"role": "user", "content": q})
+        history.append(
+            {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": q}]}
+            if turn == 1
+            else {"role": "user", "content": q}
+        )
         prompt = ref.prompt_ids(history)
         expected = ref.generate_ids(prompt, images_of(history), 24)[0]
         got, text, last = mesh.generate(history, max_tokens=24)  # one-shot: the whole conversation

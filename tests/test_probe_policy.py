@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from meshutil import reference, stage_holds, to_proto, wait_until
 from procmesh import ProcMesh
+
 from services.coordinator.replicas import ProbePolicy
 from vlmesh.v1 import coordinator_pb2 as cpb
 

@@ -53,8 +53,7 @@ def test_int8_linear_error_is_within_int8_rounding(kind):
     ref = x.double() @ w.double().t() + b.double()
     s_x = x.abs().amax(1, keepdim=True).double() / 127  # [M, 1]
     s_w = w.abs().amax(1).double() / 127  # [N]
-    bound = (s_x @ w.abs().double().sum(1, keepdim=True).t() + x.abs().double().sum(1, keepdim=True) @ s_w[None]
-             + s_x * s_w[None] * K / 2) / 2
+    bound = (s_x @ w.abs().double().sum(1, keepdim=True).t() + x.abs().double().sum(1, keepdim=True) @ s_w[None] + s_x * s_w[None] * K / 2) / 2
     slack = 1e-5 * (x.abs().double() @ w.abs().double().t() + b.abs().double())
     err = (y.double() - ref).abs()
     assert (err <= bound + slack).all(), float((err - bound).max())
@@ -103,8 +102,17 @@ def test_all_zero_tokens_stay_zero():
 
 def _text_model(family: str) -> nn.Module:
     """A small random float64 text model with grouped-query attention (4 heads, 2 KV heads)."""
-    kw = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, num_hidden_layers=2,
-              vocab_size=100, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    kw = dict(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        vocab_size=100,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}
     if family == "qwen2_vl":
         from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig
@@ -139,9 +147,14 @@ def test_smoothing_folds_leave_the_decoder_layers_function_unchanged(family):
         smoothed += smooth_layer(state, maxima, f"layers.{i}.", 4, 2, 0.5)
     assert sorted(smoothed) == sorted(quant.targets(model))  # all seven linears of both layers
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, state[k])]
-    assert {k.split(".", 2)[2] for k in changed} >= {"input_layernorm.weight", "post_attention_layernorm.weight",
-                                                      "self_attn.v_proj.bias" if family == "qwen2_vl" else "self_attn.v_proj.weight",
-                                                      "mlp.up_proj.weight", "self_attn.o_proj.weight", "mlp.down_proj.weight"}
+    assert {k.split(".", 2)[2] for k in changed} >= {
+        "input_layernorm.weight",
+        "post_attention_layernorm.weight",
+        "self_attn.v_proj.bias" if family == "qwen2_vl" else "self_attn.v_proj.weight",
+        "mlp.up_proj.weight",
+        "self_attn.o_proj.weight",
+        "mlp.down_proj.weight",
+    }
     model.load_state_dict(state)
     with torch.no_grad():
         after = model(inputs_embeds=x, position_ids=pos, output_hidden_states=True).hidden_states
@@ -174,16 +187,19 @@ def _qc(**changes) -> dict:
     return qc
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"weights__num_bits": 4}, "num_bits"),
-    ({"input_activations__dynamic": False}, "dynamic"),
-    ({"input_activations__strategy": "tensor"}, "strategy"),
-    ({"weights__symmetric": False}, "symmetric"),
-    ({"weights__type": "float"}, "type"),
-    ({"top__format": "pack-quantized"}, "pack-quantized"),
-    ({"top__quant_method": "awq"}, "awq"),
-    ({"top__kv_cache_scheme": {"num_bits": 8}}, "kv_cache_scheme"),
-])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"weights__num_bits": 4}, "num_bits"),
+        ({"input_activations__dynamic": False}, "dynamic"),
+        ({"input_activations__strategy": "tensor"}, "strategy"),
+        ({"weights__symmetric": False}, "symmetric"),
+        ({"weights__type": "float"}, "type"),
+        ({"top__format": "pack-quantized"}, "pack-quantized"),
+        ({"top__quant_method": "awq"}, "awq"),
+        ({"top__kv_cache_scheme": {"num_bits": 8}}, "kv_cache_scheme"),
+    ],
+)
 def test_unsupported_quantization_configs_are_refused(changes, message):
     class Config:
         quantization_config = _qc(**changes)

@@ -25,8 +25,9 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("quantized") / "shapes-w8a8"
-    run = subprocess.run([*VLMESH, "quantize", "--model", str(SHIPPED_MODEL), "--out", str(out), "--samples", "32"],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [*VLMESH, "quantize", "--model", str(SHIPPED_MODEL), "--out", str(out), "--samples", "32"], capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"wrote {out}: 28 int8 linears (28 smoothed)" in run.stderr
     return out
@@ -169,8 +170,11 @@ def test_calibration_directory(tmp_path):
     images.mkdir()
     for i, example in enumerate(data.examples(1, 2, stream=data.TRAIN_STREAM)):
         example.scene.render().save(images / f"{i}.png")
-    lines = [{"image": "0.png", "prompt": "What colour is the circle?", "response": "red"},
-             {"image": "1.png", "prompt": "Describe the image."}, {"prompt": "How many shapes are there?"}]
+    lines = [
+        {"image": "0.png", "prompt": "What colour is the circle?", "response": "red"},
+        {"image": "1.png", "prompt": "Describe the image."},
+        {"prompt": "How many shapes are there?"},
+    ]
     (images / CALIBRATION_FILE).write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     record = quantize(SHIPPED_MODEL, tmp_path / "a", calibration=str(images), samples=8)
     assert record["samples"] == 3 and record["smoothed_linears"] == 28
@@ -192,8 +196,7 @@ def test_quantize_refuses_bad_input(quantized, tmp_path):
         quantize(SHIPPED_MODEL, tmp_path / "x", alpha=1.5)
     with pytest.raises(ValueError, match="--calibration"):
         quantize(SHIPPED_MODEL, tmp_path / "x", calibration=str(tmp_path / "missing"))
-    run = subprocess.run([*VLMESH, "quantize", "--model", str(quantized), "--out", str(tmp_path / "y")],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run([*VLMESH, "quantize", "--model", str(quantized), "--out", str(tmp_path / "y")], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "quantize: error:" in run.stderr and "already quantized" in run.stderr
 
 

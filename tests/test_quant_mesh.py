@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from meshutil import stage_info
+
 from services.launcher import LocalMesh, split_layers
 from services.shapes import SHIPPED_MODEL, data
 from services.shapes.eval import EVAL_SEED, Result, evaluate_mesh, evaluate_transformers
@@ -29,8 +29,7 @@ ACCURACY, SAME = 0.99, 0.98
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("quantized") / "shapes-w8a8"
-    run = subprocess.run([*VLMESH, "quantize", "--model", str(SHIPPED_MODEL), "--out", str(out)],
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run([*VLMESH, "quantize", "--model", str(SHIPPED_MODEL), "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     return out
 

@@ -11,14 +11,14 @@ import grpc
 import psutil
 import pytest
 import torch
-from PIL import Image
-
 from conftest import png
 from meshutil import coordinator_tls, images_of, kv_log, reference, start_mesh, to_proto
+from PIL import Image
+
 from services.common import tensors
 from services.common.certs import make_certs
-from services.common.errors import reason_of
 from services.common.channels import sync_mesh_channel
+from services.common.errors import reason_of
 from services.common.tls import MeshTLS
 from services.coordinator.auth import digest
 from vlmesh.internal.v1 import stage_pb2, stage_pb2_grpc
@@ -82,13 +82,17 @@ def test_stage_and_vision_refuse_callers_without_the_mesh_certificate(mesh, tmp_
     strangers = {
         "plaintext": grpc.insecure_channel(mesh.stages[0].address),
         "no client certificate": grpc.secure_channel(
-            mesh.stages[0].address, grpc.ssl_channel_credentials(root_certificates=mine.ca), options=[("grpc.ssl_target_name_override", "vlmesh-mesh")]
+            mesh.stages[0].address,
+            grpc.ssl_channel_credentials(root_certificates=mine.ca),
+            options=[("grpc.ssl_target_name_override", "vlmesh-mesh")],
         ),
         "another CA": sync_mesh_channel(
             mesh.stages[0].address, MeshTLS(mine.ca, (other / "coordinator.crt").read_bytes(), (other / "coordinator.key").read_bytes())
         ),
     }
-    attack = stage_pb2.StepInput(session_id=sid, tokens=stage_pb2.TokenIds(ids=[1, 2, 3]), position_ids=tensors.to_proto(torch.zeros(3, 3, dtype=torch.long)))
+    attack = stage_pb2.StepInput(
+        session_id=sid, tokens=stage_pb2.TokenIds(ids=[1, 2, 3]), position_ids=tensors.to_proto(torch.zeros(3, 3, dtype=torch.long))
+    )
     for how, ch in strangers.items():
         with ch:
             stub = stage_pb2_grpc.StageServiceStub(ch)
@@ -107,7 +111,9 @@ def test_stage_and_vision_refuse_callers_without_the_mesh_certificate(mesh, tmp_
     # Nothing changed: the victim's next turn reuses its KV and equals generate() on the conversation.
     turn2 = [{"role": "user", "content": "And its colour?"}]
     ids = ref.prompt_ids(turn1) + first
-    ids += ref.continuation_ids(turn1 + [{"role": "assistant", "content": ref.processor.tokenizer.decode(first, skip_special_tokens=True)}], turn2, first[-1])
+    ids += ref.continuation_ids(
+        turn1 + [{"role": "assistant", "content": ref.processor.tokenizer.decode(first, skip_special_tokens=True)}], turn2, first[-1]
+    )
     got, last = gen(mesh, turn2, "bob", session_id=sid, max_tokens=6)
     assert got == ref.generate_ids(ids, images_of(turn1), 6)[0]
     assert last.usage.cached_tokens > 0
@@ -231,7 +237,9 @@ def test_oversized_requests_cost_no_memory(tiny_models):
         ch, stub = m.stub()
         with ch:
             generate = lambda req: list(stub.Generate(req, timeout=30))  # noqa: E731
-            generate(cpb.GenerateRequest(messages=to_proto([{"role": "user", "content": [{"type": "image", "image": png(40, 40, 1)}]}]), max_tokens=2))
+            generate(
+                cpb.GenerateRequest(messages=to_proto([{"role": "user", "content": [{"type": "image", "image": png(40, 40, 1)}]}]), max_tokens=2)
+            )
             before = coord.memory_info().rss, vision.memory_info().rss
             big = huge_png()
             assert len(big) < 200_000  # a small file that decodes to 64 million pixels
@@ -258,4 +266,3 @@ def test_oversized_requests_cost_no_memory(tiny_models):
             assert len(generate(cpb.GenerateRequest(messages=to_proto(ASK), max_tokens=2))) >= 1  # still serving
     finally:
         m.stop()
-

@@ -62,10 +62,29 @@ def test_train_script_writes_a_qwen2_vl_directory_that_loads_and_records_its_run
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
     out = tmp_path / "shapes"
-    small = ["--steps", "3", "--batch-size", "2", "--eval-count", "5", "--num-layers", "2", "--hidden-size", "64",
-             "--intermediate-size", "128", "--vision-depth", "1", "--vision-embed-dim", "32", "--vision-heads", "2"]
-    run = subprocess.run([sys.executable, str(ROOT / "tools" / "train_shapes.py"), "--out", str(out), *small],
-                         capture_output=True, text=True, timeout=300)
+    small = [
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--eval-count",
+        "5",
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "64",
+        "--intermediate-size",
+        "128",
+        "--vision-depth",
+        "1",
+        "--vision-embed-dim",
+        "32",
+        "--vision-heads",
+        "2",
+    ]
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "train_shapes.py"), "--out", str(out), *small], capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     record = json.loads((out / "training.json").read_text())
     assert record["settings"]["generator_version"] == data.GENERATOR_VERSION and record["settings"]["steps"] == 3
@@ -98,8 +117,17 @@ def test_packed_questions_learn_exactly_what_one_question_chats_ask():
 
     ts = _train_shapes_module()
     torch.manual_seed(0)
-    settings = ts.Settings(batch_size=3, min_turns=4, max_turns=12, num_layers=2, hidden_size=64, intermediate_size=128,
-                           vision_depth=1, vision_embed_dim=32, vision_heads=2)
+    settings = ts.Settings(
+        batch_size=3,
+        min_turns=4,
+        max_turns=12,
+        num_layers=2,
+        hidden_size=64,
+        intermediate_size=128,
+        vision_depth=1,
+        vision_embed_dim=32,
+        vision_heads=2,
+    )
     processor, model = ts.build(settings)
     model.eval()
     batch, segments, targets, looks = next(ts.Batches(processor, settings))
@@ -112,9 +140,13 @@ def test_packed_questions_learn_exactly_what_one_question_chats_ask():
             pixels = batch["pixel_values"][sum(patches[:b]) : sum(patches[: b + 1])]
             for k in range(1, int(seg.max()) + 1):
                 alone = torch.cat([ids[seg == 0], ids[seg == k]])[None]
-                ref = model(input_ids=alone, attention_mask=torch.ones_like(alone), pixel_values=pixels,
-                            image_grid_thw=batch["image_grid_thw"][b : b + 1],
-                            mm_token_type_ids=(alone == processor.image_token_id).int()).logits[0]
+                ref = model(
+                    input_ids=alone,
+                    attention_mask=torch.ones_like(alone),
+                    pixel_values=pixels,
+                    image_grid_thw=batch["image_grid_thw"][b : b + 1],
+                    mm_token_type_ids=(alone == processor.image_token_id).int(),
+                ).logits[0]
                 got = torch.cat([packed[b][seg == 0], packed[b][seg == k]])
                 torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     tokenizer = processor.tokenizer
@@ -181,8 +213,7 @@ def test_shipped_model_meets_the_bar_through_transformers_and_a_two_stage_mesh(t
     """`vlmesh eval` with its defaults: the shipped model, held-out questions through transformers
     and through a real 2-stage mesh, whose answers must equal transformers' one for one."""
     out = tmp_path / "eval.json"
-    run = subprocess.run([*VLMESH, "eval", "--count", "100", "--stages", "2", "--json", str(out)],
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run([*VLMESH, "eval", "--count", "100", "--stages", "2", "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["mesh_equals_transformers"] is True

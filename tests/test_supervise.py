@@ -18,9 +18,9 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
-
 from conftest import png
 from meshutil import stage_info, to_proto
+
 from services.common.channels import wait_healthy
 from vlmesh.v1 import coordinator_pb2 as cpb
 from vlmesh.v1 import coordinator_pb2_grpc as cgrpc
@@ -35,9 +35,10 @@ class Up:
 
     def __init__(self, model: Path, log_dir: Path) -> None:
         self.proc = subprocess.Popen(
-            [*VLMESH, "up", "--model", str(model), "--stages", "3", "--replicas", "2", "--port", "0", "--threads", "1",
-             "--log-dir", str(log_dir)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [*VLMESH, "up", "--model", str(model), "--stages", "3", "--replicas", "2", "--port", "0", "--threads", "1", "--log-dir", str(log_dir)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         self.lines: list[str] = []
         assert self.proc.stderr is not None and self.proc.stdout is not None

@@ -78,9 +78,7 @@ def _load(path: Path):
 def _image_inputs(processor, size=(100, 60), text="What is in the picture?"):
     img = Image.new("RGB", size, (200, 40, 40))
     messages = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": text}]}]
-    return processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-    )
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
 
 
 # --- layout on disk --------------------------------------------------------------------------------
@@ -327,9 +325,7 @@ def test_greedy_generate_is_deterministic_and_peaky(ckpt, name):
     for _ in range(2):
         model, _ = _load(path)  # a fresh load each time
         with torch.no_grad():
-            out = model.generate(
-                **x, max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True, eos_token_id=None
-            )
+            out = model.generate(**x, max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True, eos_token_id=None)
         runs.append(out)
     new = [r.sequences[0, x["input_ids"].shape[1] :].tolist() for r in runs]
     assert new[0] == new[1] and len(new[0]) == 8
@@ -344,9 +340,7 @@ def test_greedy_generate_is_deterministic_and_peaky(ckpt, name):
 def test_same_seed_is_byte_identical(ckpt, tmp_path):
     # through the CLI entry point, with the same settings as the "transformers-untied-sharded" variant
     parser = tiny.add_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(
-        ["--out", str(tmp_path / "again"), "--untied", "--key-layout", "transformers", "--max-shard-size", "200KB"]
-    )
+    args = parser.parse_args(["--out", str(tmp_path / "again"), "--untied", "--key-layout", "transformers", "--max-shard-size", "200KB"])
     assert tiny.run(args) == 0
     ref = ckpt["transformers-untied-sharded"]
     files = [f.name for f in _weight_files(ref)] + ["model.safetensors.index.json", "config.json", "tokenizer.json"]

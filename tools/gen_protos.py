@@ -58,9 +58,7 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         fresh = {p.relative_to(tmp): p for p in generate(Path(tmp))}
-        committed = {
-            p.relative_to(OUT_ROOT): p for p in OUT_ROOT.rglob("*") if p.name.endswith(GENERATED_SUFFIXES)
-        }
+        committed = {p.relative_to(OUT_ROOT): p for p in OUT_ROOT.rglob("*") if p.name.endswith(GENERATED_SUFFIXES)}
         stale = sorted(
             str(rel)
             for rel in fresh.keys() | committed.keys()

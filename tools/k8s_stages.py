@@ -97,20 +97,34 @@ def _deployment(start: int, end: int, memory_mib: int, s: Settings) -> dict:
         "imagePullPolicy": "IfNotPresent",
         "command": ["vlmesh", "serve", "stage"],
         "args": [
-            "--layers", f"{start}:{end}",
-            "--dtype", s.dtype,
-            "--kv-budget-mb", str(s.kv_budget_mb),
-            "--threads", str(s.threads),
-            "--host", "0.0.0.0",
-            "--port", str(STAGE_PORT),
-            "--health-port", str(HEALTH_PORT),
-            "--metrics-port", str(METRICS_PORT),
-            "--mesh-ca", "/etc/vlmesh/mesh/ca.crt",
-            "--mesh-cert", "/etc/vlmesh/mesh/tls.crt",
-            "--mesh-key", "/etc/vlmesh/mesh/tls.key",
-            "--trace-exporter", "otlp",
-            "--otlp-endpoint", f"http://jaeger.{NAMESPACE}:4317",
-            "--log-format", "json",
+            "--layers",
+            f"{start}:{end}",
+            "--dtype",
+            s.dtype,
+            "--kv-budget-mb",
+            str(s.kv_budget_mb),
+            "--threads",
+            str(s.threads),
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(STAGE_PORT),
+            "--health-port",
+            str(HEALTH_PORT),
+            "--metrics-port",
+            str(METRICS_PORT),
+            "--mesh-ca",
+            "/etc/vlmesh/mesh/ca.crt",
+            "--mesh-cert",
+            "/etc/vlmesh/mesh/tls.crt",
+            "--mesh-key",
+            "/etc/vlmesh/mesh/tls.key",
+            "--trace-exporter",
+            "otlp",
+            "--otlp-endpoint",
+            f"http://jaeger.{NAMESPACE}:4317",
+            "--log-format",
+            "json",
         ],
         "env": [
             {"name": "VLMESH_MODEL", "value": s.model_path},
@@ -232,14 +246,16 @@ def render(config, s: Settings) -> str:
         "# Memory per stage pod (request = limit): its weights (vlmesh plan) + the KV budget + 800 MiB for\n"
         "# torch/transformers/gRPC/Python, rounded up to 64 MiB. CPU: request 1, limit = --threads.\n",
         "---\n",
-        _dump({
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": "vlmesh-stages", "namespace": NAMESPACE, "labels": {"app.kubernetes.io/part-of": "vlmesh"}},
-            # The coordinator's --stages: one dns:/// name per layer range; every ready pod behind
-            # it is a replica. After changing the ranges: kubectl -n vlmesh rollout restart deployment/coordinator
-            "data": {"stages": stages_address(ranges)},
-        }),
+        _dump(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": "vlmesh-stages", "namespace": NAMESPACE, "labels": {"app.kubernetes.io/part-of": "vlmesh"}},
+                # The coordinator's --stages: one dns:/// name per layer range; every ready pod behind
+                # it is a replica. After changing the ranges: kubectl -n vlmesh rollout restart deployment/coordinator
+                "data": {"stages": stages_address(ranges)},
+            }
+        ),
     ]
     for p in plans:
         memory = stage_memory_mib(p.weight_bytes, s.kv_budget_mb)
@@ -304,8 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.model:
         from services.common.checkpoint import load_config
 
-        s = Settings(args.stages, args.dtype, args.kv_budget_mb, args.replicas, args.threads, args.image, args.model_path,
-                     args.model_pvc, args.startup_seconds)
+        s = Settings(
+            args.stages, args.dtype, args.kv_budget_mb, args.replicas, args.threads, args.image, args.model_path, args.model_pvc, args.startup_seconds
+        )
         try:
             text = render(load_config(args.model), s)
         except (ValueError, FileNotFoundError) as e:  # too many stages, no config.json: one line, as `vlmesh plan` says it

@@ -255,14 +255,20 @@ class Cells(torch.nn.Module):
 
     def loss(self, tokens: torch.Tensor, t: dict[str, torch.Tensor], embedding: torch.Tensor) -> torch.Tensor:  # tokens [N, hidden]
         f = torch.nn.functional
-        heads = f.cross_entropy(self.kind(tokens), t["kind"]) + f.cross_entropy(self.colour(tokens), t["colour"]) + f.mse_loss(torch.sigmoid(self.where(tokens)), t["where"]) * 10
+        heads = (
+            f.cross_entropy(self.kind(tokens), t["kind"])
+            + f.cross_entropy(self.colour(tokens), t["colour"])
+            + f.mse_loss(torch.sigmoid(self.where(tokens)), t["where"]) * 10
+        )
         if not self.word_weight:
             return heads
         # A shape's token should also point the way its words do in the language model's own
         # embedding space, so "What colour is the circle?" can find it by matching " circle".
         shape = t["kind"] > 0
         on = tokens[shape]  # [S, hidden]
-        words = f.cross_entropy(on @ embedding[self.kind_words].T, t["kind"][shape] - 1) + f.cross_entropy(on @ embedding[self.colour_words].T, t["colour"][shape] - 1)
+        words = f.cross_entropy(on @ embedding[self.kind_words].T, t["kind"][shape] - 1) + f.cross_entropy(
+            on @ embedding[self.colour_words].T, t["colour"][shape] - 1
+        )
         return heads + self.word_weight * words
 
 

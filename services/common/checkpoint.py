@@ -129,7 +129,7 @@ class Checkpoint:
         return bool(getattr(self.config, "tie_word_embeddings", False))
 
     def dtype(self, requested: str = "auto", device: torch.device | None = None) -> torch.dtype:
-        """"auto": the checkpoint's own dtype; on a GPU, bfloat16 where the checkpoint says float32
+        """ "auto": the checkpoint's own dtype; on a GPU, bfloat16 where the checkpoint says float32
         (GPUs are built for it, and a float32 checkpoint there is almost always a training artefact)."""
         if requested != "auto":
             if requested not in ("float32", "bfloat16", "float16"):
@@ -152,9 +152,7 @@ class Checkpoint:
         with safe_open(single, framework="pt") as f:
             return {k: single for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
 
-    def read(
-        self, select: Callable[[str, str], str | None], dtype: torch.dtype, desc: str, int8: bool = False
-    ) -> dict[str, torch.Tensor]:
+    def read(self, select: Callable[[str, str], str | None], dtype: torch.dtype, desc: str, int8: bool = False) -> dict[str, torch.Tensor]:
         """Read the tensors that `select(part, name)` maps to a local name; nothing else is
         touched, so a stage's memory scales with its share of the layers. A W8A8 checkpoint's
         int8 weights and their `weight_scale`s are kept as stored with `int8` (a stage running
@@ -240,9 +238,7 @@ def build_on_meta(cls: type, config, dtype: torch.dtype) -> Any:  # a transforme
         return cls._from_config(config, dtype=dtype)  # type: ignore[attr-defined]
 
 
-def load_weights(
-    module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, transposed: tuple[str, ...] = ()
-) -> None:
+def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, transposed: tuple[str, ...] = ()) -> None:
     """Move `state` into a meta-built module; recompute the buffers that checkpoints never hold
     (rotary inv_freq) by rebuilding their owner from its config on the CPU. Tensors named in
     `transposed` (Family.transposed_on_load) are transposed in dims 1, 2 when their shape is the

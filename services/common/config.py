@@ -69,7 +69,9 @@ class ServiceConfig:
     otlp_endpoint: str = field("", "OTLP gRPC endpoint, e.g. http://jaeger:4317")
     service_name: str = field("", "service.name on traces (default: vlmesh-<service>, stages named by layer range)")
     metrics_port: int = field(0, "serve Prometheus metrics on this HTTP port (0 = off)")
-    health_port: int = field(0, "also answer grpc.health.v1, and nothing else, in plaintext on this port (kubelet's gRPC probes speak no TLS; 0 = off)")
+    health_port: int = field(
+        0, "also answer grpc.health.v1, and nothing else, in plaintext on this port (kubelet's gRPC probes speak no TLS; 0 = off)"
+    )
     threads: int = field(0, "torch intra-op threads (0 = torch's default)")
     log_level: str = field("INFO", "logging level")
     log_format: str = field("text", "text | json (one JSON object per line, with trace_id)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import grpc
 from google.rpc import status_pb2
+
 from vlmesh.errors import (
     ERROR_DOMAIN,
     STATUS_DETAILS_KEY,

@@ -17,7 +17,6 @@ from .errors import STATUS_DETAILS_KEY, TRACE_ID_KEY, Internal, InvalidArgument,
 log = logging.getLogger(__name__)
 
 
-
 def error_trailers(err: VlmeshError, trace_id: str = "") -> tuple[tuple[str, str | bytes], ...]:
     trailers: list[tuple[str, str | bytes]] = [(STATUS_DETAILS_KEY, err.to_status().SerializeToString())]
     if trace_id:

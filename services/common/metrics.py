@@ -43,14 +43,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 PREFIX = "vlmesh:"
 
 # vLLM's buckets for the same series (vllm/v1/metrics/loggers.py).
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
-                   480.0, 960.0, 1920.0, 7680.0)
+REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 # A hop is ~1.5 ms on one machine (README benchmarks) and compute-bound on big stages.
-HOP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25,
-               0.5, 1.0, 2.5, 5.0, 10.0)
+HOP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 def _errors(registry: CollectorRegistry) -> Counter:
@@ -78,21 +75,30 @@ class CoordinatorMetrics:
         return cls(
             registry=r,
             request_errors=_errors(r),
-            time_to_first_token=Histogram(PREFIX + "time_to_first_token_seconds", "Time to first token in seconds.",
-                                          buckets=TTFT_BUCKETS, registry=r),
-            inter_token_latency=Histogram(PREFIX + "inter_token_latency_seconds", "Time between consecutive tokens in seconds.",
-                                          buckets=ITL_BUCKETS, registry=r),
-            e2e_request_latency=Histogram(PREFIX + "e2e_request_latency_seconds", "End-to-end request latency in seconds.",
-                                          buckets=REQUEST_BUCKETS, registry=r),
-            request_queue_time=Histogram(PREFIX + "request_queue_time_seconds", "Time a request waited before its first step, in seconds.",
-                                         buckets=REQUEST_BUCKETS, registry=r),
+            time_to_first_token=Histogram(
+                PREFIX + "time_to_first_token_seconds", "Time to first token in seconds.", buckets=TTFT_BUCKETS, registry=r
+            ),
+            inter_token_latency=Histogram(
+                PREFIX + "inter_token_latency_seconds", "Time between consecutive tokens in seconds.", buckets=ITL_BUCKETS, registry=r
+            ),
+            e2e_request_latency=Histogram(
+                PREFIX + "e2e_request_latency_seconds", "End-to-end request latency in seconds.", buckets=REQUEST_BUCKETS, registry=r
+            ),
+            request_queue_time=Histogram(
+                PREFIX + "request_queue_time_seconds", "Time a request waited before its first step, in seconds.", buckets=REQUEST_BUCKETS, registry=r
+            ),
             prompt_tokens=Counter(PREFIX + "prompt_tokens", "Prompt tokens prefilled.", registry=r),
             generation_tokens=Counter(PREFIX + "generation_tokens", "Tokens generated.", registry=r),
             request_success=Counter(PREFIX + "request_success", "Requests finished, by finish reason.", ["finished_reason"], registry=r),
             requests_running=Gauge(PREFIX + "num_requests_running", "Requests in the step loop.", registry=r),
             requests_waiting=Gauge(PREFIX + "num_requests_waiting", "Requests waiting for a batch slot.", registry=r),
-            stage_hop_latency=Histogram(PREFIX + "stage_hop_latency_seconds", "One stage round trip seen by the coordinator, in seconds.",
-                                        ["stage"], buckets=HOP_BUCKETS, registry=r),
+            stage_hop_latency=Histogram(
+                PREFIX + "stage_hop_latency_seconds",
+                "One stage round trip seen by the coordinator, in seconds.",
+                ["stage"],
+                buckets=HOP_BUCKETS,
+                registry=r,
+            ),
         )
 
 

@@ -7,6 +7,7 @@ import sys
 import warnings
 
 import torch
+
 from vlmesh.v1 import tensor_pb2
 
 from .errors import InvalidArgument

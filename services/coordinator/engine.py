@@ -28,13 +28,13 @@ from opentelemetry import context as otel_context
 
 from services.common.errors import (
     Cancelled,
-    SessionBusy,
     DeadlineExceeded,
     Internal,
     InvalidArgument,
     KVBudgetFull,
     QuotaExceeded,
     ResourceExhausted,
+    SessionBusy,
     ShuttingDown,
     StageDown,
     UnknownSession,
@@ -46,8 +46,8 @@ from services.common.tracing import inject
 from vlmesh.internal.v1 import stage_pb2
 from vlmesh.v1 import coordinator_pb2, tensor_pb2
 
-from .auth import Quota
 from . import inbox
+from .auth import Quota
 from .batch import BatchOutcome, MicroBatch, StepOutcome, StepPlan
 from .detokenizer import Decoder, IncrementalDetokenizer
 from .kv_log import KVLog
@@ -960,5 +960,3 @@ def _spans(offsets: list[int]) -> tuple[tuple[int, int], ...]:
         else:
             out.append((o, 1))
     return tuple(out)
-
-

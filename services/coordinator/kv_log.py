@@ -174,4 +174,3 @@ def chunks(entries: list[Entry], max_bytes: int = 32 << 20) -> list[list[Entry]]
         out[-1].append(e)
         size += e.nbytes
     return [c for c in out if c] or [[]]
-

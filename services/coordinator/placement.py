@@ -83,7 +83,8 @@ class Placer:
         for rep in sorted(candidates, key=self.load):
             try:
                 with _tracer.start_as_current_span(
-                    "restore", attributes={"session.id": session_id, "vlmesh.layers": rng.label, "server.address": rep.address, "vlmesh.positions": cached}
+                    "restore",
+                    attributes={"session.id": session_id, "vlmesh.layers": rng.label, "server.address": rep.address, "vlmesh.positions": cached},
                 ):
                     await rep.restore(session_id, cached, entries, timeout=self.restore_timeout(cached))
             except VlmeshError as err:

@@ -37,7 +37,14 @@ class Prepared:
 
 class Preparer:
     def __init__(
-        self, prompts: PromptBuilder, rope: RopeIndex, vision: VisionPool, max_positions: int, max_images: int, vision_timeout: float, deepstack_layers: int
+        self,
+        prompts: PromptBuilder,
+        rope: RopeIndex,
+        vision: VisionPool,
+        max_positions: int,
+        max_images: int,
+        vision_timeout: float,
+        deepstack_layers: int,
     ):
         self.prompts = prompts
         self.rope = rope
@@ -79,7 +86,12 @@ class Preparer:
             "vision",
             context=ctx,
             kind=trace.SpanKind.CLIENT,
-            attributes={"rpc.system": "grpc", "rpc.service": "vlmesh.internal.v1.VisionService", "rpc.method": "Encode", "vlmesh.inputs": len(inputs)},
+            attributes={
+                "rpc.system": "grpc",
+                "rpc.service": "vlmesh.internal.v1.VisionService",
+                "rpc.method": "Encode",
+                "vlmesh.inputs": len(inputs),
+            },
         ) as span:
             resps = await asyncio.gather(*(self.vision.encode(p, deadline, self.vision_timeout, metadata()) for p in parts))
             out = [e for resp in resps for e in resp.embeddings]

@@ -39,6 +39,7 @@ class PromptText:
     text: str
     contents: list[str]  # the texts the markers stand for, by index
 
+
 def to_template_messages(messages: list[dict], contents: list[str] | None = None) -> list[dict]:
     """The template only needs to see that an image or a video is there, not its bytes. With
     `contents`, each text is replaced by a marker and appended to it."""

@@ -180,13 +180,20 @@ class Runner:
                 raise StageDown(f"stage {addr} answered {len(response.outputs)} of {len(group)} steps")
         except VlmeshError as err:
             for s in group:
-                s.span.add_event("stage", {"vlmesh.layers": label, "server.address": addr, "rpc.grpc.status_code": err.code.value[0], "vlmesh.error": str(err)})
+                s.span.add_event(
+                    "stage", {"vlmesh.layers": label, "server.address": addr, "rpc.grpc.status_code": err.code.value[0], "vlmesh.error": str(err)}
+                )
             raise
         finally:
             seconds = time.perf_counter() - began
             for obs in self.observers:
                 obs.on_hop(label, seconds)
-        attrs: dict[str, str | int] = {"vlmesh.layers": label, "server.address": addr, "vlmesh.hop_us": int(seconds * 1e6), "vlmesh.compute_us": response.compute_us}
+        attrs: dict[str, str | int] = {
+            "vlmesh.layers": label,
+            "server.address": addr,
+            "vlmesh.hop_us": int(seconds * 1e6),
+            "vlmesh.compute_us": response.compute_us,
+        }
         for s in group:
             if s.plan.traced:
                 s.span.add_event("stage", attrs)

@@ -13,8 +13,8 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import grpc
 from opentelemetry import trace
@@ -23,8 +23,8 @@ from services.common import tensors
 from services.common.checkpoint import Checkpoint, open_checkpoint
 from services.common.config import ServiceConfig, field
 from services.common.errors import Cancelled, InvalidArgument, ResourceExhausted, UnknownSession, VlmeshError
-from services.common.metrics import CoordinatorMetrics
 from services.common.interceptor import abort
+from services.common.metrics import CoordinatorMetrics
 from services.common.serve import prepare_process, serve_main
 from services.common.server import RunningServer, start_server
 from services.common.tls import MeshTLS
@@ -38,9 +38,9 @@ from .kv_log import KVLog, pin_mmap_threshold
 from .limits import RateLimiter, peer_host
 from .prepare import Preparer
 from .prompt import PromptBuilder
+from .replicas import ProbePolicy
 from .request import GenerateParams, Message, RequestSpec, RequestSummary
 from .rope import RopeIndex
-from .replicas import ProbePolicy
 from .runner import Runner
 from .scheduler import SchedulerConfig
 from .stage_client import Mesh
@@ -74,7 +74,8 @@ class CoordinatorConfig(ServiceConfig):
     max_images: int = field(16, "most images and videos in one request")
     max_batch: int = field(64, "most sessions in one micro-batch")
     chunk_tokens: int = field(
-        0, "most tokens in one micro-batch: a longer prompt is fed in chunks between decode steps (0 = as many as cost about one decode step, measured as it runs)"
+        0,
+        "most tokens in one micro-batch: a longer prompt is fed in chunks between decode steps (0 = as many as cost about one decode step, measured as it runs)",
     )
     pipeline: bool = field(True, "keep one micro-batch in flight per layer range, so every range computes at once")
     kv_log_mb: int = field(1024, "memory for the KV log that restores a lost replica without recompute (0 = off: replay instead)")
@@ -83,13 +84,20 @@ class CoordinatorConfig(ServiceConfig):
     max_sessions: int = field(4096, "most live sessions (CreateSession), all API keys together (0 = no cap)")
     session_rate: float = field(20.0, "sessions one client address may create per second, on average (0 = no limit)")
     session_burst: int = field(200, "sessions one client address may create at once, beyond --session-rate")
-    state_dir: str = field("", "directory of the durable session store (SQLite; default ~/.local/state/vlmesh/coordinator-PORT; 'none' = memory only)")
+    state_dir: str = field(
+        "", "directory of the durable session store (SQLite; default ~/.local/state/vlmesh/coordinator-PORT; 'none' = memory only)"
+    )
     hop_timeout: float = field(30.0, "seconds a stage may take for one step before its replica counts as stalled")
     hop_timeout_per_token: float = field(0.05, "extra seconds of the hop timeout per token in the step")
     vision_timeout: float = field(300.0, "seconds the vision service may take for one request")
-    trace_decode_every: int = field(16, "give a decode step a span of its own for a request's first token and every Nth (1 = every step; the others' stage spans join the request's)")
+    trace_decode_every: int = field(
+        16,
+        "give a decode step a span of its own for a request's first token and every Nth (1 = every step; the others' stage spans join the request's)",
+    )
     health_interval: float = field(1.0, "seconds between health probe rounds")
-    probe_failures: int = field(3, "unanswered health probes in a row before a connected replica counts as down (a refused connection or broken stream counts at once)")
+    probe_failures: int = field(
+        3, "unanswered health probes in a row before a connected replica counts as down (a refused connection or broken stream counts at once)"
+    )
     probe_timeout: float = field(1.0, "seconds a health probe waits for its answer (a stage with slow steps gets twice its slowest recent step)")
     startup_timeout: float = field(600.0, "seconds to wait for the stages and vision at start")
     api_keys_file: str = field("", "API keys (hashed) and their quotas, see `vlmesh keys new`; empty = no keys")
@@ -164,9 +172,7 @@ def parse_params(request: coordinator_pb2.GenerateRequest) -> GenerateParams:
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
-    def __init__(
-        self, cfg: CoordinatorConfig, ckpt: Checkpoint, engine: Engine, kv_log: KVLog, mesh: Mesh, vision: VisionPool, keys: Keyring
-    ):
+    def __init__(self, cfg: CoordinatorConfig, ckpt: Checkpoint, engine: Engine, kv_log: KVLog, mesh: Mesh, vision: VisionPool, keys: Keyring):
         self.cfg = cfg
         self.keys = keys
         self.max_chars = cfg.max_prompt_chars or 8 * ckpt.text_config.max_position_embeddings
@@ -181,7 +187,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         """The caller's API key name; UNAUTHENTICATED without a known key (when keys are set)."""
         return self.keys.identify(context.invocation_metadata())
 
-    async def Generate(self, request: coordinator_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
+    async def Generate(
+        self, request: coordinator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
         span = _tracer.start_span(
             "generate",
             context=extract(context.invocation_metadata()),
@@ -233,7 +241,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 self.engine.cancel(spec.id, Cancelled("the client cancelled the request"))
                 _close_span(span, None, Cancelled("cancelled"))
 
-    async def CreateSession(self, request: coordinator_pb2.CreateSessionRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.CreateSessionResponse:
+    async def CreateSession(
+        self, request: coordinator_pb2.CreateSessionRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.CreateSessionResponse:
         owner = self.owner(context)
         if not self.session_rate.allow(peer_host(context.peer() or "")):
             raise ResourceExhausted(
@@ -241,10 +251,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             )
         return coordinator_pb2.CreateSessionResponse(session_id=await self.engine.create_session(owner))
 
-    async def CloseSession(self, request: coordinator_pb2.CloseSessionRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.CloseSessionResponse:
+    async def CloseSession(
+        self, request: coordinator_pb2.CloseSessionRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.CloseSessionResponse:
         return coordinator_pb2.CloseSessionResponse(existed=await self.engine.close_session(request.session_id, self.owner(context)))
 
-    async def GetModelInfo(self, request: coordinator_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.GetModelInfoResponse:
+    async def GetModelInfo(
+        self, request: coordinator_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.GetModelInfoResponse:
         self.owner(context)  # any key will do, but a key it must be
         return coordinator_pb2.GetModelInfoResponse(
             model_type=self.ckpt.config.model_type,
@@ -253,7 +267,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             max_sequence_length=self.ckpt.text_config.max_position_embeddings,
         )
 
-    async def GetMeshStatus(self, request: coordinator_pb2.GetMeshStatusRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.GetMeshStatusResponse:
+    async def GetMeshStatus(
+        self, request: coordinator_pb2.GetMeshStatusRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.GetMeshStatusResponse:
         self.owner(context)
         await asyncio.gather(*(i.refresh_stats() for i in self.vision.instances.values()))
         resp = coordinator_pb2.GetMeshStatusResponse(model_type=self.ckpt.config.model_type)
@@ -385,7 +401,11 @@ async def start(cfg: CoordinatorConfig) -> RunningServer:
     return await start_server(
         [
             (coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server, servicer, "vlmesh.v1.CoordinatorService"),
-            (admin_pb2_grpc.add_CoordinatorAdminServiceServicer_to_server, CoordinatorAdminServicer(engine, kv_log, keys), "vlmesh.internal.v1.CoordinatorAdminService"),
+            (
+                admin_pb2_grpc.add_CoordinatorAdminServiceServicer_to_server,
+                CoordinatorAdminServicer(engine, kv_log, keys),
+                "vlmesh.internal.v1.CoordinatorAdminService",
+            ),
         ],
         cfg,
         cfg.port,

@@ -12,7 +12,6 @@ from services.common.errors import InvalidArgument
 from vlmesh.internal.v1 import vision_pb2
 from vlmesh.v1 import tensor_pb2
 
-
 VisualKind = Literal["image", "video"]
 
 

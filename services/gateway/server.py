@@ -53,21 +53,16 @@ class GatewayConfig(ServiceConfig):
     port: int = field(8000, "HTTP port to bind")
     model: str = field(
         "",
-        "checkpoint directory: its name is the model id, its tokenizer.json gives logprobs their token "
-        "strings and bytes (nothing else is read)",
+        "checkpoint directory: its name is the model id, its tokenizer.json gives logprobs their token strings and bytes (nothing else is read)",
     )
-    served_model_name: str = field(
-        "", "model id to serve under (default: the --model directory's name, else the model type)"
-    )
+    served_model_name: str = field("", "model id to serve under (default: the --model directory's name, else the model type)")
     request_timeout: float = field(600.0, "seconds a request may take at the coordinator (0 = no limit); past it: 504")
     max_request_mb: int = field(
         COORDINATOR_MAX_MESSAGE_MB,
         "largest request body, in MiB (images travel inside as data URLs); at most the coordinator's --max-message-mb, "
         "which refuses larger requests (413 either way)",
     )
-    allow_private_urls: str = field(
-        "", "let image URLs reach non-public addresses: 'all', or comma-separated networks (default: public hosts only)"
-    )
+    allow_private_urls: str = field("", "let image URLs reach non-public addresses: 'all', or comma-separated networks (default: public hosts only)")
     coordinator_tls: bool = field(False, "talk to the coordinator over TLS")
     coordinator_ca_cert: str = field("", "CA certificate (PEM) to verify the coordinator with; implies TLS")
 
@@ -174,9 +169,7 @@ def _trace(trace_id: str | None) -> dict[str, str]:
     return {TRACE_HEADER: trace_id} if trace_id else {}
 
 
-async def _events(
-    events: AsyncIterator[ChatEvent], first: ChatEvent, chat: ChatRequest, reply: Reply
-) -> AsyncIterator[bytes]:
+async def _events(events: AsyncIterator[ChatEvent], first: ChatEvent, chat: ChatRequest, reply: Reply) -> AsyncIterator[bytes]:
     """The SSE body: a role chunk, content chunks, a finish chunk, usage if asked, [DONE].
     Cancelled (the caller left), it closes `events`, which cancels the gRPC call."""
     usage_too = chat.include_usage
@@ -199,9 +192,7 @@ async def _events(
             yield sse(err.body())
             return
         if last is None:
-            yield sse(
-                ApiError(502, "the coordinator ended the stream without a finish reason", type="server_error").body()
-            )
+            yield sse(ApiError(502, "the coordinator ended the stream without a finish reason", type="server_error").body())
             return
         if usage_too and last.usage is not None:
             yield sse(reply.usage_chunk(last.usage))
@@ -242,9 +233,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        message = (
-            f"Unknown request URL: {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
-        )
+        message = f"Unknown request URL: {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
         return _error_response(ApiError(exc.status_code, message))
 
     @app.exception_handler(Exception)
@@ -340,9 +329,7 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
 
 def main(argv: list[str] | None = None) -> int:
     """`vlmesh serve gateway`: config from flags and environment, serve until SIGTERM."""
-    parser = argparse.ArgumentParser(
-        prog="vlmesh serve gateway", description="OpenAI-compatible HTTP gateway of a coordinator."
-    )
+    parser = argparse.ArgumentParser(prog="vlmesh serve gateway", description="OpenAI-compatible HTTP gateway of a coordinator.")
     add_config_arguments(parser, GatewayConfig)
     cfg = config_from_args(GatewayConfig, parser.parse_args(argv))
     setup_logging(cfg.log_level, cfg.log_format)
@@ -351,9 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("serving the OpenAI API on http://%s:%d/v1 for coordinator %s", cfg.host, cfg.port, cfg.coordinator)
     # log_config=None: uvicorn logs through the handlers setup_logging installed.
     try:
-        uvicorn.run(
-            app, host=cfg.host, port=cfg.port, log_config=None, log_level=cfg.log_level.lower(), timeout_graceful_shutdown=5
-        )
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_config=None, log_level=cfg.log_level.lower(), timeout_graceful_shutdown=5)
     finally:
         shutdown_tracing()  # the last batch of spans reaches the collector
     return 0

@@ -265,4 +265,3 @@ def corpus() -> list[str]:
         lines.append(f"Which shape is at the {side}?")
     lines += list(NUMBERS.values())
     return lines * 4  # frequent enough that whole words become single tokens
-

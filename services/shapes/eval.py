@@ -157,4 +157,3 @@ def _with_mesh(args: argparse.Namespace, examples: list[data.Example]) -> Result
     print(f"eval: starting vision + {args.stages} stages + coordinator (logs in {log_dir})", file=sys.stderr)
     with LocalMesh(str(args.model), split_layers(layers, args.stages), log_dir=log_dir) as mesh:
         return evaluate_mesh(mesh.address, examples, args.concurrency)
-

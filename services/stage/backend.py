@@ -161,17 +161,14 @@ class StageBackend:
         extra = sorted(set(step.deepstack) - owned)
         if extra:
             raise WrongStage(
-                f"deepstack features for layers {extra}, but stage {self.model.start}:{self.model.end} "
-                f"adds them only after layers {sorted(owned)}"
+                f"deepstack features for layers {extra}, but stage {self.model.start}:{self.model.end} adds them only after layers {sorted(owned)}"
             )
         rows = 0 if step.visual_index is None else step.visual_index.numel()
         if rows and owned and set(step.deepstack) != owned:
             raise InvalidArgument(f"{rows} visual positions but no deepstack features for layers {sorted(owned - set(step.deepstack))}")
         for layer, feature in step.deepstack.items():
             if feature.shape != (rows, self.hidden_size):
-                raise InvalidArgument(
-                    f"deepstack features of layer {layer} have shape {list(feature.shape)}, want [{rows}, {self.hidden_size}]"
-                )
+                raise InvalidArgument(f"deepstack features of layer {layer} have shape {list(feature.shape)}, want [{rows}, {self.hidden_size}]")
             if not bool(torch.isfinite(feature).all()):
                 raise InvalidArgument(f"deepstack features of layer {layer} hold NaN or infinite values")
 

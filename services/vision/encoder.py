@@ -237,9 +237,7 @@ class VisionEncoder:
             metas.append(meta)
         try:
             # The whole processor, not only its video processor: Qwen2.5-VL's adds second_per_grid_ts.
-            inputs = self.processor(
-                videos=clips, video_metadata=metas, do_sample_frames=False, return_metadata=True, return_tensors="pt"
-            )
+            inputs = self.processor(videos=clips, video_metadata=metas, do_sample_frames=False, return_metadata=True, return_tensors="pt")
         except (ValueError, ZeroDivisionError) as exc:  # e.g. too few frames for one temporal patch
             raise InvalidArgument(f"video {where[0] if len(where) == 1 else where}: cannot process it: {exc}") from None
         seconds = inputs.get("second_per_grid_ts")

@@ -161,7 +161,12 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         with _tracer.start_as_current_span(
             "vision.encode",
             context=extract(context.invocation_metadata()),
-            attributes={"rpc.system": "grpc", "rpc.service": "vlmesh.internal.v1.VisionService", "rpc.method": "Encode", "vlmesh.inputs": len(request.inputs)},
+            attributes={
+                "rpc.system": "grpc",
+                "rpc.service": "vlmesh.internal.v1.VisionService",
+                "rpc.method": "Encode",
+                "vlmesh.inputs": len(request.inputs),
+            },
         ) as span:
             if len(request.inputs) > self.max_images:
                 raise TooManyImages(f"{len(request.inputs)} images and videos in one request; the limit is {self.max_images}")

@@ -49,16 +49,13 @@ def probe(data: bytes, index: int, limits: VideoLimits) -> tuple[int, int, int]:
     if frames <= 0 or not rate:
         # transformers' reader samples from the header's frame count; WebM and Matroska have none.
         raise InvalidArgument(
-            f"video {index}: the {container_name} container does not record its frame count or rate; "
-            "send MP4 or MOV (or the frames)"
+            f"video {index}: the {container_name} container does not record its frame count or rate; send MP4 or MOV (or the frames)"
         )
     if frames < limits.min_file_frames:
         # Qwen2-VL's sample_frames divides by zero there, Qwen3-VL's resize refuses: say so plainly.
         raise InvalidArgument(f"video {index}: {frames} frame(s); a video file needs at least {limits.min_file_frames}")
     if width * height > limits.max_frame_pixels:
-        raise InvalidArgument(
-            f"video {index}: frames of {width}x{height} = {width * height} pixels exceed the limit of {limits.max_frame_pixels}"
-        )
+        raise InvalidArgument(f"video {index}: frames of {width}x{height} = {width * height} pixels exceed the limit of {limits.max_frame_pixels}")
     seconds = frames / float(rate)
     if seconds > limits.max_seconds:
         raise InvalidArgument(f"video {index}: {seconds:.1f} s long, more than the limit of {limits.max_seconds:g} s")

@@ -64,7 +64,6 @@ if TYPE_CHECKING:
     from ._messages import load_image, load_video
     from ._results import ChatEvent, ChatResult, ModelInfo, TokenLogprob, TokenLogprobs, Usage
     from .client import DEFAULT_ADDRESS, AsyncClient, AsyncSession, Client, GenerateOptions, Session
-    from .sampling import SamplingOptions
     from .errors import (
         Aborted,
         AlreadyExists,
@@ -93,6 +92,7 @@ if TYPE_CHECKING:
         VlmeshError,
         WrongStage,
     )
+    from .sampling import SamplingOptions
 
 
 def __getattr__(name: str) -> Any:

@@ -188,14 +188,10 @@ def _fetch(source: str, kind: str, max_bytes: int, timeout: float | None, allow_
         return _read_file(_file_url_path(text), source, kind)
     if scheme in ("http", "https"):
         return _download(text, HTTP_TIMEOUT_S if timeout is None else timeout, max_bytes, kind, allow_private)
-    raise ValueError(
-        f"unsupported {kind} URL scheme {scheme!r} in {_describe(source)}; use file, http, https or data"
-    )
+    raise ValueError(f"unsupported {kind} URL scheme {scheme!r} in {_describe(source)}; use file, http, https or data")
 
 
-def load_image(
-    source: ImageSource, *, timeout: float | None = None, allow_private_urls: AllowPrivate = False
-) -> bytes:
+def load_image(source: ImageSource, *, timeout: float | None = None, allow_private_urls: AllowPrivate = False) -> bytes:
     """Encoded image bytes (PNG, JPEG, ...) for any supported image source.
 
     Args:
@@ -220,15 +216,12 @@ def load_image(
         return _check_image(_read_file(source, source), source)
     if not isinstance(source, str):
         raise ValueError(
-            f"unsupported image source of type {type(source).__name__}; expected a path, "
-            "a file/http(s)/data URL, bytes, or a PIL.Image.Image"
+            f"unsupported image source of type {type(source).__name__}; expected a path, a file/http(s)/data URL, bytes, or a PIL.Image.Image"
         )
     return _check_image(_fetch(source, "image", MAX_IMAGE_BYTES, timeout, allow_private_urls), source)
 
 
-def load_video(
-    source: VideoSource, *, timeout: float | None = None, allow_private_urls: AllowPrivate = False
-) -> bytes:
+def load_video(source: VideoSource, *, timeout: float | None = None, allow_private_urls: AllowPrivate = False) -> bytes:
     """Bytes of a video file for any supported video source (the vision service decodes them).
 
     Args:
@@ -250,8 +243,7 @@ def load_video(
         data = _fetch(source, "video", MAX_VIDEO_BYTES, timeout, allow_private_urls)
     else:
         raise ValueError(
-            f"unsupported video source of type {type(source).__name__}; expected a path, "
-            "a file/http(s)/data URL, bytes, or a list of frames"
+            f"unsupported video source of type {type(source).__name__}; expected a path, a file/http(s)/data URL, bytes, or a list of frames"
         )
     if not data:
         raise ValueError(f"video {_describe(source)} is empty")
@@ -323,18 +315,14 @@ def _content_part(item: Any, index: str, allow: AllowPrivate) -> pb.Content:
         return _image_part(item, index, allow)
     if kind in ("video", "video_url"):
         return _video_part(item, index, allow)
-    raise ValueError(
-        f"{index}: unsupported content type {kind!r}; supported: 'text', 'image', 'image_url', 'video', 'video_url'"
-    )
+    raise ValueError(f"{index}: unsupported content type {kind!r}; supported: 'text', 'image', 'image_url', 'video', 'video_url'")
 
 
 def _message(msg: Any, index: str, allow: AllowPrivate) -> pb.Message:
     if isinstance(msg, pb.Message):
         return msg
     if not isinstance(msg, Mapping):
-        raise ValueError(
-            f"{index}: a message must be a dict with 'role' and 'content', got {type(msg).__name__}"
-        )
+        raise ValueError(f"{index}: a message must be a dict with 'role' and 'content', got {type(msg).__name__}")
     role = msg.get("role")
     if role not in _ROLES:
         raise ValueError(f"{index}: unsupported role {role!r}; supported: 'system', 'user', 'assistant'")
@@ -344,9 +332,7 @@ def _message(msg: Any, index: str, allow: AllowPrivate) -> pb.Message:
     elif isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray)):
         parts = [_content_part(item, f"{index}.content[{j}]", allow) for j, item in enumerate(content)]
     else:
-        raise ValueError(
-            f"{index}: 'content' must be a string or a list of parts, got {type(content).__name__}"
-        )
+        raise ValueError(f"{index}: 'content' must be a string or a list of parts, got {type(content).__name__}")
     return pb.Message(role=_ROLES[role], content=parts)
 
 

@@ -89,10 +89,7 @@ def _check(host: str, ip: _IP, networks: _Networks | None) -> None:
     if any(ip in net or (_embedded_v4(ip) or ip) in net for net in networks):
         return
     what = f"{ip} is" if host == str(ip) else f"{host} resolves to {ip},"
-    raise ValueError(
-        f"{what} a {reason} address; URLs may only name public hosts "
-        "unless private addresses are allowed (allow_private_urls)"
-    )
+    raise ValueError(f"{what} a {reason} address; URLs may only name public hosts unless private addresses are allowed (allow_private_urls)")
 
 
 def _resolve(host: str, port: int, networks: _Networks | None) -> str:
@@ -165,9 +162,7 @@ def _left(deadline: float, timeout: float) -> float:
     return left
 
 
-def _body(
-    resp: http.client.HTTPResponse, sock: socket.socket, max_bytes: int, deadline: float, timeout: float
-) -> bytes:
+def _body(resp: http.client.HTTPResponse, sock: socket.socket, max_bytes: int, deadline: float, timeout: float) -> bytes:
     length = resp.getheader("Content-Length")
     if length is not None and length.strip().isdigit() and int(length) > max_bytes:
         raise ValueError(f"it is {int(length)} bytes, more than the {max_bytes}-byte limit")
@@ -187,9 +182,7 @@ def _body(
         chunks.append(chunk)
 
 
-def download(
-    url: str, *, timeout: float, max_bytes: int, allow_private: AllowPrivate, headers: dict[str, str]
-) -> bytes:
+def download(url: str, *, timeout: float, max_bytes: int, allow_private: AllowPrivate, headers: dict[str, str]) -> bytes:
     """The body of a GET of an http(s) URL, under the address policy, `timeout` seconds in all
     (connect, redirects and body) and `max_bytes`.
 

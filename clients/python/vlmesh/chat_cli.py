@@ -46,9 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"API key, sent as 'authorization: Bearer KEY' (default: ${API_KEY_ENV})",
     )
     parser.add_argument("--tls", action="store_true", help="connect over TLS (system root certificates)")
-    parser.add_argument(
-        "--ca-cert", metavar="FILE", default=None, help="verify the coordinator against this CA (PEM); implies --tls"
-    )
+    parser.add_argument("--ca-cert", metavar="FILE", default=None, help="verify the coordinator against this CA (PEM); implies --tls")
     parser.add_argument(
         "--allow-private-urls",
         action="store_true",
@@ -263,10 +261,7 @@ def run(args: argparse.Namespace) -> int:
     allow = bool(args.allow_private_urls)
     try:
         images = [{"type": "image", "image": load_image(path, allow_private_urls=allow)} for path in args.image or []]
-        images += [
-            {"type": "video", "video": load_video(path, allow_private_urls=allow)}
-            for path in getattr(args, "video", None) or []
-        ]
+        images += [{"type": "video", "video": load_video(path, allow_private_urls=allow)} for path in getattr(args, "video", None) or []]
         client = Client(
             address,
             api_key=args.api_key,

@@ -37,13 +37,15 @@ from ._results import (
     model_info_from_response,
 )
 from ._urls import AllowPrivate, allowed_networks
+
 # The error classes are the package's (vlmesh.errors), exported from `vlmesh` itself.
 from .errors import VlmeshError, from_rpc_error
 from .sampling import SamplingOptions
 
 if TYPE_CHECKING:
-    from typing_extensions import Unpack
     from typing import Self
+
+    from typing_extensions import Unpack
 
     from vlmesh.v1.coordinator_pb2_grpc import CoordinatorServiceAsyncStub
 
@@ -139,10 +141,9 @@ def build_request(
         stop=() if stop is None else stop,
         logprobs=logprobs,
         include_stop_token_text=include_stop_token_text,
+        constraint=constraint,
     )
     request = options.to_proto()
-    if constraint is not None:
-        request.sampling.constraint.CopyFrom(constraint)
     request.session_id = session_id or ""
     request.messages.extend(to_proto_messages(messages, allow_private_urls=allow_private_urls))
     return request
@@ -177,16 +178,12 @@ def _resolve_api_key(metadata: Metadata | None, api_key: str | None) -> str:
     return api_key
 
 
-def _call_metadata(
-    user: tuple[tuple[str, str | bytes], ...], api_key: str
-) -> tuple[tuple[str, str | bytes], ...] | None:
+def _call_metadata(user: tuple[tuple[str, str | bytes], ...], api_key: str) -> tuple[tuple[str, str | bytes], ...] | None:
     items = (*user, ("authorization", f"Bearer {api_key}")) if api_key else user
     return items or None
 
 
-def _derive_metadata(
-    derived: Client | AsyncClient, user: tuple[tuple[str, str | bytes], ...], api_key: str | None, extra: Metadata | None
-) -> None:
+def _derive_metadata(derived: Client | AsyncClient, user: tuple[tuple[str, str | bytes], ...], api_key: str | None, extra: Metadata | None) -> None:
     """A `with_options` copy's key and metadata: `extra` is added to the user's metadata (never
     an authorization entry: the key is `api_key`'s to give)."""
     if extra is not None:
@@ -407,23 +404,17 @@ class Client:
             acc.add(event)
         return acc.result()
 
-    def stream_events(
-        self, messages: MessagesLike, *, session_id: str | None = None, **options: Unpack[GenerateOptions]
-    ) -> Iterator[ChatEvent]:
+    def stream_events(self, messages: MessagesLike, *, session_id: str | None = None, **options: Unpack[GenerateOptions]) -> Iterator[ChatEvent]:
         """Generate a reply and yield every streamed response as a `ChatEvent`.
 
         The last event carries `finish_reason` and `usage`. Arguments as for `chat`; they are
         validated (and images loaded) here, before iteration starts. Stopping iteration early
         cancels the generation.
         """
-        request = build_request(
-            messages, session_id=session_id, allow_private_urls=self.allow_private_urls, **options
-        )
+        request = build_request(messages, session_id=session_id, allow_private_urls=self.allow_private_urls, **options)
         return self._events(request)
 
-    def stream(
-        self, messages: MessagesLike, *, session_id: str | None = None, **options: Unpack[GenerateOptions]
-    ) -> Iterator[str]:
+    def stream(self, messages: MessagesLike, *, session_id: str | None = None, **options: Unpack[GenerateOptions]) -> Iterator[str]:
         """Generate a reply and yield its text deltas as they arrive (empty deltas skipped).
 
         Arguments as for `chat`. Stopping iteration early cancels the generation.
@@ -515,9 +506,7 @@ class Session:
         self._check_open()
         return self._client.stream(messages, session_id=self._id, **options)
 
-    def stream_events(
-        self, messages: MessagesLike, **options: Unpack[GenerateOptions]
-    ) -> Iterator[ChatEvent]:
+    def stream_events(self, messages: MessagesLike, **options: Unpack[GenerateOptions]) -> Iterator[ChatEvent]:
         """Run one turn and yield every streamed response (see `Client.stream_events`)."""
         self._check_open()
         return self._client.stream_events(messages, session_id=self._id, **options)
@@ -531,9 +520,7 @@ class Session:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if exc is None:
             self.close()
             return
@@ -553,9 +540,7 @@ class Session:
 class _AioChannel:
     """An aio channel opened on first use, shared by an AsyncClient and its `with_options` copies."""
 
-    def __init__(
-        self, address: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]
-    ) -> None:
+    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]) -> None:
         self.address = address
         self.credentials = credentials
         self.options = options
@@ -659,13 +644,9 @@ class AsyncClient:
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
 
-    async def _build(
-        self, messages: MessagesLike, session_id: str | None, options: GenerateOptions
-    ) -> pb.GenerateRequest:
+    async def _build(self, messages: MessagesLike, session_id: str | None, options: GenerateOptions) -> pb.GenerateRequest:
         # Loading images may read files or download URLs: keep that off the event loop.
-        return await asyncio.to_thread(
-            build_request, messages, session_id=session_id, allow_private_urls=self.allow_private_urls, **options
-        )
+        return await asyncio.to_thread(build_request, messages, session_id=session_id, allow_private_urls=self.allow_private_urls, **options)
 
     async def _events(self, request: pb.GenerateRequest) -> AsyncGenerator[ChatEvent, None]:
         call = self._stub.Generate(request, timeout=self.timeout, metadata=self._metadata)
@@ -725,9 +706,7 @@ class AsyncClient:
             async for event in events:
                 yield event
 
-    async def stream(
-        self, messages: MessagesLike, *, session_id: str | None = None, **options: Unpack[GenerateOptions]
-    ) -> AsyncGenerator[str, None]:
+    async def stream(self, messages: MessagesLike, *, session_id: str | None = None, **options: Unpack[GenerateOptions]) -> AsyncGenerator[str, None]:
         """Async-iterate over the reply's text deltas (see `Client.stream`)."""
         request = await self._build(messages, session_id, options)
         async with contextlib.aclosing(self._events(request)) as events:
@@ -741,9 +720,7 @@ class AsyncClient:
 
     async def close_session(self, session_id: str) -> bool:
         """Close a session; False if it did not exist."""
-        return (
-            await self._unary(self._stub.CloseSession, pb.CloseSessionRequest(session_id=session_id))
-        ).existed
+        return (await self._unary(self._stub.CloseSession, pb.CloseSessionRequest(session_id=session_id))).existed
 
     def session(self, session_id: str | None = None) -> AsyncSession:
         """A multi-turn session: ``async with client.session() as s`` or ``s = await client.session()``.
@@ -783,9 +760,7 @@ class AsyncSession:
     async def __aenter__(self) -> AsyncSession:
         return await self.open()
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if exc is None:
             await self.close()
             return
@@ -814,23 +789,17 @@ class AsyncSession:
         """Run one turn and return the complete reply (see `Session.chat`)."""
         return await self._client.chat(messages, session_id=self._check_open(), **options)
 
-    async def stream(
-        self, messages: MessagesLike, **options: Unpack[GenerateOptions]
-    ) -> AsyncGenerator[str, None]:
+    async def stream(self, messages: MessagesLike, **options: Unpack[GenerateOptions]) -> AsyncGenerator[str, None]:
         """Run one turn and async-iterate over the reply's text deltas."""
         session_id = self._check_open()
         async with contextlib.aclosing(self._client.stream(messages, session_id=session_id, **options)) as it:
             async for delta in it:
                 yield delta
 
-    async def stream_events(
-        self, messages: MessagesLike, **options: Unpack[GenerateOptions]
-    ) -> AsyncGenerator[ChatEvent, None]:
+    async def stream_events(self, messages: MessagesLike, **options: Unpack[GenerateOptions]) -> AsyncGenerator[ChatEvent, None]:
         """Run one turn and async-iterate over every streamed response."""
         session_id = self._check_open()
-        async with contextlib.aclosing(
-            self._client.stream_events(messages, session_id=session_id, **options)
-        ) as it:
+        async with contextlib.aclosing(self._client.stream_events(messages, session_id=session_id, **options)) as it:
             async for event in it:
                 yield event
 

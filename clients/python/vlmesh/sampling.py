@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vlmesh.v1 import coordinator_pb2 as pb
 from vlmesh.v1 import tensor_pb2
@@ -85,6 +85,9 @@ class SamplingOptions:
     stop: Sequence[str] = ()  # a tuple once made; a single str is one stop string
     logprobs: int = 0
     include_stop_token_text: bool = False
+    # Structured output (JSON schema, JSON object, regex, choice or grammar), applied by the
+    # sampling stage; None = free text. Compared, not hashed (a proto message has no hash).
+    constraint: tensor_pb2.Constraint | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         # Frozen: the checked and normalised values are set once, here, and never again.
@@ -131,6 +134,8 @@ class SamplingOptions:
         )
         if self.seed is not None:
             params.seed = self.seed
+        if self.constraint is not None:
+            params.constraint.CopyFrom(self.constraint)
         return params
 
     def to_proto(self) -> pb.GenerateRequest:
@@ -162,4 +167,5 @@ class SamplingOptions:
             stop=tuple(request.stop),
             logprobs=request.logprobs,
             include_stop_token_text=request.include_stop_token_text,
+            constraint=p.constraint if p.HasField("constraint") else None,
         )
