@@ -133,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="outputs per session")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print one JSON object per row")
+    ap.add_argument("--smoke", action="store_true", help="one session, one output: to check the script runs (CI)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.sessions, args.repeats = [1], 1
     torch.set_num_threads(1)  # a stage's sampler runs on its runner thread
     for n in args.sessions:
         row = run(args.model, n, args.repeats, args.seed)
