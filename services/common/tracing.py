@@ -56,10 +56,10 @@ def tracer(service: str) -> trace.Tracer:
     return trace.get_tracer(f"vlmesh.{service}")
 
 
-def inject() -> dict[str, str]:
-    """The current span's context as W3C headers (traceparent, tracestate)."""
+def inject(context: otel_context.Context | None = None) -> dict[str, str]:
+    """A context (default: the current one) as W3C headers (traceparent, tracestate)."""
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
+    propagate.inject(carrier, context=context)
     return carrier
 
 

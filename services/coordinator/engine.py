@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from opentelemetry import context as otel_context
 
 from services.common.errors import (
     Cancelled,
@@ -311,7 +310,7 @@ class Engine:
         s.busy = True
         s.last_used = now
         turn = Turn(len(s.token_ids), len(s.visual_positions), len(s.visuals), len(s.messages), s.rope_delta, s.cached)
-        r = RequestState(spec, m.stream, s, turn, carrier=_carrier(spec))
+        r = RequestState(spec, m.stream, s, turn, carrier=() if spec.trace_context is None else tuple(inject(spec.trace_context).items()))
         self.requests[spec.id] = r
         r.task = self._spawn(self._prepare(r))
 
@@ -478,10 +477,10 @@ class Engine:
         I/O needed for a fresh session), or place it in a task of its own, so a restore never
         stalls the sessions batched beside it."""
         for r in self.scheduler.queue:
-            if not isinstance(r, RequestState) or not r.feedable or not self.placer.unplaced(r.session.replicas):
+            if not isinstance(r, RequestState) or not r.feedable or not (todo := self.placer.unplaced(r.session.replicas)):
                 continue
             s = r.session
-            fresh = self.placer.pick_fresh(s.replicas) if s.cached == 0 and not r.avoid else None
+            fresh = self.placer.pick_fresh(todo) if s.cached == 0 and not r.avoid else None
             if fresh is not None:
                 s.replicas.update(fresh)
                 continue
@@ -917,17 +916,6 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
-
-
-def _carrier(spec: RequestSpec) -> tuple[tuple[str, str], ...]:
-    """The request's trace context as W3C headers: its untraced steps' stage spans join it."""
-    if spec.trace_context is None:
-        return ()
-    token = otel_context.attach(spec.trace_context)
-    try:
-        return tuple(inject().items())
-    finally:
-        otel_context.detach(token)
 
 
 def _reply(reply: asyncio.Future[Any], compute: Callable[[], Any]) -> None:

@@ -42,9 +42,9 @@ class Placer:
                 out.append(i)
         return out
 
-    def pick_fresh(self, pins: dict[int, str]) -> dict[int, str] | None:
-        """Pins for a session with nothing cached, without I/O; None when a range needs a refresh."""
-        todo = self.unplaced(pins)
+    def pick_fresh(self, todo: list[int]) -> dict[int, str] | None:
+        """Pins of the unplaced ranges `todo` for a session with nothing cached, without I/O; None
+        when a range needs a refresh."""
         if any(not self.mesh.ranges[i].up() for i in todo):
             return None
         return {i: self.mesh.pick(i, load=self.load).address for i in todo}

@@ -14,7 +14,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from services.common import tensors
@@ -67,7 +66,7 @@ class Runner:
         for p in batch.steps:
             if p.traced:
                 span = self._step_span(p, batch)
-                steps.append(_Progress(p, span, tensors.to_proto(p.positions), _carrier(span)))
+                steps.append(_Progress(p, span, tensors.to_proto(p.positions), inject(trace.set_span_in_context(span))))
             else:
                 steps.append(_Progress(p, trace.get_current_span(p.trace_context), tensors.to_proto(p.positions), dict(p.carrier)))
         try:
@@ -198,11 +197,3 @@ class Runner:
             if s.plan.traced:
                 s.span.add_event("stage", attrs)
         return response
-
-
-def _carrier(span: trace.Span) -> dict[str, str]:
-    token = otel_context.attach(trace.set_span_in_context(span))
-    try:
-        return inject()
-    finally:
-        otel_context.detach(token)
