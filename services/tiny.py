@@ -86,6 +86,10 @@ SPECIAL_TOKENS = (
     "<|video_pad|>",
 )
 
+# Qwen2.5-VL and Qwen3-VL tokenizers also have the tool-call tags as tokens of their own (ordinary
+# added tokens, not special: they decode as text). Qwen2-VL's has none.
+TOOL_TOKENS = ("<tool_call>", "</tool_call>")
+
 # The Qwen2 pre-tokenizer regex (transformers.models.qwen2.tokenization_qwen2.PRETOKENIZE_REGEX).
 PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
@@ -104,8 +108,9 @@ def _data_text(name: str) -> str:
 # by Qwen2.5-VL.
 CHAT_TEMPLATE = _data_text("qwen2_vl_chat_template.jinja")
 
-# The Qwen3-VL-Instruct chat template (Qwen/Qwen3-VL-*-Instruct's chat_template.json without the tool-call
-# branches): no default system prompt; images and videos as in Qwen2-VL.
+# The Qwen3-VL-Instruct chat template's form (Qwen/Qwen3-VL-*-Instruct's chat_template.json): no default
+# system prompt; images and videos as in Qwen2-VL; `tools` as a "# Tools" system block, assistant
+# tool_calls as <tool_call> blocks, tool results as <tool_response> user turns, in Qwen's format.
 QWEN3_CHAT_TEMPLATE = _data_text("qwen3_vl_chat_template.jinja")
 
 # Target number of BPE merges (the trainer may stop earlier if the corpus runs out of pairs seen twice).
@@ -766,6 +771,10 @@ def make_tiny(
 
     _log("training the byte-level BPE tokenizer")
     raw = build_tokenizer()
+    if family != "qwen2-vl":
+        from tokenizers import AddedToken
+
+        raw.add_tokens([AddedToken(t, special=False, normalized=False) for t in TOOL_TOKENS])
     tokenizer = build_hf_tokenizer(raw)
     _log(f"tokenizer: {len(tokenizer)} tokens ({raw.get_vocab_size(with_added_tokens=False)} BPE + {len(SPECIAL_TOKENS)} special)")
 

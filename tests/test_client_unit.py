@@ -390,7 +390,8 @@ def test_openai_and_transformers_image_parts(http_base: str, tmp_path: Path) -> 
 @pytest.mark.parametrize(
     "messages, match",
     [
-        ([{"role": "tool", "content": "x"}], "unsupported role 'tool'"),
+        ([{"role": "function", "content": "x"}], "unsupported role 'function'"),
+        ([{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}], "function.name"),
         ([{"content": "x"}], "unsupported role None"),
         (
             [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]}],
@@ -719,7 +720,7 @@ def test_value_error_before_any_rpc(coordinator: tuple[FakeCoordinator, str]) ->
     fake, address = coordinator
     with vlmesh.Client(address) as client:
         with pytest.raises(ValueError, match="unsupported role"):
-            client.chat([{"role": "tool", "content": "x"}])
+            client.chat([{"role": "robot", "content": "x"}])
         with pytest.raises(ValueError, match="unsupported content type"):
             client.stream([{"role": "user", "content": [{"type": "audio"}]}])  # raises before iteration
         with pytest.raises(ValueError, match="top_p"):

@@ -136,6 +136,24 @@ def test_constrained_and_free_in_one_batch_each_equal_alone_and_a_bad_constraint
 
 
 @pytest.mark.slow
+def test_vlmesh_chat_json_schema_prints_valid_json(mesh, tmp_path):
+    """`vlmesh chat --json-schema FILE`: the reply is JSON valid under FILE's schema."""
+    import subprocess
+    import sys
+
+    schema = tmp_path / "shape.json"
+    schema.write_text(json.dumps(SCHEMA))
+    base = [sys.executable, "-m", "services.cli", "chat", "--address", mesh.address, "--max-tokens", "120"]
+    done = subprocess.run(
+        [*base, "--json-schema", str(schema), "--image", str(DEMO_IMAGE), "Describe the shape."], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    jsonschema.validate(json.loads(done.stdout), SCHEMA)
+    schema.write_text("[1, 2")
+    bad = subprocess.run([*base, "--json-schema", str(schema), "hi"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "--json-schema" in bad.stderr and "not JSON" in bad.stderr
+
+
 def test_kill_9_of_the_sampling_replica_mid_output_finishes_with_the_same_json():
     """The constraint's state is a function of the generated tokens: the replica that takes over
     the last range rebuilds it from them and writes the same (seeded) text as the undisturbed run."""

@@ -160,11 +160,11 @@ def test_bad_requests_get_openai_errors(mesh: dict[str, Any], sdk: openai.OpenAI
         ({"model": "gpt-4o", "messages": hi}, {}, 404, "model", "does not exist"),
         ({"model": MODEL_ID, "messages": hi, "n": 2}, {}, 400, "n", "n=1"),
         (
-            {"model": MODEL_ID, "messages": hi, "tools": [{"type": "function", "function": {"name": "f"}}]},
+            {"model": MODEL_ID, "messages": hi, "tools": [{"type": "custom", "custom": {"name": "f"}}]},
             {},
             400,
-            "tools",
-            "not supported",
+            "tools[0].type",
+            "function",
         ),
         (
             {
@@ -180,7 +180,7 @@ def test_bad_requests_get_openai_errors(mesh: dict[str, Any], sdk: openai.OpenAI
         ({"model": MODEL_ID, "messages": hi, "frobnicate": 1}, {}, 400, "frobnicate", "Unrecognized"),
         ({"model": MODEL_ID, "messages": hi, "temperature": 3}, {}, 400, "temperature", "temperature"),
         ({"model": MODEL_ID, "messages": hi, "top_logprobs": 2}, {}, 400, "top_logprobs", "logprobs"),
-        ({"model": MODEL_ID, "messages": [{"role": "tool", "content": "x"}]}, {}, 400, "messages[0].role", "tool"),
+        ({"model": MODEL_ID, "messages": [{"role": "tool", "content": "x"}]}, {}, 400, "messages[0].tool_call_id", "tool_call_id"),
         ({"model": MODEL_ID, "messages": []}, {}, 400, "messages", "non-empty"),
         (b"{not json", {}, 400, None, "JSON"),
         (

@@ -58,7 +58,7 @@ class Preparer:
         """Template, vision and M-RoPE for the turn, from the session as it is now (a busy session:
         nothing else changes it while its turn prepares)."""
         last = s.token_ids[-1] if s.token_ids else None
-        prompt = self.prompts.new_text(list(s.messages), list(spec.messages))
+        prompt = self.prompts.new_text(list(s.messages), list(spec.messages), spec.tools)
         prompt.text = self.prompts.closing(last) + prompt.text
         # Embeddings are needed for every visual with rows still to feed: the new ones, and old
         # ones when the session's KV must be rebuilt.

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from services.common.errors import InvalidArgument
 
+from .tools import CLOSE, OPEN, Tools, hermes_messages
 from .visual import Visual, images, videos
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def to_template_messages(messages: list[dict], contents: list[str] | None = None
             for c in content:
                 if c["type"] in ("image", "video"):
                     parts.append({"type": c["type"]})
-                elif contents is not None:
+                elif contents is not None and not c.get("raw"):
                     parts.append({"type": "text", "text": _mark(len(contents))})
                     contents.append(c["text"])
                 else:
@@ -60,7 +61,7 @@ def to_template_messages(messages: list[dict], contents: list[str] | None = None
         elif contents is not None:
             contents.append(content)
             content = _mark(len(contents) - 1)
-        out.append({"role": m["role"], "content": content})
+        out.append({"role": m["role"], "content": content, **{k: m[k] for k in ("tool_calls", "tool_call_id") if k in m}})
     return out
 
 
@@ -77,27 +78,44 @@ class PromptBuilder:
         self.placeholder_ids = {
             self.tokenizer.convert_tokens_to_ids(t) for t in (processor.image_token, getattr(processor, "video_token", None)) if t
         }
+        # A template that takes `tools` (Qwen3-VL's) renders them and tool messages itself; for one
+        # that does not, they are rewritten as Qwen's function-calling guide shows (tools.py).
+        import jinja2.meta
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        env = _compile_jinja_template(processor.chat_template).environment
+        self.takes_tools = "tools" in jinja2.meta.find_undeclared_variables(env.parse(processor.chat_template))
+        # Whether <tool_call> and </tool_call> are tokens of their own (Qwen2.5-VL, Qwen3-VL), not text.
+        vocab = self.tokenizer.get_vocab()
+        self.tool_tags_are_tokens = OPEN in vocab and CLOSE in vocab
         # What the template writes after an assistant message's content (e.g. "<|im_end|>\n").
         probe = self.render([{"role": "user", "content": "x"}, {"role": "assistant", "content": _SENTINEL}], False)
         self.assistant_closing = probe[probe.index(_SENTINEL) + 1 :]
 
-    def render(self, messages: list[dict], add_generation_prompt: bool, contents: list[str] | None = None) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool, contents: list[str] | None = None, tools: Tools | None = None) -> str:
+        extra = {}
+        if self.takes_tools:
+            if tools is not None and tools.functions:
+                extra["tools"] = list(tools.functions)
+        else:
+            messages = hermes_messages(messages, tools)
         return self.processor.apply_chat_template(
-            to_template_messages(messages, contents), tokenize=False, add_generation_prompt=add_generation_prompt
+            to_template_messages(messages, contents), tokenize=False, add_generation_prompt=add_generation_prompt, **extra
         )
 
-    def new_text(self, history: list[dict], new: list[dict]) -> PromptText:
-        """The template's text for `new`, given the conversation `history` already rendered."""
+    def new_text(self, history: list[dict], new: list[dict], tools: Tools | None = None) -> PromptText:
+        """The template's text for `new`, given the conversation `history` already rendered. A
+        session's tools are rendered into its first turn; later turns render them the same way."""
         contents: list[str] = []
-        full = self.render(history + new, add_generation_prompt=True, contents=contents)
+        full = self.render(history + new, add_generation_prompt=True, contents=contents, tools=tools)
         marks = _MARK.findall(full)
         if sorted(int(i) for i in marks) != list(range(len(contents))):
             # A template that drops, repeats or rewrites content: tokenise its text as it renders.
             log.warning("the chat template rewrites message content; special-token strings in text are not escaped")
-            full, contents = self.render(history + new, add_generation_prompt=True), []
-            before = self.render(history, add_generation_prompt=False) if history else ""
+            full, contents = self.render(history + new, add_generation_prompt=True, tools=tools), []
+            before = self.render(history, add_generation_prompt=False, tools=tools) if history else ""
         else:
-            before = self.render(history, add_generation_prompt=False, contents=[]) if history else ""
+            before = self.render(history, add_generation_prompt=False, contents=[], tools=tools) if history else ""
         if not full.startswith(before):
             raise InvalidArgument("the chat template does not render this conversation incrementally")
         return PromptText(full[len(before) :], contents)

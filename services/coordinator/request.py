@@ -18,6 +18,7 @@ from vlmesh.v1 import coordinator_pb2, tensor_pb2
 
 from .detokenizer import IncrementalDetokenizer
 from .session import Session
+from .tools import Tools
 from .visual import VisualRows
 
 Message = dict[str, Any]  # a chat-template message: {"role": ..., "content": [parts]}
@@ -47,6 +48,7 @@ class RequestSpec:
     deadline: float | None  # engine clock time by which the client wants the answer
     trace_context: otel_context.Context | None
     arrival: float  # engine clock time the call arrived
+    tools: Tools | None = None  # functions the model may call (rendered into the prompt)
 
 
 @dataclass(frozen=True)

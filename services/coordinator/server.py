@@ -7,6 +7,7 @@ GetModelInfo and new requests are answered however many generations are running.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -46,6 +47,8 @@ from .scheduler import SchedulerConfig
 from .stage_client import Mesh
 from .store import SessionStore
 from .telemetry import FINISH_NAMES, EngineMetrics
+from .tools import ToolCallParser, Tools, parse_tools
+from .tools import constraint as tool_constraint
 from .vision_client import VisionPool
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,7 @@ _ROLES = {
     coordinator_pb2.ROLE_SYSTEM: "system",
     coordinator_pb2.ROLE_USER: "user",
     coordinator_pb2.ROLE_ASSISTANT: "assistant",
+    coordinator_pb2.ROLE_TOOL: "tool",
 }
 _INT32_MAX = 2**31 - 1
 
@@ -112,39 +116,64 @@ def parse_messages(messages, max_chars: int = 1 << 30) -> tuple[list[Message], l
     if not messages:
         raise InvalidArgument("a request needs at least one message")
     chars = sum(len(c.text) for m in messages for c in m.content if c.WhichOneof("kind") == "text")
+    chars += sum(len(t.arguments_json) + len(t.name) for m in messages for t in m.tool_calls)
     if chars > max_chars:
         raise InvalidArgument(f"the request holds {chars} characters of text; the limit is {max_chars}")
-    out, inputs = [], []
+    out: list[Message] = []
+    inputs: list[vision_pb2.VisualInput] = []
     for i, m in enumerate(messages):
         role = _ROLES.get(m.role)
         if role is None:
-            raise InvalidArgument(f"message {i}: role must be system, user or assistant")
-        if not m.content:
+            raise InvalidArgument(f"message {i}: role must be system, user, assistant or tool")
+        if m.tool_calls and role != "assistant":
+            raise InvalidArgument(f"message {i}: only an assistant message has tool_calls")
+        if not m.content and not m.tool_calls:
             raise InvalidArgument(f"message {i}: no content")
-        content = []
-        for c in m.content:
-            kind = c.WhichOneof("kind")
-            if kind == "text":
-                content.append({"type": "text", "text": c.text})
-            elif kind == "image":
-                if not c.image:
-                    raise InvalidArgument(f"message {i}: empty image")
-                content.append({"type": "image"})
-                inputs.append(vision_pb2.VisualInput(image_bytes=c.image))
-            elif kind == "video":
-                if not c.video:
-                    raise InvalidArgument(f"message {i}: empty video")
-                content.append({"type": "video"})
-                inputs.append(vision_pb2.VisualInput(video_bytes=c.video))
-            elif kind == "video_frames":
-                if not c.video_frames.frames:
-                    raise InvalidArgument(f"message {i}: video without frames")
-                content.append({"type": "video"})
-                inputs.append(vision_pb2.VisualInput(video_frames=c.video_frames))
-            else:
-                raise InvalidArgument(f"message {i}: content item with no text, image or video")
-        out.append({"role": role, "content": content})
+        msg: Message = {"role": role, "content": [_content(i, c, inputs) for c in m.content]}
+        if m.tool_calls:
+            msg["tool_calls"] = [_tool_call(i, j, t) for j, t in enumerate(m.tool_calls)]
+        if role == "tool":
+            msg["tool_call_id"] = m.tool_call_id
+        out.append(msg)
     return out, inputs
+
+
+def _content(i: int, c: coordinator_pb2.Content, inputs: list[vision_pb2.VisualInput]) -> dict[str, Any]:
+    """One content part as the template sees it; an image or video also goes into `inputs`."""
+    kind = c.WhichOneof("kind")
+    if kind == "text":
+        return {"type": "text", "text": c.text}
+    if kind == "image":
+        if not c.image:
+            raise InvalidArgument(f"message {i}: empty image")
+        inputs.append(vision_pb2.VisualInput(image_bytes=c.image))
+        return {"type": "image"}
+    if kind == "video":
+        if not c.video:
+            raise InvalidArgument(f"message {i}: empty video")
+        inputs.append(vision_pb2.VisualInput(video_bytes=c.video))
+        return {"type": "video"}
+    if kind == "video_frames":
+        if not c.video_frames.frames:
+            raise InvalidArgument(f"message {i}: video without frames")
+        inputs.append(vision_pb2.VisualInput(video_frames=c.video_frames))
+        return {"type": "video"}
+    raise InvalidArgument(f"message {i}: content item with no text, image or video")
+
+
+def _tool_call(i: int, j: int, t: coordinator_pb2.ToolCall) -> dict[str, Any]:
+    """A previous turn's call in the template's form (arguments as the JSON text they were)."""
+    import json
+
+    try:
+        args = json.loads(t.arguments_json or "{}")
+    except (ValueError, RecursionError):
+        args = None
+    if not isinstance(args, dict):
+        raise InvalidArgument(f"message {i}: tool_calls[{j}].arguments_json must be a JSON object")
+    if not t.name:
+        raise InvalidArgument(f"message {i}: tool_calls[{j}] has no name")
+    return {"id": t.id, "type": "function", "function": {"name": t.name, "arguments": t.arguments_json or "{}"}}
 
 
 def parse_params(request: coordinator_pb2.GenerateRequest) -> GenerateParams:
@@ -171,6 +200,29 @@ def parse_params(request: coordinator_pb2.GenerateRequest) -> GenerateParams:
     return GenerateParams(p, request.max_tokens, tuple(request.stop), request.logprobs, request.include_stop_token_text)
 
 
+def with_tool_constraint(params: GenerateParams, tools: Tools | None, tags_are_tokens: bool) -> GenerateParams:
+    """`params` with the grammar that enforces tool_choice required or a named function."""
+    grammar = None if tools is None else tool_constraint(tools, tags_are_tokens)
+    if grammar is None:
+        return params
+    sampling = tensor_pb2.SamplingParams()
+    sampling.CopyFrom(params.sampling)
+    sampling.constraint.CopyFrom(grammar)
+    return dataclasses.replace(params, sampling=sampling)
+
+
+def _cut_tool_calls(parser: ToolCallParser, item: coordinator_pb2.GenerateResponse) -> None:
+    """Move the <tool_call> blocks of a response's text into its tool_calls; the last response
+    (it has the finish reason) gets what was held back, and ends as TOOL_CALLS after calls."""
+    text, calls = parser.feed(item.text)
+    if item.finish_reason != coordinator_pb2.FINISH_REASON_UNSPECIFIED:
+        text += parser.finish()
+        if parser.calls and item.finish_reason == coordinator_pb2.FINISH_REASON_STOP:
+            item.finish_reason = coordinator_pb2.FINISH_REASON_TOOL_CALLS
+    item.text = text
+    item.tool_calls.extend(calls)
+
+
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def __init__(self, cfg: CoordinatorConfig, ckpt: Checkpoint, engine: Engine, kv_log: KVLog, mesh: Mesh, vision: VisionPool, keys: Keyring):
         self.cfg = cfg
@@ -182,6 +234,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self.mesh = mesh
         self.vision = vision
         self.session_rate = RateLimiter(cfg.session_rate, cfg.session_burst)
+        self.tool_tags_are_tokens = engine.preparer.prompts.tool_tags_are_tokens
 
     def owner(self, context: grpc.aio.ServicerContext) -> str:
         """The caller's API key name; UNAUTHENTICATED without a known key (when keys are set)."""
@@ -204,7 +257,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         try:
             owner = self.owner(context)
             messages, inputs = parse_messages(request.messages, self.max_chars)
-            params = parse_params(request)
+            tools = parse_tools(request)
+            params = with_tool_constraint(parse_params(request), tools, self.tool_tags_are_tokens)
             left = context.time_remaining()
             now = time.monotonic()
             spec = RequestSpec(
@@ -217,8 +271,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 deadline=None if left is None else now + left,
                 trace_context=trace.set_span_in_context(span),
                 arrival=now,
+                tools=tools,
             )
             stream = self.engine.add(spec)
+            calls = ToolCallParser(tools.names, tools.parallel) if tools is not None and tools.parses else None
             while True:
                 item = await stream.items.get()
                 if item is None:
@@ -227,6 +283,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 if not isinstance(item, coordinator_pb2.GenerateResponse):
                     ended = True
                     raise item
+                if calls is not None:
+                    _cut_tool_calls(calls, item)
                 if first:
                     item.trace_id = trace_id
                     first = False

@@ -15,6 +15,7 @@ FINISH_NAMES: dict[int, str] = {
     coordinator_pb2.FINISH_REASON_STOP: "stop",
     coordinator_pb2.FINISH_REASON_LENGTH: "length",
     coordinator_pb2.FINISH_REASON_STOP_STRING: "stop",
+    coordinator_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
 
 

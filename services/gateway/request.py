@@ -1,8 +1,10 @@
 """A chat completions request body, checked and turned into the client library's arguments.
 
 Everything OpenAI's API defines is either honoured, accepted because it changes nothing here
-(`user`, `metadata`, `store`, ... and "off" values such as ``n: 1`` or ``tools: []``), or refused
-with a 400 that names it (tools, penalties, n > 1, audio, ...). Names OpenAI does not define are
+(`user`, `metadata`, `store`, ... and "off" values such as ``n: 1``), or refused with a 400 that
+names it (penalties, n > 1, audio, the deprecated `functions`, ...). Tools (`tools`,
+`tool_choice`, `parallel_tool_calls`, `role: "tool"` messages and assistant `tool_calls`) go to
+the mesh, which renders them and parses the model's calls. Names OpenAI does not define are
 refused as OpenAI refuses them, except vLLM's `top_k`, `repetition_penalty` and `structured_outputs`.
 
 Structured output (`response_format` json_object / json_schema, or vLLM's `structured_outputs`
@@ -39,14 +41,12 @@ _JSON_STRING = re.compile(rb'"[^"]*"?')
 _AS_PARENS = bytes.maketrans(b"[{]}", b"(())")
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 # Accepted and without effect on the reply.
-_IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier"}
+_IGNORED = {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"}
 # Parameters that would change the reply in ways this server cannot honour, with the values
 # that mean "not used" (those are accepted).
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
     "logit_bias": (None, {}),
@@ -77,8 +77,11 @@ _HANDLED = {
     "repetition_penalty",
     "response_format",
     "structured_outputs",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
 }
-_MESSAGE_KEYS = {"role", "content", "name"}
+_MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"}
 _URL_SCHEMES = ("data:", "http://", "https://")
 
 
@@ -200,26 +203,91 @@ def _part(part: Any, param: str) -> dict[str, Any]:
     )
 
 
+def _tool_calls(message: Mapping[str, Any], param: str) -> list[dict[str, Any]]:
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list):
+        raise invalid("'tool_calls' must be a list", f"{param}.tool_calls")
+    out = []
+    for j, call in enumerate(calls):
+        where = f"{param}.tool_calls[{j}]"
+        fn = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), str):
+            raise invalid("a tool call needs function.name and function.arguments (a JSON string)", where)
+        try:
+            args = json.loads(fn["arguments"])
+        except ValueError:
+            args = None
+        if not isinstance(args, dict):
+            raise invalid("function.arguments must be a JSON object as a string", f"{where}.function.arguments")
+        out.append({"id": str(call.get("id") or ""), "type": "function", "function": {"name": fn["name"], "arguments": fn["arguments"]}})
+    return out
+
+
 def _message(message: Any, i: int) -> dict[str, Any]:
     param = f"messages[{i}]"
     if not isinstance(message, Mapping):
         raise invalid("messages must be objects with 'role' and 'content'", param)
     role = message.get("role")
-    if role in ("tool", "function"):
-        raise invalid(f"role '{role}' is not supported (no tool calling)", f"{param}.role")
+    if role == "function":
+        raise invalid("role 'function' (deprecated) is not supported; use tools and role 'tool'", f"{param}.role")
     if role not in _ROLES:
-        raise invalid(f"unknown role {role!r}; supported: system, developer, user, assistant", f"{param}.role")
-    if message.get("tool_calls") or message.get("function_call"):
-        raise invalid("tool calls are not supported", f"{param}.tool_calls")
-    extra = set(message) - _MESSAGE_KEYS - {"tool_calls", "function_call", "refusal"}
+        raise invalid(f"unknown role {role!r}; supported: system, developer, user, assistant, tool", f"{param}.role")
+    if message.get("function_call"):
+        raise invalid("function_call (deprecated) is not supported; use tool_calls", f"{param}.function_call")
+    extra = set(message) - _MESSAGE_KEYS - {"function_call"}
     if extra:
         raise invalid(f"unknown field '{min(extra)}' in a message", param)
+    out: dict[str, Any] = {"role": _ROLES[role]}
+    if role == "assistant" and message.get("tool_calls"):
+        out["tool_calls"] = _tool_calls(message, param)
+    if role == "tool":
+        call_id = message.get("tool_call_id")
+        if not isinstance(call_id, str):
+            raise invalid("a tool message needs 'tool_call_id'", f"{param}.tool_call_id")
+        out["tool_call_id"] = call_id
     content = message.get("content")
     if isinstance(content, str):
-        return {"role": _ROLES[role], "content": content}
-    if isinstance(content, list) and content:
-        return {"role": _ROLES[role], "content": [_part(p, f"{param}.content[{j}]") for j, p in enumerate(content)]}
-    raise invalid("'content' must be a string or a non-empty list of parts", f"{param}.content")
+        out["content"] = content
+    elif isinstance(content, list) and content:
+        out["content"] = [_part(p, f"{param}.content[{j}]") for j, p in enumerate(content)]
+    elif content is None and "tool_calls" in out:
+        out["content"] = None
+    else:
+        raise invalid("'content' must be a string or a non-empty list of parts", f"{param}.content")
+    return out
+
+
+def _tools(body: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    tools = body.get("tools")
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list):
+        raise invalid("'tools' must be a list", "tools")
+    for j, tool in enumerate(tools):
+        if not isinstance(tool, Mapping) or tool.get("type") != "function":
+            raise invalid("only tools of type 'function' are supported", f"tools[{j}].type")
+        fn = _keys(tool.get("function"), f"tools[{j}].function", {"name", "description", "parameters", "strict"})
+        name = fn.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+            raise invalid("a function name must be 1 to 64 letters, digits, '_' or '-'", f"tools[{j}].function.name")
+        if not isinstance(fn.get("parameters", {}), Mapping):
+            raise invalid("'parameters' must be a JSON schema (an object)", f"tools[{j}].function.parameters")
+    return tools
+
+
+def _tool_choice(body: Mapping[str, Any], tools: list[dict[str, Any]] | None) -> Any:
+    choice = body.get("tool_choice")
+    if choice is None or choice in ("auto", "none", "required"):
+        if choice == "required" and tools is None:
+            raise invalid("tool_choice 'required' needs tools", "tool_choice")
+        return choice if tools is not None else None
+    fn = choice.get("function") if isinstance(choice, Mapping) else None
+    name = fn.get("name") if isinstance(fn, Mapping) else None
+    if not isinstance(choice, Mapping) or choice.get("type") != "function" or not isinstance(name, str):
+        raise invalid("'tool_choice' must be 'auto', 'none', 'required' or {'type': 'function', 'function': {'name': ...}}", "tool_choice")
+    if name not in {t["function"]["name"] for t in tools or []}:
+        raise invalid(f"tool_choice names {name!r}, which is not one of the tools", "tool_choice")
+    return choice
 
 
 def _stop(body: Mapping[str, Any]) -> list[str]:
@@ -320,6 +388,23 @@ def _check_unsupported(body: Mapping[str, Any]) -> None:
         raise invalid(f"only n=1 is supported, got {n!r}", "n", "unsupported_parameter")
 
 
+def _output_options(body: Mapping[str, Any], options: GenerateOptions) -> None:
+    """The constraint (response_format, structured_outputs) or the tools, into `options`."""
+    constraint = _constraint(body)
+    if constraint is not None:
+        options["constraint"] = constraint
+    tools = _tools(body)
+    if tools is None:
+        _tool_choice(body, None)
+        return
+    if constraint is not None:
+        raise invalid("give either tools or a response format, not both", "tools")
+    options["tools"] = tools
+    options["tool_choice"] = _tool_choice(body, tools)
+    if body.get("parallel_tool_calls") is not None:
+        options["parallel_tool_calls"] = _boolean(body, "parallel_tool_calls")
+
+
 def parse_chat_request(body: Any) -> ChatRequest:
     """The checked request.
 
@@ -377,9 +462,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
         # The mesh returns a token's logprob only with at least one alternative.
         "logprobs": max(top_logprobs or 0, 1) if logprobs else 0,
     }
-    constraint = _constraint(body)
-    if constraint is not None:
-        options["constraint"] = constraint
+    _output_options(body, options)
     return ChatRequest(
         model=model,
         messages=[_message(m, i) for i, m in enumerate(messages)],

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vlmesh import ChatResult, TokenLogprobs, Usage
+from vlmesh import ChatResult, TokenLogprobs, ToolCall, Usage
 
 from .tokens import TokenPieces
 
@@ -16,7 +16,14 @@ def finish_reason(reason: str | None) -> str | None:
     """OpenAI's name: an end-of-turn token and a stop string are both "stop"."""
     if reason is None:
         return None
-    return "length" if reason == "length" else "stop"
+    return reason if reason in ("length", "tool_calls") else "stop"
+
+
+def tool_call(call: ToolCall, index: int | None = None) -> dict[str, Any]:
+    """OpenAI's tool call object (with its index in the message: a streamed delta)."""
+    out: dict[str, Any] = {} if index is None else {"index": index}
+    out.update({"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}})
+    return out
 
 
 def usage(u: Usage) -> dict[str, Any]:
@@ -60,6 +67,14 @@ class Reply:
             return None
         return {"content": logprobs(entries, self.pieces, self.top_logprobs), "refusal": None}
 
+    def _message(self, result: ChatResult) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": result.text, "refusal": None}
+        if result.tool_calls:
+            # OpenAI: null content when the reply is only calls.
+            message["content"] = result.text if result.text.strip() else None
+            message["tool_calls"] = [tool_call(c) for c in result.tool_calls]
+        return message
+
     def completion(self, result: ChatResult) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -70,7 +85,7 @@ class Reply:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": result.text, "refusal": None},
+                    "message": self._message(result),
                     "logprobs": self._logprobs(result.logprobs),
                     "finish_reason": finish_reason(result.finish_reason),
                 }

@@ -36,7 +36,7 @@ from vlmesh import AsyncClient, ChatEvent, VlmeshError
 
 from .errors import ApiError, from_vlmesh_error, invalid
 from .request import ChatRequest, json_body, parse_chat_request
-from .response import Reply, sse
+from .response import Reply, sse, tool_call
 from .tokens import TokenPieces
 
 log = logging.getLogger(__name__)
@@ -177,10 +177,17 @@ async def _events(events: AsyncIterator[ChatEvent], first: ChatEvent, chat: Chat
         yield sse(reply.chunk({"role": "assistant", "content": ""}, with_usage=usage_too))
         event: ChatEvent | None = first
         last: ChatEvent | None = None
+        calls = 0
         try:
             while event is not None:
                 if event.text or event.logprobs:
                     yield sse(reply.chunk({"content": event.text}, entries=event.logprobs, with_usage=usage_too))
+                for call in event.tool_calls:  # as OpenAI streams one: id and name, then the arguments
+                    head = tool_call(call, calls)
+                    head["function"]["arguments"] = ""
+                    yield sse(reply.chunk({"tool_calls": [head]}, with_usage=usage_too))
+                    yield sse(reply.chunk({"tool_calls": [{"index": calls, "function": {"arguments": call.arguments}}]}, with_usage=usage_too))
+                    calls += 1
                 if event.finish_reason is not None:
                     last = event
                     yield sse(reply.chunk({}, finish=event.finish_reason, with_usage=usage_too))

@@ -14,7 +14,9 @@ Accepted message shapes (a list of them, or a plain string meaning one user text
         {"type": "text", "text": "What is this?"},
     ]}
 
-Roles: system, user, assistant. An image X is a filesystem path (str or os.PathLike), a
+Roles: system, user, assistant, tool. An assistant message may carry OpenAI-style ``tool_calls``
+(``[{"id": ..., "function": {"name": ..., "arguments": "{...}"}}]``, content None) and a tool
+message the ``tool_call_id`` it answers. An image X is a filesystem path (str or os.PathLike), a
 ``file://`` URL, an ``http(s)://`` URL, a ``data:`` URL, raw bytes of an encoded image, or a
 ``PIL.Image.Image``. A video V is a path, a ``file://``, ``http(s)://`` or ``data:`` URL or raw
 bytes of a video file (the vision service reads MP4, MOV, M4V and AVI), or a list of frames, each an image
@@ -42,6 +44,7 @@ from PIL import Image, UnidentifiedImageError
 from vlmesh.v1 import coordinator_pb2 as pb
 from vlmesh.v1 import tensor_pb2
 
+from ._tools import tool_calls_of
 from ._urls import AllowPrivate, download
 
 __all__ = [
@@ -74,6 +77,7 @@ _ROLES = {
     "system": pb.ROLE_SYSTEM,
     "user": pb.ROLE_USER,
     "assistant": pb.ROLE_ASSISTANT,
+    "tool": pb.ROLE_TOOL,
 }
 _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -325,15 +329,21 @@ def _message(msg: Any, index: str, allow: AllowPrivate) -> pb.Message:
         raise ValueError(f"{index}: a message must be a dict with 'role' and 'content', got {type(msg).__name__}")
     role = msg.get("role")
     if role not in _ROLES:
-        raise ValueError(f"{index}: unsupported role {role!r}; supported: 'system', 'user', 'assistant'")
+        raise ValueError(f"{index}: unsupported role {role!r}; supported: 'system', 'user', 'assistant', 'tool'")
+    calls = tool_calls_of(msg, index) if role == "assistant" else []
     content = msg.get("content")
     if isinstance(content, str):
-        parts = [pb.Content(text=content)]
+        parts = [pb.Content(text=content)] if content or not calls else []
+    elif content is None and calls:
+        parts = []
     elif isinstance(content, Sequence) and not isinstance(content, (bytes, bytearray)):
         parts = [_content_part(item, f"{index}.content[{j}]", allow) for j, item in enumerate(content)]
     else:
         raise ValueError(f"{index}: 'content' must be a string or a list of parts, got {type(content).__name__}")
-    return pb.Message(role=_ROLES[role], content=parts)
+    tool_call_id = msg.get("tool_call_id") or ""
+    if not isinstance(tool_call_id, str):
+        raise ValueError(f"{index}: 'tool_call_id' must be a string")
+    return pb.Message(role=_ROLES[role], content=parts, tool_calls=calls, tool_call_id=tool_call_id if role == "tool" else "")
 
 
 def to_proto_messages(messages: MessagesLike, *, allow_private_urls: AllowPrivate = False) -> list[pb.Message]:

@@ -10,13 +10,30 @@ from vlmesh.v1 import coordinator_pb2 as pb
 
 from .errors import VlmeshError
 
-__all__ = ["Usage", "TokenLogprob", "TokenLogprobs", "ChatEvent", "ChatResult", "ModelInfo"]
+__all__ = ["ToolCall", "Usage", "TokenLogprob", "TokenLogprobs", "ChatEvent", "ChatResult", "ModelInfo"]
 
 _FINISH_REASONS: dict[int, str] = {
     pb.FINISH_REASON_STOP: "stop",
     pb.FINISH_REASON_LENGTH: "length",
     pb.FINISH_REASON_STOP_STRING: "stop_string",
+    pb.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call the model made to one of the request's tools."""
+
+    #: "call_..." ; a later tool message's tool_call_id refers to it.
+    id: str
+    #: The function's name.
+    name: str
+    #: The arguments, a JSON object as text (json.loads it).
+    arguments: str
+
+    def to_openai(self) -> dict:
+        """This call as an OpenAI assistant message's tool_calls entry (to send it back)."""
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
 @dataclass(frozen=True)
@@ -66,6 +83,8 @@ class ChatEvent:
     session_id: str
     #: Trace id of the request (hex), for the tracing UI.
     trace_id: str
+    #: Tool calls completed in this event (their text is not in `text`).
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -74,7 +93,7 @@ class ChatResult:
 
     text: str
     token_ids: list[int]
-    #: "stop" (end-of-turn token), "length" (max_tokens) or "stop_string".
+    #: "stop" (end-of-turn token), "length" (max_tokens), "stop_string" or "tool_calls".
     finish_reason: str
     usage: Usage
     #: One entry per generated token when `logprobs` was requested, else None.
@@ -82,6 +101,15 @@ class ChatResult:
     #: The session of this turn ("" for one-shot requests).
     session_id: str
     trace_id: str
+    #: The model's calls of the request's tools (empty without tools).
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+    def message(self) -> dict:
+        """This reply as an assistant message for the next turn (OpenAI's shape)."""
+        msg: dict = {"role": "assistant", "content": self.text or None}
+        if self.tool_calls:
+            msg["tool_calls"] = [c.to_openai() for c in self.tool_calls]
+        return msg
 
 
 @dataclass(frozen=True)
@@ -129,6 +157,7 @@ def event_from_response(resp: pb.GenerateResponse) -> ChatEvent:
         logprobs=_logprobs(resp.logprobs),
         session_id=resp.session_id,
         trace_id=resp.trace_id,
+        tool_calls=[ToolCall(c.id, c.name, c.arguments_json) for c in resp.tool_calls],
     )
 
 
@@ -152,6 +181,7 @@ class Accumulator:
         self._usage: Usage | None = None
         self._session_id = session_id
         self._trace_id = ""
+        self._tool_calls: list[ToolCall] = []
 
     def add(self, event: ChatEvent) -> None:
         self._text.append(event.text)
@@ -164,6 +194,7 @@ class Accumulator:
             self._usage = event.usage
         self._session_id = event.session_id or self._session_id
         self._trace_id = event.trace_id or self._trace_id
+        self._tool_calls.extend(event.tool_calls)
 
     def result(self) -> ChatResult:
         """The joined reply.
@@ -182,4 +213,5 @@ class Accumulator:
             logprobs=self._logprobs,
             session_id=self._session_id,
             trace_id=self._trace_id,
+            tool_calls=self._tool_calls,
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -74,10 +75,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string; repeatable")
+    parser.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        default=None,
+        help="every reply is JSON valid under the JSON Schema in FILE (enforced while decoding)",
+    )
 
 
 def _options(args: argparse.Namespace) -> GenerateOptions:
-    return {
+    options: GenerateOptions = {
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
         "top_k": args.top_k,
@@ -86,6 +93,26 @@ def _options(args: argparse.Namespace) -> GenerateOptions:
         "seed": args.seed,
         "stop": list(args.stop or []),
     }
+    schema = getattr(args, "schema", None)
+    if schema is not None:
+        options["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
+    return options
+
+
+def _schema(path: str | None) -> dict[str, Any] | None:
+    """The JSON Schema in `path`. ValueError: unreadable, not JSON, or not an object."""
+    if path is None:
+        return None
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as f:
+            schema = json.load(f)
+    except OSError as e:
+        raise ValueError(f"cannot read --json-schema {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ValueError(f"--json-schema {path} is not JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise ValueError(f"--json-schema {path} must hold a JSON object (a schema)")
+    return schema
 
 
 def _error(message: str) -> None:
@@ -260,6 +287,7 @@ def run(args: argparse.Namespace) -> int:
     address = args.address or os.environ.get("VLMESH_ADDRESS") or DEFAULT_ADDRESS
     allow = bool(args.allow_private_urls)
     try:
+        args.schema = _schema(getattr(args, "json_schema", None))
         images = [{"type": "image", "image": load_image(path, allow_private_urls=allow)} for path in args.image or []]
         images += [{"type": "video", "video": load_video(path, allow_private_urls=allow)} for path in getattr(args, "video", None) or []]
         client = Client(

@@ -36,6 +36,7 @@ from ._results import (
     event_from_response,
     model_info_from_response,
 )
+from ._tools import ResponseFormatLike, ToolChoiceLike, ToolsLike, response_format_constraint, to_proto_tool_choice, to_proto_tools
 from ._urls import AllowPrivate, allowed_networks
 
 # The error classes are the package's (vlmesh.errors), exported from `vlmesh` itself.
@@ -105,6 +106,10 @@ class GenerateOptions(TypedDict, total=False):
     logprobs: int
     include_stop_token_text: bool
     constraint: tensor_pb2.Constraint | None
+    response_format: ResponseFormatLike | None
+    tools: ToolsLike | None
+    tool_choice: ToolChoiceLike | None
+    parallel_tool_calls: bool | None
 
 
 def build_request(
@@ -122,6 +127,10 @@ def build_request(
     include_stop_token_text: bool = False,
     allow_private_urls: AllowPrivate = False,
     constraint: tensor_pb2.Constraint | None = None,
+    response_format: ResponseFormatLike | None = None,
+    tools: ToolsLike | None = None,
+    tool_choice: ToolChoiceLike | None = None,
+    parallel_tool_calls: bool | None = None,
 ) -> pb.GenerateRequest:
     """The GenerateRequest for a conversation and options (see `Client.chat`).
 
@@ -131,6 +140,9 @@ def build_request(
     Raises:
         ValueError: bad messages, unloadable image, or an out-of-range option.
     """
+    fmt = response_format_constraint(response_format)
+    if fmt is not None and constraint is not None:
+        raise ValueError("give either response_format or constraint, not both")
     options = SamplingOptions(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -141,10 +153,16 @@ def build_request(
         stop=() if stop is None else stop,
         logprobs=logprobs,
         include_stop_token_text=include_stop_token_text,
-        constraint=constraint,
+        constraint=constraint if fmt is None else fmt,
     )
     request = options.to_proto()
     request.session_id = session_id or ""
+    request.tools.extend(to_proto_tools(tools))
+    choice = to_proto_tool_choice(tool_choice)
+    if choice is not None:
+        request.tool_choice.CopyFrom(choice)
+    if parallel_tool_calls is not None:
+        request.parallel_tool_calls = bool(parallel_tool_calls)
     request.messages.extend(to_proto_messages(messages, allow_private_urls=allow_private_urls))
     return request
 
@@ -360,6 +378,10 @@ class Client:
         session_id: str | None = None,
         include_stop_token_text: bool = False,
         constraint: tensor_pb2.Constraint | None = None,
+        response_format: ResponseFormatLike | None = None,
+        tools: ToolsLike | None = None,
+        tool_choice: ToolChoiceLike | None = None,
+        parallel_tool_calls: bool | None = None,
     ) -> ChatResult:
         """Generate a complete reply.
 
@@ -379,6 +401,14 @@ class Client:
             include_stop_token_text: keep the end-of-turn token's text in the reply.
             constraint: structured output (JSON schema, JSON object, regex, choice or grammar);
                 a constraint that does not compile is `InvalidArgument`.
+            response_format: OpenAI's ``{"type": "json_object"}`` or ``{"type": "json_schema",
+                "json_schema": {"name": ..., "schema": {...}}}`` (instead of `constraint`).
+            tools: functions the model may call, in OpenAI's shape (``{"type": "function",
+                "function": {"name", "description", "parameters"}}``); the reply's calls are in
+                `ChatResult.tool_calls` (finish_reason "tool_calls").
+            tool_choice: "auto" (default), "none", "required" or ``{"type": "function",
+                "function": {"name": ...}}``; required and named calls are enforced by a grammar.
+            parallel_tool_calls: False = at most one call.
 
         Raises:
             ValueError: invalid messages/options (before any RPC).
@@ -398,6 +428,10 @@ class Client:
             include_stop_token_text=include_stop_token_text,
             allow_private_urls=self.allow_private_urls,
             constraint=constraint,
+            response_format=response_format,
+            tools=tools,
+            tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls,
         )
         acc = _result(request)
         for event in self._events(request):
@@ -673,6 +707,10 @@ class AsyncClient:
         session_id: str | None = None,
         include_stop_token_text: bool = False,
         constraint: tensor_pb2.Constraint | None = None,
+        response_format: ResponseFormatLike | None = None,
+        tools: ToolsLike | None = None,
+        tool_choice: ToolChoiceLike | None = None,
+        parallel_tool_calls: bool | None = None,
     ) -> ChatResult:
         """Generate a complete reply; arguments and errors as for `Client.chat`."""
         options: GenerateOptions = {
@@ -686,6 +724,10 @@ class AsyncClient:
             "logprobs": logprobs,
             "include_stop_token_text": include_stop_token_text,
             "constraint": constraint,
+            "response_format": response_format,
+            "tools": tools,
+            "tool_choice": tool_choice,
+            "parallel_tool_calls": parallel_tool_calls,
         }
         request = await self._build(messages, session_id, options)
         acc = _result(request)
