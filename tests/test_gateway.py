@@ -295,3 +295,55 @@ def test_stateless_conversation_reuses_the_previous_turns_kv(sdk: openai.OpenAI,
         fed_before = prompt + mesh_answer.token_ids[:-1]
         history.append({"role": "assistant", "content": answer})
         as_reference.append({"role": "assistant", "content": answer})
+
+
+# ------------------------------------------------------------------ /v1/completions (a raw prompt)
+
+
+def _rendered(question: str) -> str:
+    """The chat template's text for one user question, as a raw prompt writes it."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(SHIPPED_MODEL))
+    return processor.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+
+
+def test_completions_take_a_raw_prompt_untemplated(sdk: openai.OpenAI) -> None:
+    """A raw prompt that writes the template itself gets what the chat endpoint gives for the
+    message: its control tokens are control tokens, and nothing is templated around it."""
+    question = "What colour is the circle?"
+    chat = sdk.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=24)
+    done = sdk.completions.create(model=MODEL_ID, prompt=_rendered(question), temperature=0, max_tokens=24)
+    assert done.object == "text_completion" and done.id.startswith("cmpl-")
+    assert done.choices[0].text == chat.choices[0].message.content
+    assert done.choices[0].finish_reason == chat.choices[0].finish_reason
+    assert done.usage.completion_tokens == chat.usage.completion_tokens
+    streamed, finish, usage = "", None, None
+    for chunk in sdk.completions.create(
+        model=MODEL_ID, prompt=_rendered(question), temperature=0, max_tokens=24, stream=True, stream_options={"include_usage": True}
+    ):
+        if chunk.choices:
+            streamed += chunk.choices[0].text
+            finish = chunk.choices[0].finish_reason or finish
+        usage = chunk.usage or usage
+    assert (streamed, finish) == (done.choices[0].text, done.choices[0].finish_reason)
+    assert usage is not None and usage.completion_tokens == done.usage.completion_tokens
+
+
+def test_completions_default_to_16_tokens_and_give_legacy_logprobs(sdk: openai.OpenAI) -> None:
+    done = sdk.completions.create(model=MODEL_ID, prompt="The picture shows", temperature=0, logprobs=2)
+    assert done.usage.completion_tokens <= 16
+    lp = done.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == done.usage.completion_tokens
+    # The end-of-turn token is among them (its logprob is reported), not in the text.
+    assert "".join(lp.tokens).startswith(done.choices[0].text) and lp.text_offset[0] == 0
+    assert all(len(t) <= 2 for t in lp.top_logprobs)
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [({"echo": True}, "echo"), ({"prompt": ["a", "b"]}, "prompt"), ({"messages": []}, "messages"), ({"n": 2}, "n"), ({"best_of": 3}, "best_of")],
+)
+def test_completions_refusals(mesh: dict[str, Any], extra: dict[str, Any], param: str) -> None:
+    status, body = post(mesh["openai"] + "/v1/completions", {"model": MODEL_ID, "prompt": "hi", **extra})
+    assert (status, body["error"]["param"]) == (400, param), body

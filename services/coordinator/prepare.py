@@ -15,7 +15,7 @@ from services.common.errors import Internal, InvalidArgument
 from services.common.tracing import metadata, tracer
 from vlmesh.internal.v1 import vision_pb2
 
-from .prompt import PromptBuilder
+from .prompt import PromptBuilder, PromptText
 from .request import RequestSpec
 from .rope import RopeIndex
 from .session import Session
@@ -57,9 +57,12 @@ class Preparer:
     async def prepare(self, spec: RequestSpec, s: Session) -> Prepared:
         """Template, vision and M-RoPE for the turn, from the session as it is now (a busy session:
         nothing else changes it while its turn prepares)."""
-        last = s.token_ids[-1] if s.token_ids else None
-        prompt = self.prompts.new_text(list(s.messages), list(spec.messages), spec.tools)
-        prompt.text = self.prompts.closing(last) + prompt.text
+        if spec.prompt:  # a raw prompt: the caller wrote the template's text itself
+            prompt = PromptText(spec.prompt, [])
+        else:
+            last = s.token_ids[-1] if s.token_ids else None
+            prompt = self.prompts.new_text(list(s.messages), list(spec.messages), spec.tools)
+            prompt.text = self.prompts.closing(last) + prompt.text
         # Embeddings are needed for every visual with rows still to feed: the new ones, and old
         # ones when the session's KV must be rebuilt.
         k0 = s.visual_index_of_row(s.visual_rows_from(s.cached))

@@ -49,6 +49,7 @@ class RequestSpec:
     trace_context: otel_context.Context | None
     arrival: float  # engine clock time the call arrived
     tools: Tools | None = None  # functions the model may call (rendered into the prompt)
+    prompt: str = ""  # a raw prompt (no chat template) instead of messages
 
 
 @dataclass(frozen=True)

@@ -138,6 +138,19 @@ def parse_messages(messages, max_chars: int = 1 << 30) -> tuple[list[Message], l
     return out, inputs
 
 
+def parse_prompt(request: coordinator_pb2.GenerateRequest, max_chars: int) -> tuple[list[Message], list[vision_pb2.VisualInput]]:
+    """A raw prompt's checks: it comes alone (no messages, session or tools)."""
+    if request.messages:
+        raise InvalidArgument("a request takes messages or a prompt, not both")
+    if request.session_id:
+        raise InvalidArgument("a raw prompt is one-shot: it cannot continue a session")
+    if request.tools:
+        raise InvalidArgument("tools need messages (the chat template renders them), not a raw prompt")
+    if len(request.prompt) > max_chars:
+        raise InvalidArgument(f"the request holds {len(request.prompt)} characters of text; the limit is {max_chars}")
+    return [], []
+
+
 def _content(i: int, c: coordinator_pb2.Content, inputs: list[vision_pb2.VisualInput]) -> dict[str, Any]:
     """One content part as the template sees it; an image or video also goes into `inputs`."""
     kind = c.WhichOneof("kind")
@@ -256,7 +269,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         first = True
         try:
             owner = self.owner(context)
-            messages, inputs = parse_messages(request.messages, self.max_chars)
+            messages, inputs = parse_prompt(request, self.max_chars) if request.prompt else parse_messages(request.messages, self.max_chars)
             tools = parse_tools(request)
             params = with_tool_constraint(parse_params(request), tools, self.tool_tags_are_tokens)
             left = context.time_remaining()
@@ -272,6 +285,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 trace_context=trace.set_span_in_context(span),
                 arrival=now,
                 tools=tools,
+                prompt=request.prompt,
             )
             stream = self.engine.add(spec)
             calls = ToolCallParser(tools.names, tools.parallel) if tools is not None and tools.parses else None

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vlmesh import GenerateOptions
+from vlmesh import GenerateOptions, Prompt
 from vlmesh.v1 import tensor_pb2
 
 from .errors import invalid
@@ -90,8 +90,9 @@ class ChatRequest:
     """A checked request: what to ask the mesh and how to answer."""
 
     model: str
-    #: The conversation in the client library's format (OpenAI-style parts, roles mapped).
-    messages: list[dict[str, Any]]
+    #: The conversation in the client library's format (OpenAI-style parts, roles mapped), or
+    #: the raw prompt of a completions request.
+    messages: list[dict[str, Any]] | Prompt
     options: GenerateOptions
     stream: bool
     #: Streams end with a usage chunk (stream_options.include_usage).
@@ -405,31 +406,21 @@ def _output_options(body: Mapping[str, Any], options: GenerateOptions) -> None:
         options["parallel_tool_calls"] = _boolean(body, "parallel_tool_calls")
 
 
-def parse_chat_request(body: Any) -> ChatRequest:
-    """The checked request.
-
-    Raises:
-        ApiError: 400 naming the first problem (its `param` says where).
-    """
-    if not isinstance(body, Mapping):
-        raise invalid("the request body must be a JSON object")
-    _check_unsupported(body)
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise invalid("'model' is required", "model")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise invalid("'messages' must be a non-empty list", "messages")
+def _stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
+    """(stream, stream_options.include_usage)."""
     stream = _boolean(body, "stream")
     stream_options = body.get("stream_options")
-    include_usage = False
-    if stream_options is not None:
-        if not stream:
-            raise invalid("'stream_options' is only allowed when 'stream' is true", "stream_options")
-        if not isinstance(stream_options, Mapping) or set(stream_options) - {"include_usage"}:
-            raise invalid("'stream_options' takes only 'include_usage'", "stream_options")
-        include_usage = _boolean(stream_options, "include_usage")
+    if stream_options is None:
+        return stream, False
+    if not stream:
+        raise invalid("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    if not isinstance(stream_options, Mapping) or set(stream_options) - {"include_usage"}:
+        raise invalid("'stream_options' takes only 'include_usage'", "stream_options")
+    return stream, _boolean(stream_options, "include_usage")
 
+
+def _sampling(body: Mapping[str, Any], default_max_tokens: int | None = None) -> GenerateOptions:
+    """Token selection and when to stop (logprobs aside: the two APIs spell them differently)."""
     max_tokens = _integer(body, "max_completion_tokens", 1)
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", 1)
@@ -441,16 +432,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
     seed = _integer(body, "seed", -(2**63), 2**64 - 1)
     top_k = _integer(body, "top_k", -1)  # vLLM's extension; -1 (and 0) = off
     repetition_penalty = _number(body, "repetition_penalty", 0.0, 100.0)
-    logprobs = _boolean(body, "logprobs")
-    top_logprobs = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
-    if top_logprobs is not None and not logprobs:
-        raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise invalid("'user' must be a string", "user")
-
-    options: GenerateOptions = {
-        "max_tokens": max_tokens,
+    return {
+        "max_tokens": default_max_tokens if max_tokens is None else max_tokens,
         # OpenAI's default temperature is 1 (sampling); send 0 for greedy.
         "temperature": 1.0 if temperature is None else temperature,
         "top_p": 1.0 if top_p is None else top_p,
@@ -459,9 +442,42 @@ def parse_chat_request(body: Any) -> ChatRequest:
         # OpenAI's seeds are signed 64-bit; the mesh's are unsigned: same bits, same seed.
         "seed": None if seed is None else seed % 2**64,
         "stop": _stop(body),
-        # The mesh returns a token's logprob only with at least one alternative.
-        "logprobs": max(top_logprobs or 0, 1) if logprobs else 0,
     }
+
+
+def _model_and_user(body: Any) -> tuple[str, str | None]:
+    if not isinstance(body, Mapping):
+        raise invalid("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise invalid("'model' is required", "model")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise invalid("'user' must be a string", "user")
+    return model, user
+
+
+def parse_chat_request(body: Any) -> ChatRequest:
+    """The checked request.
+
+    Raises:
+        ApiError: 400 naming the first problem (its `param` says where).
+    """
+    if not isinstance(body, Mapping):
+        raise invalid("the request body must be a JSON object")
+    _check_unsupported(body)
+    model, user = _model_and_user(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid("'messages' must be a non-empty list", "messages")
+    stream, include_usage = _stream_flags(body)
+    logprobs = _boolean(body, "logprobs")
+    top_logprobs = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if top_logprobs is not None and not logprobs:
+        raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    options = _sampling(body)
+    # The mesh returns a token's logprob only with at least one alternative.
+    options["logprobs"] = max(top_logprobs or 0, 1) if logprobs else 0
     _output_options(body, options)
     return ChatRequest(
         model=model,
@@ -470,5 +486,60 @@ def parse_chat_request(body: Any) -> ChatRequest:
         stream=stream,
         include_usage=include_usage,
         top_logprobs=(top_logprobs or 0) if logprobs else None,
+        user=user,
+    )
+
+
+# The legacy completions API: what it takes beyond the sampling parameters, and the values of
+# its parameters this server cannot honour that mean "not used".
+_COMPLETION_KEYS = {"model", "prompt", "stream", "stream_options", "max_tokens", "temperature", "top_p", "stop", "seed"}
+_COMPLETION_KEYS |= {"logprobs", "n", "top_k", "repetition_penalty", "response_format", "structured_outputs", "user"}
+_COMPLETION_OFF: dict[str, tuple[Any, ...]] = {
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+}
+#: OpenAI's default max_tokens for completions.
+COMPLETION_MAX_TOKENS = 16
+
+
+def parse_completion_request(body: Any) -> ChatRequest:
+    """A /v1/completions body: a raw prompt (one string; no chat template), as ChatRequest with
+    `messages` a `vlmesh.Prompt`.
+
+    Raises:
+        ApiError: 400 naming the first problem.
+    """
+    model, user = _model_and_user(body)
+    for name in body:
+        if name in _COMPLETION_OFF:
+            if body[name] not in _COMPLETION_OFF[name]:
+                raise invalid(f"'{name}' is not supported by this server", name, "unsupported_parameter")
+        elif name not in _COMPLETION_KEYS:
+            raise invalid(f"Unrecognized request argument supplied: {name}", name, "unsupported_parameter")
+    if body.get("n") not in (None, 1):
+        raise invalid(f"only n=1 is supported, got {body['n']!r}", "n", "unsupported_parameter")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise invalid("'prompt' must be a non-empty string (one prompt per request)", "prompt")
+    stream, include_usage = _stream_flags(body)
+    top = _integer(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+    options = _sampling(body, COMPLETION_MAX_TOKENS)
+    options["logprobs"] = max(top, 1) if top is not None else 0
+    constraint = _constraint(body)
+    if constraint is not None:
+        options["constraint"] = constraint
+    return ChatRequest(
+        model=model,
+        messages=Prompt(prompt),
+        options=options,
+        stream=stream,
+        include_usage=include_usage,
+        top_logprobs=top,
         user=user,
     )

@@ -136,3 +136,60 @@ def sse(data: dict[str, Any] | str) -> bytes:
     """One server-sent event."""
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return f"data: {text}\n\n".encode()
+
+
+@dataclass(frozen=True)
+class CompletionReply:
+    """The legacy completions API's objects (text_completion), for a raw prompt."""
+
+    id: str
+    created: int
+    model: str
+    #: Alternatives per token (the request's `logprobs`); None = no logprobs.
+    top_logprobs: int | None
+    pieces: TokenPieces | None
+
+    def logprobs(self, entries: Sequence[TokenLogprobs] | None, offset: int) -> dict[str, Any] | None:
+        """The legacy shape: tokens, token_logprobs, top_logprobs and text_offset (from `offset`)."""
+        if self.top_logprobs is None or self.pieces is None or entries is None:
+            return None
+        out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for entry in entries:
+            text, _ = self.pieces.piece(entry.token_id)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(entry.logprob)
+            out["top_logprobs"].append({self.pieces.piece(a.token_id)[0]: a.logprob for a in entry.top[: self.top_logprobs]})
+            out["text_offset"].append(offset)
+            offset += len(text)
+        return out
+
+    def _object(self, choice: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": [choice],
+        }
+
+    def completion(self, result: ChatResult) -> dict[str, Any]:
+        body = self._object(
+            {"text": result.text, "index": 0, "logprobs": self.logprobs(result.logprobs, 0), "finish_reason": finish_reason(result.finish_reason)}
+        )
+        body["usage"] = usage(result.usage)
+        return body
+
+    def chunk(
+        self, text: str, *, entries: Sequence[TokenLogprobs] | None = None, offset: int = 0, finish: str | None = None, with_usage: bool = False
+    ) -> dict[str, Any]:
+        body = self._object({"text": text, "index": 0, "logprobs": self.logprobs(entries, offset), "finish_reason": finish_reason(finish)})
+        if with_usage:
+            body["usage"] = None
+        return body
+
+    def usage_chunk(self, u: Usage) -> dict[str, Any]:
+        body = self._object({})
+        body["choices"] = []
+        body["usage"] = usage(u)
+        return body

@@ -1,4 +1,4 @@
-"""The gateway service: OpenAI's chat completions API over HTTP (FastAPI + uvicorn), answered by
+"""The gateway service: OpenAI's chat completions API (and the legacy completions API) over HTTP (FastAPI + uvicorn), answered by
 a coordinator through `vlmesh.AsyncClient`.
 
 Each caller's ``Authorization: Bearer KEY`` travels on as the coordinator call's
@@ -35,8 +35,8 @@ from services.common.tracing import setup_tracing, shutdown_tracing, trace_id_he
 from vlmesh import AsyncClient, ChatEvent, VlmeshError
 
 from .errors import ApiError, from_vlmesh_error, invalid
-from .request import ChatRequest, json_body, parse_chat_request
-from .response import Reply, sse, tool_call
+from .request import ChatRequest, json_body, parse_chat_request, parse_completion_request
+from .response import CompletionReply, Reply, sse, tool_call
 from .tokens import TokenPieces
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,36 @@ async def _events(events: AsyncIterator[ChatEvent], first: ChatEvent, chat: Chat
         yield sse("[DONE]")
 
 
-async def _stream(request: Request, client: AsyncClient, chat: ChatRequest, reply: Reply) -> Response:
+async def _completion_events(events: AsyncIterator[ChatEvent], first: ChatEvent, chat: ChatRequest, reply: CompletionReply) -> AsyncIterator[bytes]:
+    """The SSE body of a completions stream: text chunks, a finish chunk, usage if asked, [DONE]."""
+    usage_too = chat.include_usage
+    async with contextlib.aclosing(events):  # type: ignore[type-var]
+        event: ChatEvent | None = first
+        last: ChatEvent | None = None
+        offset = 0
+        try:
+            while event is not None:
+                if event.text or event.logprobs:
+                    yield sse(reply.chunk(event.text, entries=event.logprobs, offset=offset, with_usage=usage_too))
+                    offset += len(event.text)
+                if event.finish_reason is not None:
+                    last = event
+                    yield sse(reply.chunk("", finish=event.finish_reason, with_usage=usage_too))
+                event = await anext(events, None)
+        except VlmeshError as e:
+            err = from_vlmesh_error(e)
+            log.warning("%s failed mid-stream: %s %s", reply.id, err.status, err.message)
+            yield sse(err.body())
+            return
+        if last is None:
+            yield sse(ApiError(502, "the coordinator ended the stream without a finish reason", type="server_error").body())
+            return
+        if usage_too and last.usage is not None:
+            yield sse(reply.usage_chunk(last.usage))
+        yield sse("[DONE]")
+
+
+async def _stream(request: Request, client: AsyncClient, chat: ChatRequest, reply: Reply | CompletionReply) -> Response:
     events = client.stream_events(chat.messages, **chat.options)
     try:
         # The first event before the headers: a request the mesh refuses gets its real status.
@@ -217,7 +246,8 @@ async def _stream(request: Request, client: AsyncClient, chat: ChatRequest, repl
     if first is None:
         raise ApiError(502, "the coordinator ended the stream without a reply", type="server_error")
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **_trace(first.trace_id)}
-    return StreamingResponse(_events(events, first, chat, reply), media_type="text/event-stream", headers=headers)
+    body = _events(events, first, chat, reply) if isinstance(reply, Reply) else _completion_events(events, first, chat, reply)
+    return StreamingResponse(body, media_type="text/event-stream", headers=headers)
 
 
 def _untraced(scope: MutableMapping[str, Any]) -> bool:
@@ -249,32 +279,50 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error_response(ApiError(500, f"internal error: {type(exc).__name__}", type="server_error"))
 
 
-def _add_chat_completions(app: FastAPI, gateway: Gateway) -> None:
+async def _check_model(gateway: Gateway, client: AsyncClient, chat: ChatRequest) -> str:
+    served = await gateway.model_id(client)
+    if chat.model != served:
+        raise ApiError(
+            404,
+            f"The model '{chat.model}' does not exist; this server serves '{served}'",
+            type="not_found_error",
+            param="model",
+            code="model_not_found",
+        )
+    if chat.top_logprobs is not None and gateway.pieces is None:
+        raise invalid("logprobs need the gateway's --model (the checkpoint's tokenizer)", "logprobs")
+    return served
+
+
+async def _answer(request: Request, client: AsyncClient, chat: ChatRequest, reply: Reply | CompletionReply) -> Response:
+    log.info("%s user=%r stream=%s", reply.id, chat.user, chat.stream)
+    try:
+        if chat.stream:
+            return await _stream(request, client, chat, reply)
+        result = await _unless_disconnected(request, _call(client.chat(chat.messages, **chat.options)))
+    except _ClientGone:
+        log.info("%s: the client disconnected; generation cancelled", reply.id)
+        return Response(status_code=499)
+    return JSONResponse(reply.completion(result), headers=_trace(result.trace_id))
+
+
+def _add_completions(app: FastAPI, gateway: Gateway) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         client = _client(gateway, request)
         chat = parse_chat_request(await _json_body(request, gateway.max_body))
-        served = await gateway.model_id(client)
-        if chat.model != served:
-            raise ApiError(
-                404,
-                f"The model '{chat.model}' does not exist; this server serves '{served}'",
-                type="not_found_error",
-                param="model",
-                code="model_not_found",
-            )
-        if chat.top_logprobs is not None and gateway.pieces is None:
-            raise invalid("logprobs need the gateway's --model (the checkpoint's tokenizer)", "logprobs")
-        reply = Reply(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), served, chat.top_logprobs, gateway.pieces)
-        log.info("%s user=%r stream=%s", reply.id, chat.user, chat.stream)
-        try:
-            if chat.stream:
-                return await _stream(request, client, chat, reply)
-            result = await _unless_disconnected(request, _call(client.chat(chat.messages, **chat.options)))
-        except _ClientGone:
-            log.info("%s: the client disconnected; generation cancelled", reply.id)
-            return Response(status_code=499)
-        return JSONResponse(reply.completion(result), headers=_trace(result.trace_id))
+        served = await _check_model(gateway, client, chat)
+        return await _answer(
+            request, client, chat, Reply(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), served, chat.top_logprobs, gateway.pieces)
+        )
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        client = _client(gateway, request)
+        chat = parse_completion_request(await _json_body(request, gateway.max_body))
+        served = await _check_model(gateway, client, chat)
+        reply = CompletionReply(f"cmpl-{uuid.uuid4().hex}", int(time.time()), served, chat.top_logprobs, gateway.pieces)
+        return await _answer(request, client, chat, reply)
 
 
 def create_app(cfg: GatewayConfig) -> FastAPI:
@@ -330,7 +378,7 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
             )
         return found
 
-    _add_chat_completions(app, gateway)
+    _add_completions(app, gateway)
     return app
 
 

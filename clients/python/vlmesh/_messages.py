@@ -36,6 +36,7 @@ import re
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from importlib import metadata as _metadata
 from typing import Any
 
@@ -48,6 +49,7 @@ from ._tools import tool_calls_of
 from ._urls import AllowPrivate, download
 
 __all__ = [
+    "Prompt",
     "ImageSource",
     "VideoSource",
     "MessagesLike",
@@ -63,8 +65,18 @@ __all__ = [
 ImageSource = str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image
 #: Anything `load_video` accepts: a video file (path, URL, bytes); a list of frames is a part of its own.
 VideoSource = str | os.PathLike[str] | bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A raw prompt: text the model continues as it is, with no chat template (OpenAI's
+    completions API). Its control tokens ("<|im_start|>", ...) are control tokens. One-shot."""
+
+    text: str
+
+
 #: What `Client.chat` and friends accept as `messages`.
-MessagesLike = str | Mapping[str, Any] | pb.Message | Sequence[Mapping[str, Any] | pb.Message]
+MessagesLike = str | Mapping[str, Any] | pb.Message | Sequence[Mapping[str, Any] | pb.Message] | Prompt
 
 #: Largest image accepted from an http(s) URL.
 MAX_IMAGE_BYTES = 50 * 1024 * 1024

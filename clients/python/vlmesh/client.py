@@ -24,7 +24,7 @@ from vlmesh.v1 import coordinator_pb2 as pb
 from vlmesh.v1 import coordinator_pb2_grpc as pb_grpc
 from vlmesh.v1 import tensor_pb2
 
-from ._messages import MessagesLike, to_proto_messages
+from ._messages import MessagesLike, Prompt, to_proto_messages
 from ._results import (
     Accumulator,
     ChatEvent,
@@ -157,6 +157,13 @@ def build_request(
     )
     request = options.to_proto()
     request.session_id = session_id or ""
+    if isinstance(messages, Prompt):
+        if not messages.text:
+            raise ValueError("the prompt is empty")
+        if tools:
+            raise ValueError("tools need messages (the chat template renders them), not a raw Prompt")
+        request.prompt = messages.text
+        return request
     request.tools.extend(to_proto_tools(tools))
     choice = to_proto_tool_choice(tool_choice)
     if choice is not None:
