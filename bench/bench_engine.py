@@ -3,9 +3,14 @@ messages, spans, applying outcomes, detokenizing), with the stages replaced by i
 replicas that answer at once (no network, no model). The goal of issue 19: at most 1 ms plus
 20 us per session of the coordinator's CPU per micro-batch.
 
+Every range answers what a real stage does: K/V deltas of every layer for every position of the
+step, which the coordinator copies into its KV log (--kv-log-mb, the coordinator's own default).
+With --kv-log-mb 0 (as `vlmesh coordinator --kv-log-mb 0`) the steps ask for no deltas.
+
 Not a test: a markdown table on stdout (median and spread over --repeats runs), JSON with --out.
 
-    python bench/bench_engine.py                    # 1, 8, 16, 32 sessions, 2 ranges
+    python bench/bench_engine.py                    # 1, 8, 16, 32 sessions, 2 ranges, KV log on
+    python bench/bench_engine.py --kv-log-mb 0      # the same without the KV log
     python bench/bench_engine.py --smoke            # seconds (CI)
 """
 
@@ -51,7 +56,7 @@ class Replica:
             dtype="bfloat16", kv_budget_bytes=1 << 40, lease_seconds=60.0, deepstack_layers=(), layer_start=start, layer_end=end
         )
         self._hidden = {n: tensors.to_proto(torch.zeros(n, HIDDEN, dtype=torch.bfloat16)) for n in (1,)}
-        self._kv = tensors.to_proto(torch.zeros(KV_HEADS, 1, HEAD_DIM, dtype=torch.bfloat16))
+        self._kv = {n: tensors.to_proto(torch.zeros(KV_HEADS, n, HEAD_DIM, dtype=torch.bfloat16)) for n in (1,)}
 
     spent = 0.0  # CPU seconds spent here, playing the stages (taken off the coordinator's figure)
 
@@ -66,10 +71,10 @@ class Replica:
         resp = stage_pb2.ForwardResponse(compute_us=1)
         for step in request.steps:
             out = resp.outputs.add(session_id=step.session_id)
-            n = len(step.tokens.ids) or step.hidden_states.shape[0] if not self.last else 1
-            for layer in range(self.start, self.end):
-                if n == 1:
-                    out.kv_deltas.add(layer=layer, start_position=step.start_position, key=self._kv, value=self._kv)
+            n = len(step.tokens.ids) or step.hidden_states.shape[0]  # the step's positions
+            kv = self._kv.get(n) or tensors.to_proto(torch.zeros(KV_HEADS, n, HEAD_DIM, dtype=torch.bfloat16))
+            for layer in range(self.start, self.end) if step.return_kv_delta else ():
+                out.kv_deltas.add(layer=layer, start_position=step.start_position, key=kv, value=kv)
             if self.last:
                 if step.HasField("sample"):
                     out.token.token_id = 7
@@ -125,13 +130,13 @@ class Tokenizer:
         return " a" * len(ids)
 
 
-async def measure(sessions: int, tokens: int, ranges: int) -> dict:
+async def measure(sessions: int, tokens: int, ranges: int, kv_log_mb: int = 1024) -> dict:
     """Coordinator CPU seconds per decode micro-batch with `sessions` decoding together."""
     mesh = Mesh(28, ranges)
     cfg = EngineConfig(scheduler=SchedulerConfig(max_batch=sessions, chunk_tokens=4096, pipeline_depth=1), prefix_cache_sessions=0)
     runner = Runner(mesh, 30.0, 0.05)  # type: ignore[arg-type]
     tc = SimpleNamespace(num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, hidden_size=HIDDEN, num_attention_heads=12)
-    engine = Engine(cfg, mesh, Preparer(16), Tokenizer(), set(), KVLog(1 << 30), None, runner, tc)  # type: ignore[arg-type]
+    engine = Engine(cfg, mesh, Preparer(16), Tokenizer(), set(), KVLog(kv_log_mb << 20), None, runner, tc)  # type: ignore[arg-type]
     engine.start()
     params = GenerateParams(tensor_pb2.SamplingParams(), tokens, (), 0, False)
     now = time.monotonic()
@@ -156,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=64, help="tokens each session generates")
     ap.add_argument("--ranges", type=int, default=2, help="layer ranges (stages)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--kv-log-mb", type=int, default=1024, help="the coordinator's KV log budget (its default; 0 = off)")
     ap.add_argument("--smoke", action="store_true", help="a few seconds: CI runs this")
     ap.add_argument("--out", default=None, help="JSON path")
     args = ap.parse_args(argv)
@@ -165,13 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     rows = []
     for n in [int(x) for x in args.sessions.split(",")]:
-        runs = [asyncio.run(measure(n, args.tokens, args.ranges)) for _ in range(args.repeats)]
+        runs = [asyncio.run(measure(n, args.tokens, args.ranges, args.kv_log_mb)) for _ in range(args.repeats)]
         cpu = [r["cpu_ms_per_batch"] for r in runs]
         goal = 1.0 + 0.02 * n
         rows.append({"sessions": n, "cpu_ms_median": statistics.median(cpu), "cpu_ms_min": min(cpu), "cpu_ms_max": max(cpu), "goal_ms": goal})
         print(f"sessions {n}: {statistics.median(cpu):.2f} ms per micro-batch", file=sys.stderr)
     print(
-        f"coordinator CPU per micro-batch, {args.ranges} ranges, {args.tokens} tokens per session, {args.repeats} runs ({platform.processor() or platform.machine()})\n"
+        f"coordinator CPU per micro-batch, {args.ranges} ranges, {args.tokens} tokens per session, KV log {f'{args.kv_log_mb} MB' if args.kv_log_mb else 'off'},"
+        f" {args.repeats} runs ({platform.processor() or platform.machine()})\n"
     )
     print("| sessions | ms per micro-batch (median) | spread | goal (1 ms + 20 us/session) |")
     print("|---|---|---|---|")

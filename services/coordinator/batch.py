@@ -1,12 +1,14 @@
 """What the engine hands the runner and what the runner hands back: immutable descriptions of a
 micro-batch, built by the engine's plan phase. The runner never sees a live session or request,
-so nothing it does can change the engine's state; the engine alone applies an outcome."""
+so nothing it does can change the engine's state; the engine alone applies an outcome.
+
+What goes on the wire is in wire form already (positions, visual rows): encoded once, when the
+step is planned, never per hop. Plans and outcomes are slotted: one of each per session per step."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from opentelemetry import context as otel_context
 
 from services.common.errors import VlmeshError
@@ -14,7 +16,7 @@ from vlmesh.internal.v1 import stage_pb2
 from vlmesh.v1 import tensor_pb2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StepPlan:
     """One session's part of a micro-batch."""
 
@@ -22,7 +24,7 @@ class StepPlan:
     replicas: tuple[str, ...]  # [R] the replica address that holds the session's KV, per layer range
     start: int  # positions already cached
     token_ids: tuple[int, ...]  # [T]
-    positions: torch.Tensor  # [3, T] int64 M-RoPE positions
+    positions: tensor_pb2.Tensor  # [3, T] int64 M-RoPE positions, as the wire Tensor
     visual_spans: tuple[tuple[int, int], ...] = ()  # (offset, length) in the step
     visual: tensor_pb2.Tensor | None = None  # [M, H], M = the spans' total length
     deepstack: tuple[tensor_pb2.Tensor, ...] = ()  # [M, H] per DeepStack layer 0..k-1
@@ -57,7 +59,7 @@ class Lost:
     replica_down: bool  # False: the replica answers but no longer holds the session
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StepOutcome:
     token: stage_pb2.SampledToken | None = None  # when the plan asked for a sample
     kv_deltas: tuple[tensor_pb2.KVDelta, ...] = ()  # every range's, in layer order

@@ -15,8 +15,10 @@ phase) goes through `_end`, which releases it at once."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import secrets
+import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -25,6 +27,7 @@ from typing import Any, Protocol
 
 import torch
 
+from services.common import tensors
 from services.common.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -121,6 +124,7 @@ class Engine:
         self.scheduler = Scheduler(cfg.scheduler)
         self.placer = Placer(mesh, kv_log, self._load, lambda positions: runner.hop_timeout + 1e-3 * positions)
         self.prefix = PrefixCache(cfg.prefix_cache_sessions)
+        self._token_text: dict[int, str] = {}  # token id -> its text alone: every request's detokenizer shares it
         self.sessions: dict[str, Session] = {}
         self.requests: dict[str, RequestState] = {}
         self.counts = inbox.Counts(0, 0, 0)  # republished every round: read by other threads (metrics)
@@ -178,6 +182,7 @@ class Engine:
     # ------------------------------------------------------------------ the loop
 
     def start(self) -> None:
+        _freeze_heap()
         loop = self._loop = asyncio.get_running_loop()
         self._loop_task = loop.create_task(self._run())
         self._tasks.add(loop.create_task(self._ticks()))
@@ -396,7 +401,7 @@ class Engine:
             # that fails over reproduce exactly what it would have sampled.
             r.sampling.seed = secrets.randbits(63)
         r.seen = set(s.token_ids)
-        r.detok = IncrementalDetokenizer(self.tokenizer, list(r.spec.params.stop))
+        r.detok = IncrementalDetokenizer(self.tokenizer, list(r.spec.params.stop), self._token_text)
         if not s.persistent:
             self._adopt_prefix(r)
         self._check_fits(history)
@@ -591,20 +596,21 @@ class Engine:
         assert r.positions is not None and r.rows is not None
         start, end = s.cached, s.cached + n
         known = r.positions.shape[1]
-        if end <= known:
-            positions = r.positions[:, start:end]
-        elif n == 1 and start >= known:  # a decode step (the common case: one op, not three)
-            positions = torch.full((3, 1), start + s.rope_delta, dtype=torch.long)
+        if n == 1 and start >= known:  # a decode step (the common case): its wire Tensor, no torch op
+            positions = _decode_positions(start + s.rope_delta)
+        elif end <= known:
+            positions = tensors.to_proto(r.positions[:, start:end])
         else:  # generated tokens: text positions after the prompt, offset by the rope delta
             tail = torch.arange(max(start, known), end) + s.rope_delta
-            positions = torch.cat([r.positions[:, start:known], tail.expand(3, -1)], dim=1) if start < known else tail.expand(3, -1).clone()
+            both = torch.cat([r.positions[:, start:known], tail.expand(3, -1)], dim=1) if start < known else tail.expand(3, -1)
+            positions = tensors.to_proto(both)
         visual: tensor_pb2.Tensor | None = None
-        deepstack: list[tensor_pb2.Tensor] = []
+        deepstack: tuple[tensor_pb2.Tensor, ...] = ()
         spans: tuple[tuple[int, int], ...] = ()
-        lo, hi = s.visual_rows_from(start), s.visual_rows_from(end)
-        if hi > lo:
+        if s.visual_positions and (hi := s.visual_rows_from(end)) > (lo := s.visual_rows_from(start)):
             spans = _spans([p - start for p in s.visual_positions[lo:hi]])
-            visual, deepstack = r.rows.rows(lo, hi, self.preparer.deepstack_layers)
+            visual, rows = r.rows.rows(lo, hi, self.preparer.deepstack_layers)
+            deepstack = tuple(rows)
         sample = None
         every = max(1, self.cfg.trace_decode_every)
         traced = n > 1 or len(r.generated) <= 1 or len(r.generated) % every == 0
@@ -616,15 +622,16 @@ class Engine:
                 sample.constraint_token_ids.extend(r.generated)
         return StepPlan(
             session_id=s.id,
-            replicas=tuple(s.replicas[i] for i in range(len(self.mesh.ranges))),
+            replicas=tuple([s.replicas[i] for i in range(len(self.mesh.ranges))]),
             start=start,
-            token_ids=tuple(s.token_ids[start:end]),
+            token_ids=(s.token_ids[start],) if n == 1 else tuple(s.token_ids[start:end]),
             positions=positions,
             visual_spans=spans,
             visual=visual,
-            deepstack=tuple(deepstack),
+            deepstack=deepstack,
             sample=sample,
             rewind=s.rewind,
+            return_kv_delta=self.kv_log.enabled,  # the log is what keeps them: off, the stages send none
             trace_context=r.spec.trace_context,
             traced=traced,
             carrier=r.carrier,
@@ -911,6 +918,21 @@ class Engine:
         return {addr: len(ids) for addr, ids in self._held().items()}
 
 
+_heap_frozen = False
+
+
+def _freeze_heap() -> None:
+    """Once per process, when the first engine starts (as vLLM's engine core does): what the process
+    holds by then (torch, transformers, the tokenizer, the templates: millions of objects that never
+    become garbage) leaves the garbage collector's reach, so a full collection scans only what
+    serving allocates instead of pausing every stream for ~100 ms (measured: bench_engine.py)."""
+    global _heap_frozen
+    if not _heap_frozen:
+        _heap_frozen = True
+        gc.collect()
+        gc.freeze()
+
+
 def _running_loop() -> asyncio.AbstractEventLoop | None:
     try:
         return asyncio.get_running_loop()
@@ -937,6 +959,14 @@ def _close(stream: Stream, summary: RequestSummary, last: coordinator_pb2.Genera
 def _refuse(stream: Stream, spec: RequestSpec, err: VlmeshError, now: float) -> None:
     """A request refused before it had any state."""
     _close(stream, RequestSummary(spec.id, spec.session_id, spec.arrival, None, None, now, 0, 0, 0, None, err), err)
+
+
+_POSITION3 = struct.Struct("<3q")  # one position's three M-RoPE components (t, h, w), int64 little-endian
+
+
+def _decode_positions(position: int) -> tensor_pb2.Tensor:
+    """A decode step's [3, 1] positions as the wire Tensor (what tensors.to_proto makes of them)."""
+    return tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_INT64, shape=(3, 1), data=_POSITION3.pack(position, position, position))
 
 
 def _spans(offsets: list[int]) -> tuple[tuple[int, int], ...]:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import chain
 
 from opentelemetry import trace
 
-from services.common import tensors
 from services.common.errors import DeadlineExceeded, StageDown, VlmeshError, from_status
 from services.common.tracing import inject, tracer
 from vlmesh.internal.v1 import stage_pb2
@@ -31,16 +32,15 @@ _tracer = tracer("coordinator")
 _KV_LOST = ("KV_MISSING", "KV_POSITION_MISMATCH")
 
 
-@dataclass
+@dataclass(slots=True)
 class _Progress:
     """One step's results as the ranges return them (the runner's own, turned into a StepOutcome)."""
 
     plan: StepPlan
     span: trace.Span  # the step's own span, or (an untraced step) the request's
-    proto_positions: tensor_pb2.Tensor
-    carrier: dict[str, str]  # that span's W3C context: each stage's stage.forward joins it
+    carrier: tuple[tuple[str, str], ...]  # that span's W3C context (headers): each stage's stage.forward joins it
     hidden: tensor_pb2.Tensor | None = None
-    kv_deltas: list[tensor_pb2.KVDelta] = field(default_factory=list)
+    kv_deltas: list[Iterable[tensor_pb2.KVDelta]] = field(default_factory=list)  # each range's, as it sent them
     token: stage_pb2.SampledToken | None = None
     error: VlmeshError | None = None
     lost: Lost | None = None
@@ -50,7 +50,7 @@ class _Progress:
         return self.error is None and self.lost is None
 
     def outcome(self) -> StepOutcome:
-        return StepOutcome(token=self.token, kv_deltas=tuple(self.kv_deltas), error=self.error, lost=self.lost)
+        return StepOutcome(self.token, tuple(chain.from_iterable(self.kv_deltas)), self.error, self.lost)
 
 
 class Runner:
@@ -66,9 +66,9 @@ class Runner:
         for p in batch.steps:
             if p.traced:
                 span = self._step_span(p, batch)
-                steps.append(_Progress(p, span, tensors.to_proto(p.positions), inject(trace.set_span_in_context(span))))
+                steps.append(_Progress(p, span, tuple(inject(trace.set_span_in_context(span)).items())))
             else:
-                steps.append(_Progress(p, trace.get_current_span(p.trace_context), tensors.to_proto(p.positions), dict(p.carrier)))
+                steps.append(_Progress(p, trace.get_current_span(p.trace_context), p.carrier))
         try:
             for r, rng in enumerate(self.mesh.ranges):
                 live = [s for s in steps if s.live]
@@ -129,7 +129,7 @@ class Runner:
             else:
                 s.error = err
             return
-        s.kv_deltas.extend(out.kv_deltas)
+        s.kv_deltas.append(out.kv_deltas)
         if last:
             s.token = out.token if out.HasField("token") else None
         else:
@@ -137,25 +137,30 @@ class Runner:
 
     def _request(self, addr: str, group: list[_Progress], first: bool, last: bool) -> stage_pb2.ForwardRequest:
         info = self.mesh.replicas[addr].info
+        layers = tuple(info.deepstack_layers) if info is not None else ()  # read once per hop, not per step
         request = stage_pb2.ForwardRequest()
+        add = request.steps.add
         for s in group:
             p = s.plan
-            step = request.steps.add(session_id=p.session_id, start_position=p.start, return_kv_delta=p.return_kv_delta, rewind=p.rewind)
-            step.position_ids.CopyFrom(s.proto_positions)
+            step = add(session_id=p.session_id, start_position=p.start, return_kv_delta=p.return_kv_delta, rewind=p.rewind)
+            step.position_ids.CopyFrom(p.positions)
             if first:
                 step.tokens.ids.extend(p.token_ids)
                 if p.visual is not None:
                     step.visual_embeds.CopyFrom(p.visual)
             elif s.hidden is not None:
                 step.hidden_states.CopyFrom(s.hidden)
-            owned = [k for k in (info.deepstack_layers if info else ()) if k < len(p.deepstack)]
+            owned = [k for k in layers if k < len(p.deepstack)] if layers and p.deepstack else ()
             if p.visual_spans and (first or owned):
                 step.visual_spans.extend(stage_pb2.Span(start=a, length=n) for a, n in p.visual_spans)
             for k in owned:
                 step.deepstack.add(layer=k, embeds=p.deepstack[k])
             if last and p.sample is not None:
                 step.sample.CopyFrom(p.sample)
-            step.trace_context.update(s.carrier)
+            if s.carrier:
+                context = step.trace_context
+                for header, value in s.carrier:
+                    context[header] = value
         return request
 
     def _timeout(self, group: list[_Progress]) -> float:

@@ -81,26 +81,35 @@ class Scheduler:
         """(request, tokens to feed) for the next micro-batch; empty when none should start."""
         if in_flight_batches >= self.cfg.pipeline_depth:
             return []
-        ready = [r for r in self.queue if r.feedable and r.remaining > 0]
-        if not ready:
+        # One pass over the queue (each request's properties read once): ready decodes and
+        # prompts in arrival order, how many are active, whether any is decoding.
+        decodes: list[Schedulable] = []
+        prompts: list[tuple[Schedulable, int]] = []
+        active = 0
+        decoding = False
+        for r in self.queue:
+            remaining, in_flight, feedable = r.remaining, r.in_flight, r.feedable
+            if in_flight or feedable:
+                active += 1
+            if remaining == 1 or (in_flight and remaining <= 1):
+                decoding = True
+            if feedable:
+                if remaining == 1:
+                    decodes.append(r)
+                elif remaining > 1:
+                    prompts.append((r, remaining))
+        if not decodes and not prompts:
             return []
-        active = sum(1 for r in self.queue if r.in_flight or r.feedable)
         share = max(1, math.ceil(active / self.cfg.pipeline_depth))
         limit = min(self.cfg.max_batch, share)
-        decoding = any(r.remaining == 1 or (r.in_flight and r.remaining <= 1) for r in self.queue)
         budget = self.cfg.chunk_tokens or (self.costs.budget() if decoding else self.costs.ceiling)
-        picked: list[tuple[Schedulable, int]] = []
-        for r in ready:  # decode steps first: they are what running requests wait on
-            if len(picked) >= limit or budget <= 0:
-                break
-            if r.remaining == 1:
-                picked.append((r, 1))
-                budget -= 1
-        for r in ready:  # then prompts, in arrival order, chunked to the budget left
+        # Decode steps first: they are what running requests wait on.
+        picked: list[tuple[Schedulable, int]] = [(r, 1) for r in decodes[: max(0, min(limit, budget))]]
+        budget -= len(picked)
+        for r, remaining in prompts:  # then prompts, in arrival order, chunked to the budget left
             if len(picked) >= self.cfg.max_batch or budget <= 0:
                 break
-            if r.remaining > 1:
-                n = min(r.remaining, budget)
-                picked.append((r, n))
-                budget -= n
+            n = min(remaining, budget)
+            picked.append((r, n))
+            budget -= n
         return picked
