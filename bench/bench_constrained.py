@@ -9,6 +9,10 @@ the same `sample()` unconstrained. Only the sampler runs: no model weights are r
 
 The masks are computed for `--sessions` sessions one after another, as one step of a batch with
 that many constrained sessions in flight computes them.
+
+`--engine xgrammar` measures the same with xgrammar (`pip install xgrammar`; not a dependency of
+the project): its tokenizer info, compile (cold / cached by its compiler), and per token
+accept + fill bitmask + apply to the logits, then the same `sample()`. The mesh uses llguidance.
 """
 
 from __future__ import annotations
@@ -109,9 +113,86 @@ def run(model: Path, sessions: int, repeats: int, seed: int) -> dict:
     masked = statistics.median(masked_sample_us)
     free = statistics.median(free_sample_us)
     return {
+        "engine": "llguidance",
         "model": str(model),
         "vocab_size": vocab,
         "tokenizer_tokens": constraints.tokenizer().vocab_size,
+        "sessions_in_flight": sessions,
+        "tokenizer_build_ms": round(tokenizer_ms, 2),
+        "compile_cold_ms": round(compile_cold_ms, 3),
+        "compile_cached_ms": round(statistics.median(cached), 4),
+        "mask_us_per_token": round(mask, 1),
+        "sample_masked_us_per_token": round(masked, 1),
+        "sample_free_us_per_token": round(free, 1),
+        "constraint_us_per_token": round(mask + masked - free, 1),
+        "per_step_ms_at_sessions": round((mask + masked - free) * sessions / 1e3, 3),
+        "output_tokens_median": statistics.median(lengths) if lengths else None,
+        "outputs_unfinished": sessions * repeats - len(lengths),
+    }
+
+
+def run_xgrammar(model: Path, sessions: int, repeats: int, seed: int) -> dict:
+    import xgrammar as xgr
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(model)
+    vocab = config.get_text_config().vocab_size
+    eos = eos_token_ids(model)
+    hf = AutoTokenizer.from_pretrained(model)
+    t0 = time.perf_counter()
+    info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab, stop_token_ids=eos)
+    tokenizer_ms = _ms(t0)
+    t0 = time.perf_counter()
+    compiler = xgr.GrammarCompiler(info, cache_enabled=True)
+    compiled = compiler.compile_json_schema(json.dumps(SCHEMA), any_whitespace=False)  # compact, as the mesh's
+    compile_cold_ms = _ms(t0)
+    cached = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        compiler.compile_json_schema(json.dumps(SCHEMA), any_whitespace=False)
+        cached.append(_ms(t0))
+    gen = torch.Generator().manual_seed(seed)
+    mask_us: list[float] = []
+    masked_sample_us: list[float] = []
+    free_sample_us: list[float] = []
+    lengths: list[int] = []
+    params = SamplingParams(temperature=1.0, seed=seed)
+    bitmask = xgr.allocate_token_bitmask(1, vocab)
+    for _rep in range(repeats):
+        matchers = [xgr.GrammarMatcher(compiled) for _ in range(sessions)]
+        count = [0] * sessions
+        done = [False] * sessions
+        for position in range(400):
+            if all(done):
+                break
+            live = [i for i in range(sessions) if not done[i]]
+            logits = [torch.randn(vocab, generator=gen) * 4 for _ in live]
+            t0 = time.perf_counter()
+            for i, lg in zip(live, logits):
+                matchers[i].fill_next_token_bitmask(bitmask)
+                xgr.apply_token_bitmask_inplace(lg[None], bitmask)
+            mask_us.append((time.perf_counter() - t0) * 1e6 / len(live))
+            t0 = time.perf_counter()
+            picks = [sample(lg, params, position).token_id for lg in logits]
+            for i, tok in zip(live, picks):
+                if tok in eos or matchers[i].is_terminated():
+                    done[i] = True
+                    lengths.append(count[i])
+                else:
+                    assert matchers[i].accept_token(tok), "xgrammar refused a token its mask allowed"
+                    count[i] += 1
+            masked_sample_us.append((time.perf_counter() - t0) * 1e6 / len(live))
+            t0 = time.perf_counter()
+            for lg in logits:
+                sample(lg, params, position)
+            free_sample_us.append((time.perf_counter() - t0) * 1e6 / len(live))
+    mask = statistics.median(mask_us)
+    masked = statistics.median(masked_sample_us)
+    free = statistics.median(free_sample_us)
+    return {
+        "engine": "xgrammar",
+        "model": str(model),
+        "vocab_size": vocab,
         "sessions_in_flight": sessions,
         "tokenizer_build_ms": round(tokenizer_ms, 2),
         "compile_cold_ms": round(compile_cold_ms, 3),
@@ -133,19 +214,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="outputs per session")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print one JSON object per row")
+    ap.add_argument("--engine", choices=["llguidance", "xgrammar", "both"], default="llguidance", help="grammar engine(s) to measure")
     ap.add_argument("--smoke", action="store_true", help="one session, one output: to check the script runs (CI)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.sessions, args.repeats = [1], 1
     torch.set_num_threads(1)  # a stage's sampler runs on its runner thread
+    engines = ["llguidance", "xgrammar"] if args.engine == "both" else [args.engine]
     for n in args.sessions:
-        row = run(args.model, n, args.repeats, args.seed)
-        if args.json:
-            print(json.dumps(row))
-        else:
-            for k, v in row.items():
-                print(f"{k:28} {v}")
-            print()
+        for engine in engines:
+            row = (run if engine == "llguidance" else run_xgrammar)(args.model, n, args.repeats, args.seed)
+            if args.json:
+                print(json.dumps(row))
+            else:
+                for k, v in row.items():
+                    print(f"{k:28} {v}")
+                print()
     return 0
 
 

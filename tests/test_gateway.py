@@ -158,7 +158,7 @@ def test_bad_requests_get_openai_errors(mesh: dict[str, Any], sdk: openai.OpenAI
     hi = [{"role": "user", "content": "hi"}]
     cases: list[tuple[dict[str, Any] | bytes, dict[str, str], int, str | None, str]] = [
         ({"model": "gpt-4o", "messages": hi}, {}, 404, "model", "does not exist"),
-        ({"model": MODEL_ID, "messages": hi, "n": 2}, {}, 400, "n", "n=1"),
+        ({"model": MODEL_ID, "messages": hi, "n": 17}, {}, 400, "n", "from 1 to 16"),
         (
             {"model": MODEL_ID, "messages": hi, "tools": [{"type": "custom", "custom": {"name": "f"}}]},
             {},
@@ -243,7 +243,7 @@ def test_bad_requests_get_openai_errors(mesh: dict[str, Any], sdk: openai.OpenAI
         sdk.chat.completions.create(model="gpt-4o", messages=hi)  # type: ignore[arg-type]
     assert nf.value.status_code == 404 and nf.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError) as bad:
-        sdk.chat.completions.create(model=MODEL_ID, messages=hi, n=3)  # type: ignore[arg-type]
+        sdk.chat.completions.create(model=MODEL_ID, messages=hi, n=17)  # type: ignore[arg-type]
     assert bad.value.param == "n"
     basic = sdk.with_options(default_headers={"Authorization": "Basic abc"})
     with pytest.raises(openai.AuthenticationError):
@@ -342,7 +342,7 @@ def test_completions_default_to_16_tokens_and_give_legacy_logprobs(sdk: openai.O
 
 @pytest.mark.parametrize(
     "extra, param",
-    [({"echo": True}, "echo"), ({"prompt": ["a", "b"]}, "prompt"), ({"messages": []}, "messages"), ({"n": 2}, "n"), ({"best_of": 3}, "best_of")],
+    [({"echo": True}, "echo"), ({"prompt": ["a", "b"]}, "prompt"), ({"messages": []}, "messages"), ({"n": 17}, "n"), ({"best_of": 3}, "best_of")],
 )
 def test_completions_refusals(mesh: dict[str, Any], extra: dict[str, Any], param: str) -> None:
     status, body = post(mesh["openai"] + "/v1/completions", {"model": MODEL_ID, "prompt": "hi", **extra})

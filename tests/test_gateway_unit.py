@@ -331,6 +331,7 @@ def test_request_options_map_to_the_client_library() -> None:
     assert [m["role"] for m in req.messages] == ["system", "user", "assistant"]
     assert req.messages[1]["content"][1] == {"type": "image_url", "image_url": {"url": "https://x/y.png"}}
     assert req.options == {
+        "n": 1,
         "max_tokens": 7,
         "temperature": 1.0,  # OpenAI's default: sampling
         "top_p": 1.0,

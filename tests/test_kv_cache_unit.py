@@ -198,3 +198,25 @@ def test_only_the_thread_that_first_wrote_the_cache_may_write_it():
     assert len(errors) == 2 and all("handler" in str(e) for e in errors)
     assert not kv.holds("b")
     assert seen == [True, [], BLOCK * BPT, 1, [], Released(True, BLOCK * BPT)]
+
+
+def test_a_fork_copies_every_position_and_the_copies_go_their_own_ways():
+    kv = cache(budget_tokens=64)
+    fill(kv, "p", 0, 5, value=3.0)
+    kv.admit_forks(5, 2)
+    kv.fork("p", "a")
+    kv.fork("p", "b")
+    prompt = [3.0, 4.0, 5.0, 6.0, 7.0]
+    assert positions(kv, "a") == positions(kv, "b") == positions(kv, "p") == prompt
+    fill(kv, "a", 5, 1, value=10.0)  # a child decodes on: neither its parent nor its sibling sees it
+    assert positions(kv, "a") == [*prompt, 15.0] and positions(kv, "p") == positions(kv, "b") == prompt
+    with pytest.raises(UnknownSession):
+        kv.fork("nope", "c")
+
+
+def test_forks_beyond_the_budget_are_refused_before_anything_is_copied():
+    kv = cache(budget_tokens=32)
+    fill(kv, "p", 0, 5)
+    with pytest.raises(KVBudgetFull):
+        kv.admit_forks(5, 4)  # 4 more blocks of 8 positions do not fit beside the parent's
+    assert kv.session_ids() == ["p"]

@@ -145,4 +145,4 @@ def test_generate_options_names_the_same_fields():
     # fields, and what shapes the output besides sampling (tools, response_format).
     hints = set(typing.get_type_hints(GenerateOptions))
     fields = {f.name for f in dataclasses.fields(SamplingOptions)}
-    assert fields <= hints and hints - fields == {"response_format", "tools", "tool_choice", "parallel_tool_calls"}
+    assert fields <= hints and hints - fields == {"response_format", "tools", "tool_choice", "parallel_tool_calls", "n"}

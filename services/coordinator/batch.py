@@ -35,6 +35,9 @@ class StepPlan:
     traced: bool = True  # the step gets a span of its own; else its stages' spans join the request's
     carrier: tuple[tuple[str, str], ...] = ()  # trace_context as W3C headers (made once per request)
     deadline: float | None = None  # time.monotonic() by which the client wants its answer
+    # [n-1] sessions that start as copies of this one after the step (n > 1 continuations of the
+    # prompt); the sample carries a seed for each
+    forks: tuple[str, ...] = ()
 
     @property
     def prompt_tokens(self) -> int:
@@ -63,6 +66,7 @@ class Lost:
 class StepOutcome:
     token: stage_pb2.SampledToken | None = None  # when the plan asked for a sample
     kv_deltas: tuple[tensor_pb2.KVDelta, ...] = ()  # every range's, in layer order
+    fork_tokens: tuple[stage_pb2.SampledToken, ...] = ()  # [n-1] one per plan.forks
     error: VlmeshError | None = None
     lost: Lost | None = None
 

@@ -15,11 +15,13 @@ phase) goes through `_end`, which releases it at once."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import secrets
 import struct
 import time
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -339,7 +341,13 @@ class Engine:
     def _on_cancel_message(self, m: inbox.CancelRequest) -> None:
         r = self.requests.get(m.request_id)
         if r is not None:
-            self._on_cancel(r, m.why)
+            for x in [r, *self._group(r)]:
+                self._on_cancel(x, m.why)
+
+    def _group(self, r: RequestState) -> list[RequestState]:
+        """The other live continuations of r's call (n > 1)."""
+        group = r.group or r.id
+        return [x for x in self.requests.values() if x is not r and (x.group or x.id) == group and x.spec.params.n > 1]
 
     def _on_cancel(self, r: RequestState, why: VlmeshError) -> None:
         if r.phase is Phase.ENDED:
@@ -614,8 +622,14 @@ class Engine:
         sample = None
         every = max(1, self.cfg.trace_decode_every)
         traced = n > 1 or len(r.generated) <= 1 or len(r.generated) % every == 0
+        forks: tuple[str, ...] = ()
         if end == len(s.token_ids):
             sample = stage_pb2.SampleRequest(params=r.sampling, top_logprobs=r.spec.params.logprobs)
+            if r.spec.params.n > 1 and r.index == 0 and not r.generated:
+                # n continuations: the prompt's last step forks its KV; fork i samples with seed + i.
+                r.forks = r.forks or tuple(uuid.uuid4().hex for _ in range(r.spec.params.n - 1))
+                forks = r.forks
+                sample.fork_seeds.extend((r.sampling.seed + i) % 2**64 for i in range(1, len(forks) + 1))
             if r.sampling.repetition_penalty not in (0.0, 1.0):
                 sample.penalty_token_ids.extend(sorted(r.seen))
             if r.sampling.HasField("constraint"):  # the sampler rebuilds the constraint's state from them
@@ -636,6 +650,7 @@ class Engine:
             traced=traced,
             carrier=r.carrier,
             deadline=r.spec.deadline,
+            forks=forks,
         )
 
     async def _execute(self, batch: MicroBatch) -> inbox.StepDone:
@@ -689,7 +704,34 @@ class Engine:
             if s.cached == len(s.token_ids):  # a final chunk must have sampled
                 self._end(r, error=Internal("the last stage returned no token"))
             return
+        if r.forks and o.fork_tokens:
+            for i, (sid, token) in enumerate(zip(r.forks, o.fork_tokens), start=1):
+                self._fork(r, i, sid, token)
+            r.forks = ()
         self._emit(r, o.token)
+
+    def _fork(self, r: RequestState, index: int, session_id: str, token: stage_pb2.SampledToken) -> None:
+        """Continuation `index` of r's call: a session the stages just forked from r's prefill (its
+        KV is r's prompt, on r's replicas), which goes on from its own first token."""
+        s = r.session
+        child = Session(session_id, s.owner, persistent=False, last_used=self.clock())
+        child.token_ids, child.visual_positions, child.visuals = list(s.token_ids), list(s.visual_positions), list(s.visuals)
+        child.rope_delta, child.cached, child.replicas, child.busy = s.rope_delta, s.cached, dict(s.replicas), True
+        self.sessions[child.id] = child
+        self.kv_log.fork(s.id, child.id)
+        spec = dataclasses.replace(r.spec, id=f"{r.id}.{index}")
+        c = RequestState(spec, r.stream, child, Turn(0, 0, 0, 0, 0, 0), carrier=r.carrier, index=index, group=r.id)
+        c.positions, c.rows, c.max_tokens = r.positions, r.rows, r.max_tokens
+        c.sampling.CopyFrom(r.sampling)
+        c.sampling.seed = (r.sampling.seed + index) % 2**64
+        c.seen = set(r.seen)
+        c.detok = IncrementalDetokenizer(self.tokenizer, list(spec.params.stop), self._token_text)
+        c.prompt_tokens, c.cached_tokens, c.started_at = r.prompt_tokens, r.cached_tokens, r.started_at
+        c.phase = Phase.READY
+        self.requests[spec.id] = c
+        r.stream.open += 1
+        self.scheduler.add(c)
+        self._emit(c, token)
 
     def _on_lost(self, r: RequestState, o: StepOutcome) -> None:
         """A hop of the step was lost: place the range again (restore or replay) and step again.
@@ -720,7 +762,7 @@ class Engine:
         s.token_ids.append(tid)
         r.generated.append(tid)
         r.seen.add(tid)
-        resp = coordinator_pb2.GenerateResponse(token_ids=[tid])
+        resp = coordinator_pb2.GenerateResponse(token_ids=[tid], index=r.index)
         if len(r.generated) == 1:
             resp.session_id = s.id if s.persistent else ""
         if r.spec.params.logprobs > 0:
@@ -792,8 +834,11 @@ class Engine:
             obs.on_end(summary)
         if error is not None:
             _close(r.stream, summary, error)
+            for sibling in self._group(r):  # the call ends with the error: its other continuations too
+                self._on_cancel(sibling, Cancelled("another continuation of the request failed"))
             return
         final = coordinator_pb2.GenerateResponse(
+            index=r.index,
             finish_reason=finish or coordinator_pb2.FINISH_REASON_UNSPECIFIED,
             usage=coordinator_pb2.Usage(prompt_tokens=r.prompt_tokens, completion_tokens=len(r.generated), cached_tokens=r.cached_tokens),
         )
@@ -950,10 +995,16 @@ def _reply(reply: asyncio.Future[Any], compute: Callable[[], Any]) -> None:
 
 
 def _close(stream: Stream, summary: RequestSummary, last: coordinator_pb2.GenerateResponse | VlmeshError) -> None:
+    """A continuation ended: its last response, and the stream's end once every continuation
+    has (an error ends it at once; what comes after is dropped)."""
+    if stream.open <= 0:
+        return
     stream.items.put_nowait(last)
-    stream.items.put_nowait(None)
-    if not stream.summary.done():
-        stream.summary.set_result(summary)
+    stream.open = 0 if isinstance(last, VlmeshError) else stream.open - 1
+    if stream.open == 0:
+        stream.items.put_nowait(None)
+        if not stream.summary.done():
+            stream.summary.set_result(summary)
 
 
 def _refuse(stream: Stream, spec: RequestSpec, err: VlmeshError, now: float) -> None:

@@ -33,6 +33,7 @@ class GenerateParams:
     stop: tuple[str, ...]
     logprobs: int
     include_stop_token_text: bool
+    n: int = 1  # continuations sharing the prompt's prefill
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class Stream:
 
     items: asyncio.Queue[StreamItem] = field(default_factory=asyncio.Queue)
     summary: asyncio.Future[RequestSummary] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    open: int = 1  # continuations writing to it that have not ended (n > 1: the forks add theirs)
 
 
 class Phase(enum.Enum):
@@ -126,6 +128,9 @@ class RequestState:
     started_at: float | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
+    index: int = 0  # which continuation of the call (n > 1)
+    group: str = ""  # the call's id (its first continuation's request id)
+    forks: tuple[str, ...] = ()  # session ids the first continuation forks its prefill into
 
     @property
     def id(self) -> str:

@@ -18,7 +18,7 @@ from itertools import chain
 
 from opentelemetry import trace
 
-from services.common.errors import DeadlineExceeded, StageDown, VlmeshError, from_status
+from services.common.errors import DeadlineExceeded, Internal, StageDown, VlmeshError, from_status
 from services.common.tracing import inject, tracer
 from vlmesh.internal.v1 import stage_pb2
 from vlmesh.v1 import tensor_pb2
@@ -42,6 +42,7 @@ class _Progress:
     hidden: tensor_pb2.Tensor | None = None
     kv_deltas: list[Iterable[tensor_pb2.KVDelta]] = field(default_factory=list)  # each range's, as it sent them
     token: stage_pb2.SampledToken | None = None
+    fork_tokens: tuple[stage_pb2.SampledToken, ...] = ()
     error: VlmeshError | None = None
     lost: Lost | None = None
 
@@ -50,7 +51,7 @@ class _Progress:
         return self.error is None and self.lost is None
 
     def outcome(self) -> StepOutcome:
-        return StepOutcome(self.token, tuple(chain.from_iterable(self.kv_deltas)), self.error, self.lost)
+        return StepOutcome(self.token, tuple(chain.from_iterable(self.kv_deltas)), self.fork_tokens, self.error, self.lost)
 
 
 class Runner:
@@ -132,6 +133,9 @@ class Runner:
         s.kv_deltas.append(out.kv_deltas)
         if last:
             s.token = out.token if out.HasField("token") else None
+            s.fork_tokens = tuple(out.fork_tokens)
+            if len(s.fork_tokens) != len(s.plan.forks):
+                s.error = Internal(f"stage {addr} sampled {len(s.fork_tokens)} tokens for {len(s.plan.forks)} forks")
         else:
             s.hidden = out.hidden_states
 
@@ -157,6 +161,8 @@ class Runner:
                 step.deepstack.add(layer=k, embeds=p.deepstack[k])
             if last and p.sample is not None:
                 step.sample.CopyFrom(p.sample)
+            if p.forks:
+                step.fork_session_ids.extend(p.forks)
             if s.carrier:
                 context = step.trace_context
                 for header, value in s.carrier:

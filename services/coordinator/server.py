@@ -60,6 +60,8 @@ _ROLES = {
     coordinator_pb2.ROLE_TOOL: "tool",
 }
 _INT32_MAX = 2**31 - 1
+#: Most continuations one request may ask for (GenerateRequest.n).
+MAX_CHOICES = 16
 
 
 def _default_state_dir(port: int) -> str:
@@ -207,10 +209,14 @@ def parse_params(request: coordinator_pb2.GenerateRequest) -> GenerateParams:
         raise InvalidArgument("logprobs must be in [0, 20]")
     if any(not s for s in request.stop):
         raise InvalidArgument("stop strings must not be empty")
+    if not 0 <= request.n <= MAX_CHOICES:
+        raise InvalidArgument(f"n must be from 1 to {MAX_CHOICES}, got {request.n}")
+    if request.n > 1 and request.session_id:
+        raise InvalidArgument("n > 1 is one-shot: it cannot continue a session")
     if p.HasField("constraint") and p.constraint.WhichOneof("kind") is None:
         # The rest of a constraint is checked where it compiles, on the sampling stage.
         raise InvalidArgument("a constraint needs one of json_schema, json_object, regex, choice or grammar")
-    return GenerateParams(p, request.max_tokens, tuple(request.stop), request.logprobs, request.include_stop_token_text)
+    return GenerateParams(p, request.max_tokens, tuple(request.stop), request.logprobs, request.include_stop_token_text, max(request.n, 1))
 
 
 def with_tool_constraint(params: GenerateParams, tools: Tools | None, tags_are_tokens: bool) -> GenerateParams:
@@ -288,7 +294,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 prompt=request.prompt,
             )
             stream = self.engine.add(spec)
-            calls = ToolCallParser(tools.names, tools.parallel) if tools is not None and tools.parses else None
+            parsers: dict[int, ToolCallParser] = {}
             while True:
                 item = await stream.items.get()
                 if item is None:
@@ -297,8 +303,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 if not isinstance(item, coordinator_pb2.GenerateResponse):
                     ended = True
                     raise item
-                if calls is not None:
-                    _cut_tool_calls(calls, item)
+                if tools is not None and tools.parses:
+                    parser = parsers.setdefault(item.index, ToolCallParser(tools.names, tools.parallel))
+                    _cut_tool_calls(parser, item)
                 if first:
                     item.trace_id = trace_id
                     first = False

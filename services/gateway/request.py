@@ -1,8 +1,8 @@
 """A chat completions request body, checked and turned into the client library's arguments.
 
 Everything OpenAI's API defines is either honoured, accepted because it changes nothing here
-(`user`, `metadata`, `store`, ... and "off" values such as ``n: 1``), or refused with a 400 that
-names it (penalties, n > 1, audio, the deprecated `functions`, ...). Tools (`tools`,
+(`user`, `metadata`, `store`, ...), or refused with a 400 that names it (penalties, audio, the
+deprecated `functions`, ...). `n` > 1 continuations share the prompt's prefill. Tools (`tools`,
 `tool_choice`, `parallel_tool_calls`, `role: "tool"` messages and assistant `tool_calls`) go to
 the mesh, which renders them and parses the model's calls. Names OpenAI does not define are
 refused as OpenAI refuses them, except vLLM's `top_k`, `repetition_penalty` and `structured_outputs`.
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlmesh import GenerateOptions, Prompt
+from vlmesh.client import MAX_CHOICES
 from vlmesh.v1 import tensor_pb2
 
 from .errors import invalid
@@ -384,9 +385,6 @@ def _check_unsupported(body: Mapping[str, Any]) -> None:
                 raise invalid(f"'{name}' is not supported by this server", name, "unsupported_parameter")
             continue
         raise invalid(f"Unrecognized request argument supplied: {name}", name, "unsupported_parameter")
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise invalid(f"only n=1 is supported, got {n!r}", "n", "unsupported_parameter")
 
 
 def _output_options(body: Mapping[str, Any], options: GenerateOptions) -> None:
@@ -432,7 +430,9 @@ def _sampling(body: Mapping[str, Any], default_max_tokens: int | None = None) ->
     seed = _integer(body, "seed", -(2**63), 2**64 - 1)
     top_k = _integer(body, "top_k", -1)  # vLLM's extension; -1 (and 0) = off
     repetition_penalty = _number(body, "repetition_penalty", 0.0, 100.0)
+    n = _integer(body, "n", 1, MAX_CHOICES)
     return {
+        "n": 1 if n is None else n,
         "max_tokens": default_max_tokens if max_tokens is None else max_tokens,
         # OpenAI's default temperature is 1 (sampling); send 0 for greedy.
         "temperature": 1.0 if temperature is None else temperature,
@@ -520,8 +520,6 @@ def parse_completion_request(body: Any) -> ChatRequest:
                 raise invalid(f"'{name}' is not supported by this server", name, "unsupported_parameter")
         elif name not in _COMPLETION_KEYS:
             raise invalid(f"Unrecognized request argument supplied: {name}", name, "unsupported_parameter")
-    if body.get("n") not in (None, 1):
-        raise invalid(f"only n=1 is supported, got {body['n']!r}", "n", "unsupported_parameter")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]

@@ -26,6 +26,12 @@ def tool_call(call: ToolCall, index: int | None = None) -> dict[str, Any]:
     return out
 
 
+def total(results: Sequence[ChatResult]) -> Usage:
+    """One call's usage: the shared prompt once, every continuation's completion."""
+    first = results[0].usage
+    return Usage(first.prompt_tokens, sum(r.usage.completion_tokens for r in results), first.cached_tokens)
+
+
 def usage(u: Usage) -> dict[str, Any]:
     # The mesh counts only the tokens it had to feed as prompt_tokens and the reused ones as
     # cached_tokens; OpenAI's prompt_tokens is the whole prompt, cached part included.
@@ -75,7 +81,7 @@ class Reply:
             message["tool_calls"] = [tool_call(c) for c in result.tool_calls]
         return message
 
-    def completion(self, result: ChatResult) -> dict[str, Any]:
+    def completion(self, results: Sequence[ChatResult]) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": "chat.completion",
@@ -84,19 +90,21 @@ class Reply:
             "system_fingerprint": None,
             "choices": [
                 {
-                    "index": 0,
+                    "index": i,
                     "message": self._message(result),
                     "logprobs": self._logprobs(result.logprobs),
                     "finish_reason": finish_reason(result.finish_reason),
                 }
+                for i, result in enumerate(results)
             ],
-            "usage": usage(result.usage),
+            "usage": usage(total(results)),
         }
 
     def chunk(
         self,
         delta: dict[str, Any],
         *,
+        index: int = 0,
         entries: Sequence[TokenLogprobs] | None = None,
         finish: str | None = None,
         with_usage: bool = False,
@@ -109,7 +117,7 @@ class Reply:
             "system_fingerprint": None,
             "choices": [
                 {
-                    "index": 0,
+                    "index": index,
                     "delta": delta,
                     "logprobs": self._logprobs(entries),
                     "finish_reason": finish_reason(finish),
@@ -163,33 +171,42 @@ class CompletionReply:
             offset += len(text)
         return out
 
-    def _object(self, choice: dict[str, Any]) -> dict[str, Any]:
+    def _object(self, *choices: dict[str, Any]) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": "text_completion",
             "created": self.created,
             "model": self.model,
             "system_fingerprint": None,
-            "choices": [choice],
+            "choices": list(choices),
         }
 
-    def completion(self, result: ChatResult) -> dict[str, Any]:
+    def completion(self, results: Sequence[ChatResult]) -> dict[str, Any]:
         body = self._object(
-            {"text": result.text, "index": 0, "logprobs": self.logprobs(result.logprobs, 0), "finish_reason": finish_reason(result.finish_reason)}
+            *(
+                {"text": r.text, "index": i, "logprobs": self.logprobs(r.logprobs, 0), "finish_reason": finish_reason(r.finish_reason)}
+                for i, r in enumerate(results)
+            )
         )
-        body["usage"] = usage(result.usage)
+        body["usage"] = usage(total(results))
         return body
 
     def chunk(
-        self, text: str, *, entries: Sequence[TokenLogprobs] | None = None, offset: int = 0, finish: str | None = None, with_usage: bool = False
+        self,
+        text: str,
+        *,
+        index: int = 0,
+        entries: Sequence[TokenLogprobs] | None = None,
+        offset: int = 0,
+        finish: str | None = None,
+        with_usage: bool = False,
     ) -> dict[str, Any]:
-        body = self._object({"text": text, "index": 0, "logprobs": self.logprobs(entries, offset), "finish_reason": finish_reason(finish)})
+        body = self._object({"text": text, "index": index, "logprobs": self.logprobs(entries, offset), "finish_reason": finish_reason(finish)})
         if with_usage:
             body["usage"] = None
         return body
 
     def usage_chunk(self, u: Usage) -> dict[str, Any]:
-        body = self._object({})
-        body["choices"] = []
+        body = self._object()
         body["usage"] = usage(u)
         return body

@@ -32,7 +32,7 @@ from services.common.config import ServiceConfig, add_config_arguments, config_f
 from services.common.logs import setup_logging
 from services.common.tracing import metadata as trace_metadata
 from services.common.tracing import setup_tracing, shutdown_tracing, trace_id_hex
-from vlmesh import AsyncClient, ChatEvent, VlmeshError
+from vlmesh import AsyncClient, ChatEvent, Usage, VlmeshError
 
 from .errors import ApiError, from_vlmesh_error, invalid
 from .request import ChatRequest, json_body, parse_chat_request, parse_completion_request
@@ -169,28 +169,72 @@ def _trace(trace_id: str | None) -> dict[str, str]:
     return {TRACE_HEADER: trace_id} if trace_id else {}
 
 
-async def _events(events: AsyncIterator[ChatEvent], first: ChatEvent, chat: ChatRequest, reply: Reply) -> AsyncIterator[bytes]:
-    """The SSE body: a role chunk, content chunks, a finish chunk, usage if asked, [DONE].
+class _ChatChunks:
+    """chat.completion.chunk objects of one stream: per continuation a role chunk first, then its
+    content and tool-call deltas (as OpenAI streams a call: id and name, then the arguments) and
+    its finish chunk."""
+
+    def __init__(self, reply: Reply, n: int, with_usage: bool):
+        self.reply, self.n, self.with_usage = reply, n, with_usage
+        self.calls = [0] * n
+
+    def opening(self) -> list[dict[str, Any]]:
+        return [self.reply.chunk({"role": "assistant", "content": ""}, index=i, with_usage=self.with_usage) for i in range(self.n)]
+
+    def of(self, event: ChatEvent) -> list[dict[str, Any]]:
+        i, u, out = event.index, self.with_usage, []
+        if event.text or event.logprobs:
+            out.append(self.reply.chunk({"content": event.text}, index=i, entries=event.logprobs, with_usage=u))
+        for call in event.tool_calls:
+            head = tool_call(call, self.calls[i])
+            head["function"]["arguments"] = ""
+            out.append(self.reply.chunk({"tool_calls": [head]}, index=i, with_usage=u))
+            args = {"index": self.calls[i], "function": {"arguments": call.arguments}}
+            out.append(self.reply.chunk({"tool_calls": [args]}, index=i, with_usage=u))
+            self.calls[i] += 1
+        if event.finish_reason is not None:
+            out.append(self.reply.chunk({}, index=i, finish=event.finish_reason, with_usage=u))
+        return out
+
+
+class _CompletionChunks:
+    """text_completion objects of one stream: text chunks (with legacy logprobs), a finish chunk."""
+
+    def __init__(self, reply: CompletionReply, n: int, with_usage: bool):
+        self.reply, self.with_usage = reply, with_usage
+        self.offsets = [0] * n
+
+    def opening(self) -> list[dict[str, Any]]:
+        return []
+
+    def of(self, event: ChatEvent) -> list[dict[str, Any]]:
+        i, out = event.index, []
+        if event.text or event.logprobs:
+            out.append(self.reply.chunk(event.text, index=i, entries=event.logprobs, offset=self.offsets[i], with_usage=self.with_usage))
+            self.offsets[i] += len(event.text)
+        if event.finish_reason is not None:
+            out.append(self.reply.chunk("", index=i, finish=event.finish_reason, with_usage=self.with_usage))
+        return out
+
+
+async def _events(events: AsyncIterator[ChatEvent], first: ChatEvent, chat: ChatRequest, reply: Reply | CompletionReply) -> AsyncIterator[bytes]:
+    """The SSE body: each continuation's chunks as they come, usage if asked, [DONE].
     Cancelled (the caller left), it closes `events`, which cancels the gRPC call."""
-    usage_too = chat.include_usage
+    n = chat.options.get("n", 1)
+    chunks = _ChatChunks(reply, n, chat.include_usage) if isinstance(reply, Reply) else _CompletionChunks(reply, n, chat.include_usage)
     async with contextlib.aclosing(events):  # type: ignore[type-var]
-        yield sse(reply.chunk({"role": "assistant", "content": ""}, with_usage=usage_too))
+        for c in chunks.opening():
+            yield sse(c)
+        finals: dict[int, ChatEvent] = {}
         event: ChatEvent | None = first
-        last: ChatEvent | None = None
-        calls = 0
         try:
             while event is not None:
-                if event.text or event.logprobs:
-                    yield sse(reply.chunk({"content": event.text}, entries=event.logprobs, with_usage=usage_too))
-                for call in event.tool_calls:  # as OpenAI streams one: id and name, then the arguments
-                    head = tool_call(call, calls)
-                    head["function"]["arguments"] = ""
-                    yield sse(reply.chunk({"tool_calls": [head]}, with_usage=usage_too))
-                    yield sse(reply.chunk({"tool_calls": [{"index": calls, "function": {"arguments": call.arguments}}]}, with_usage=usage_too))
-                    calls += 1
+                if not 0 <= event.index < n:
+                    raise VlmeshError(f"the coordinator answered for continuation {event.index} of {n}")
+                for c in chunks.of(event):
+                    yield sse(c)
                 if event.finish_reason is not None:
-                    last = event
-                    yield sse(reply.chunk({}, finish=event.finish_reason, with_usage=usage_too))
+                    finals[event.index] = event
                 event = await anext(events, None)
         except VlmeshError as e:
             # Headers are gone already: the error travels as an event (the openai SDK raises it).
@@ -198,40 +242,14 @@ async def _events(events: AsyncIterator[ChatEvent], first: ChatEvent, chat: Chat
             log.warning("%s failed mid-stream: %s %s", reply.id, err.status, err.message)
             yield sse(err.body())
             return
-        if last is None:
+        if len(finals) < n:
             yield sse(ApiError(502, "the coordinator ended the stream without a finish reason", type="server_error").body())
             return
-        if usage_too and last.usage is not None:
-            yield sse(reply.usage_chunk(last.usage))
-        yield sse("[DONE]")
-
-
-async def _completion_events(events: AsyncIterator[ChatEvent], first: ChatEvent, chat: ChatRequest, reply: CompletionReply) -> AsyncIterator[bytes]:
-    """The SSE body of a completions stream: text chunks, a finish chunk, usage if asked, [DONE]."""
-    usage_too = chat.include_usage
-    async with contextlib.aclosing(events):  # type: ignore[type-var]
-        event: ChatEvent | None = first
-        last: ChatEvent | None = None
-        offset = 0
-        try:
-            while event is not None:
-                if event.text or event.logprobs:
-                    yield sse(reply.chunk(event.text, entries=event.logprobs, offset=offset, with_usage=usage_too))
-                    offset += len(event.text)
-                if event.finish_reason is not None:
-                    last = event
-                    yield sse(reply.chunk("", finish=event.finish_reason, with_usage=usage_too))
-                event = await anext(events, None)
-        except VlmeshError as e:
-            err = from_vlmesh_error(e)
-            log.warning("%s failed mid-stream: %s %s", reply.id, err.status, err.message)
-            yield sse(err.body())
-            return
-        if last is None:
-            yield sse(ApiError(502, "the coordinator ended the stream without a finish reason", type="server_error").body())
-            return
-        if usage_too and last.usage is not None:
-            yield sse(reply.usage_chunk(last.usage))
+        if chat.include_usage and all(e.usage is not None for e in finals.values()):
+            first_usage = finals[0].usage
+            assert first_usage is not None
+            done = sum(e.usage.completion_tokens for e in finals.values() if e.usage is not None)
+            yield sse(reply.usage_chunk(Usage(first_usage.prompt_tokens, done, first_usage.cached_tokens)))
         yield sse("[DONE]")
 
 
@@ -246,8 +264,7 @@ async def _stream(request: Request, client: AsyncClient, chat: ChatRequest, repl
     if first is None:
         raise ApiError(502, "the coordinator ended the stream without a reply", type="server_error")
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **_trace(first.trace_id)}
-    body = _events(events, first, chat, reply) if isinstance(reply, Reply) else _completion_events(events, first, chat, reply)
-    return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+    return StreamingResponse(_events(events, first, chat, reply), media_type="text/event-stream", headers=headers)
 
 
 def _untraced(scope: MutableMapping[str, Any]) -> bool:
@@ -299,11 +316,11 @@ async def _answer(request: Request, client: AsyncClient, chat: ChatRequest, repl
     try:
         if chat.stream:
             return await _stream(request, client, chat, reply)
-        result = await _unless_disconnected(request, _call(client.chat(chat.messages, **chat.options)))
+        results = await _unless_disconnected(request, _call(client.chat_choices(chat.messages, **chat.options)))
     except _ClientGone:
         log.info("%s: the client disconnected; generation cancelled", reply.id)
         return Response(status_code=499)
-    return JSONResponse(reply.completion(result), headers=_trace(result.trace_id))
+    return JSONResponse(reply.completion(results), headers=_trace(results[0].trace_id))
 
 
 def _add_completions(app: FastAPI, gateway: Gateway) -> None:

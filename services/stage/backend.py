@@ -8,6 +8,7 @@ turns them into statuses. Called from one thread at a time (the stage's runner t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ class SampleSpec:
     params: SamplingParams
     top_logprobs: int = 0
     penalty_ids: torch.Tensor | None = None  # [K] int64
+    fork_seeds: tuple[int, ...] = ()  # one more token per fork, same logits, these seeds
 
 
 @dataclass
@@ -45,6 +47,7 @@ class Step:
     sample: SampleSpec | None = None  # last stage
     return_kv_delta: bool = False
     rewind: bool = False  # drop the positions from `start` on first (prefix reuse)
+    forks: tuple[str, ...] = ()  # sessions that start as copies of this one after the step
 
     @property
     def num_tokens(self) -> int:
@@ -58,6 +61,7 @@ class StepResult:
     cache_length: int = 0
     hidden: torch.Tensor | None = None  # [T, H], non-last stages
     token: Sample | None = None  # last stage, when asked
+    fork_tokens: list[Sample] = field(default_factory=list)  # last stage: one per fork seed
     kv_delta: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> ([H, T, D], [H, T, D])
 
 
@@ -190,6 +194,8 @@ class StageBackend:
                     raise InvalidArgument("two steps of the same session in one request")
                 seen.add(step.session_id)
                 self.validate(step)
+                if step.forks:
+                    self.kv.admit_forks(step.start + step.num_tokens, len(step.forks))
                 admitted.append((i, step, self.kv.reserve(step.session_id, step.start, step.num_tokens)))
             except VlmeshError as err:
                 results[i].error = err
@@ -233,7 +239,7 @@ class StageBackend:
             hidden = torch.cat([s.hidden for s in steps]).to(dev, self.dtype)[None]  # type: ignore[misc]
         visual_mask, deepstack = self._deepstack_inputs(steps, visual_index, offset)
         hidden = self.model(hidden, positions, batch, visual_mask, deepstack)  # [1, N, H]
-        tokens: dict[int, Sample] = {}
+        tokens: dict[int, list[Sample]] = {}
         if self.is_last:
             want = [j for j, s in enumerate(steps) if s.sample is not None]
             if want:
@@ -243,14 +249,18 @@ class StageBackend:
                     spec = steps[j].sample
                     assert spec is not None  # selected above
                     position = steps[j].start + steps[j].num_tokens
-                    tokens[j] = sample(logits[row], spec.params, position, spec.penalty_ids, spec.top_logprobs)
+                    params = [spec.params, *(dataclasses.replace(spec.params, seed=seed) for seed in spec.fork_seeds)]
+                    tokens[j] = [sample(logits[row], p, position, spec.penalty_ids, spec.top_logprobs) for p in params]
         batch.commit()
-        for j, (i, _, _) in enumerate(admitted):
+        for j, (i, step, _) in enumerate(admitted):
             r = results[i]
             o, n = spans[j]
             r.hidden = None if self.is_last else hidden[0, o : o + n]
-            r.token = tokens.get(j)
+            drawn = tokens.get(j, [])
+            r.token, r.fork_tokens = (drawn[0], drawn[1:]) if drawn else (None, [])
             r.kv_delta = batch.deltas[j]
+            for fork in step.forks:
+                self.kv.fork(step.session_id, fork)
 
     def _visual_index(self, steps: list[Step], spans: list[tuple[int, int]]) -> torch.Tensor | None:
         parts = [s.visual_index + o for s, (o, _) in zip(steps, spans) if s.visual_index is not None and s.visual_index.numel()]

@@ -162,6 +162,23 @@ class KVCache:
             s.values[i][:, :length] = v.to(self.shape.device, self.shape.dtype)
         s.length = length
 
+    def admit_forks(self, positions: int, forks: int) -> None:
+        """KVBudgetFull unless `forks` copies of `positions` positions fit besides what is held."""
+        with self._lock:
+            self._admit(self._round(max(positions, 1)) * forks)
+
+    def fork(self, source_id: str, session_id: str) -> None:
+        """Start `session_id` as a copy of every position `source_id` holds (replacing it)."""
+        with self._lock:
+            src = self._sessions.get(source_id)
+        if src is None:
+            raise UnknownSession("this stage holds no KV of the session to fork", reason="KV_MISSING")
+        s = self.reserve(session_id, 0, max(src.length, 1))
+        for i in range(len(src.keys)):
+            s.keys[i][:, : src.length] = src.keys[i][:, : src.length]
+            s.values[i][:, : src.length] = src.values[i][:, : src.length]
+        s.length = src.length
+
     def release(self, session_id: str) -> Released:
         with self._lock:
             s = self._sessions.pop(session_id, None)

@@ -31,7 +31,7 @@ from vlmesh.internal.v1 import stage_pb2, stage_pb2_grpc
 from vlmesh.v1 import tensor_pb2
 
 from .backend import SampleSpec, StageBackend, Step, StepResult
-from .sampler import Constraints, SamplingParams, eos_token_ids
+from .sampler import Constraints, Sample, SamplingParams, eos_token_ids
 
 log = logging.getLogger(__name__)
 _tracer = tracer("stage")
@@ -78,7 +78,7 @@ def _sample_spec(m: stage_pb2.SampleRequest, session_id: str, constraints: Const
         allowed=allowed,
     )
     ids = torch.tensor(list(m.penalty_token_ids), dtype=torch.int64) if m.penalty_token_ids else None
-    return SampleSpec(params, m.top_logprobs, ids)
+    return SampleSpec(params, m.top_logprobs, ids, tuple(m.fork_seeds))
 
 
 def decode_step(m: stage_pb2.StepInput, constraints: Constraints | None = None) -> Step:
@@ -111,7 +111,25 @@ def decode_step(m: stage_pb2.StepInput, constraints: Constraints | None = None) 
         step.deepstack[d.layer] = tensors.from_proto(d.embeds, f"deepstack[{d.layer}]", dtypes=_FLOATS, shape=(None, None))
     if m.HasField("sample"):
         step.sample = _sample_spec(m.sample, m.session_id, constraints)
+    step.forks = _forks(m, step.sample)
     return step
+
+
+def _forks(m: stage_pb2.StepInput, sample: SampleSpec | None) -> tuple[str, ...]:
+    """The sessions a step forks into; a last stage's sample must bring a seed for each."""
+    forks = tuple(m.fork_session_ids)
+    if m.session_id in forks or len(set(forks)) != len(forks):
+        raise InvalidArgument("fork_session_ids must be distinct and not the step's own session")
+    seeds = sample.fork_seeds if sample is not None else ()
+    if (sample is not None or not forks) and len(seeds) != len(forks):
+        raise InvalidArgument(f"{len(forks)} forks but {len(seeds)} fork seeds")
+    return forks
+
+
+def _sampled(out: stage_pb2.SampledToken, t: Sample) -> None:
+    out.token_id = t.token_id
+    out.logprob = t.logprob
+    out.top_logprobs.extend(tensor_pb2.TokenLogprob(token_id=i, logprob=lp) for i, lp in t.top)
 
 
 def encode_result(r: StepResult, start: int) -> stage_pb2.StepOutput:
@@ -122,9 +140,9 @@ def encode_result(r: StepResult, start: int) -> stage_pb2.StepOutput:
     if r.hidden is not None:
         out.hidden_states.CopyFrom(tensors.to_proto(r.hidden))
     if r.token is not None:
-        out.token.token_id = r.token.token_id
-        out.token.logprob = r.token.logprob
-        out.token.top_logprobs.extend(tensor_pb2.TokenLogprob(token_id=i, logprob=lp) for i, lp in r.token.top)
+        _sampled(out.token, r.token)
+    for t in r.fork_tokens:
+        _sampled(out.fork_tokens.add(), t)
     for layer, (k, v) in sorted(r.kv_delta.items()):
         out.kv_deltas.append(tensor_pb2.KVDelta(layer=layer, start_position=start, key=tensors.to_proto(k), value=tensors.to_proto(v)))
     return out

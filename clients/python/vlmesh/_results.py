@@ -85,6 +85,8 @@ class ChatEvent:
     trace_id: str
     #: Tool calls completed in this event (their text is not in `text`).
     tool_calls: list[ToolCall] = field(default_factory=list)
+    #: Which continuation (0 .. n-1) of an n > 1 request this event belongs to.
+    index: int = 0
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,7 @@ def event_from_response(resp: pb.GenerateResponse) -> ChatEvent:
         session_id=resp.session_id,
         trace_id=resp.trace_id,
         tool_calls=[ToolCall(c.id, c.name, c.arguments_json) for c in resp.tool_calls],
+        index=resp.index,
     )
 
 

@@ -110,6 +110,7 @@ class GenerateOptions(TypedDict, total=False):
     tools: ToolsLike | None
     tool_choice: ToolChoiceLike | None
     parallel_tool_calls: bool | None
+    n: int
 
 
 def build_request(
@@ -131,6 +132,7 @@ def build_request(
     tools: ToolsLike | None = None,
     tool_choice: ToolChoiceLike | None = None,
     parallel_tool_calls: bool | None = None,
+    n: int = 1,
 ) -> pb.GenerateRequest:
     """The GenerateRequest for a conversation and options (see `Client.chat`).
 
@@ -157,6 +159,11 @@ def build_request(
     )
     request = options.to_proto()
     request.session_id = session_id or ""
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise ValueError(f"n must be an integer from 1 to {MAX_CHOICES}, got {n!r}")
+    if n > 1 and session_id:
+        raise ValueError("n > 1 is one-shot: it cannot continue a session")
+    request.n = n if n > 1 else 0
     if isinstance(messages, Prompt):
         if not messages.text:
             raise ValueError("the prompt is empty")
@@ -253,6 +260,30 @@ def _channel_options(options: Sequence[tuple[str, Any]] | None) -> list[tuple[st
 
 def _result(request: pb.GenerateRequest) -> Accumulator:
     return Accumulator(want_logprobs=request.logprobs > 0, session_id=request.session_id)
+
+
+#: Most continuations one request may ask for (`n`), as the coordinator allows.
+MAX_CHOICES = 16
+
+
+def _one_choice(n: int) -> None:
+    if n != 1:
+        raise ValueError("chat returns one reply; chat_choices returns n of them")
+
+
+class _Choices:
+    """Joins the events of an n > 1 stream into one `ChatResult` per continuation."""
+
+    def __init__(self, request: pb.GenerateRequest) -> None:
+        self.accs = [_result(request) for _ in range(max(request.n, 1))]
+
+    def add(self, event: ChatEvent) -> None:
+        if not 0 <= event.index < len(self.accs):
+            raise VlmeshError(f"the coordinator answered for continuation {event.index} of {len(self.accs)}", grpc.StatusCode.INTERNAL)
+        self.accs[event.index].add(event)
+
+    def results(self) -> list[ChatResult]:
+        return [a.result() for a in self.accs]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,6 +420,7 @@ class Client:
         tools: ToolsLike | None = None,
         tool_choice: ToolChoiceLike | None = None,
         parallel_tool_calls: bool | None = None,
+        n: int = 1,
     ) -> ChatResult:
         """Generate a complete reply.
 
@@ -416,11 +448,13 @@ class Client:
             tool_choice: "auto" (default), "none", "required" or ``{"type": "function",
                 "function": {"name": ...}}``; required and named calls are enforced by a grammar.
             parallel_tool_calls: False = at most one call.
+            n: must be 1 here; `chat_choices` returns n replies.
 
         Raises:
             ValueError: invalid messages/options (before any RPC).
             VlmeshError: the RPC failed (`NotFound` for an unknown session, ...).
         """
+        _one_choice(n)
         request = build_request(
             messages,
             session_id=session_id,
@@ -444,6 +478,16 @@ class Client:
         for event in self._events(request):
             acc.add(event)
         return acc.result()
+
+    def chat_choices(self, messages: MessagesLike, **options: Unpack[GenerateOptions]) -> list[ChatResult]:
+        """`n` complete replies to one prompt (``n=4``: its prefill is shared; each is sampled
+        with a seed of its own, so greedy ones are alike). Arguments and errors as for `chat`;
+        one-shot."""
+        request = build_request(messages, allow_private_urls=self.allow_private_urls, **options)
+        choices = _Choices(request)
+        for event in self._events(request):
+            choices.add(event)
+        return choices.results()
 
     def stream_events(self, messages: MessagesLike, *, session_id: str | None = None, **options: Unpack[GenerateOptions]) -> Iterator[ChatEvent]:
         """Generate a reply and yield every streamed response as a `ChatEvent`.
@@ -718,8 +762,10 @@ class AsyncClient:
         tools: ToolsLike | None = None,
         tool_choice: ToolChoiceLike | None = None,
         parallel_tool_calls: bool | None = None,
+        n: int = 1,
     ) -> ChatResult:
         """Generate a complete reply; arguments and errors as for `Client.chat`."""
+        _one_choice(n)
         options: GenerateOptions = {
             "max_tokens": max_tokens,
             "temperature": temperature,
@@ -742,6 +788,15 @@ class AsyncClient:
             async for event in events:
                 acc.add(event)
         return acc.result()
+
+    async def chat_choices(self, messages: MessagesLike, **options: Unpack[GenerateOptions]) -> list[ChatResult]:
+        """`n` complete replies to one prompt (see `Client.chat_choices`)."""
+        request = await self._build(messages, None, options)
+        choices = _Choices(request)
+        async with contextlib.aclosing(self._events(request)) as events:
+            async for event in events:
+                choices.add(event)
+        return choices.results()
 
     async def stream_events(
         self, messages: MessagesLike, *, session_id: str | None = None, **options: Unpack[GenerateOptions]

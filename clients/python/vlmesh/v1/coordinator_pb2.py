@@ -25,21 +25,21 @@ _sym_db = _symbol_database.Default()
 from vlmesh.v1 import tensor_pb2 as vlmesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bvlmesh/v1/coordinator.proto\x12\tvlmesh.v1\x1a\x16vlmesh/v1/tensor.proto\"s\n\x07\x43ontent\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12\x0f\n\x05video\x18\x03 \x01(\x0cH\x00\x12.\n\x0cvideo_frames\x18\x04 \x01(\x0b\x32\x16.vlmesh.v1.VideoFramesH\x00\x42\x06\n\x04kind\"\x8c\x01\n\x07Message\x12\x1d\n\x04role\x18\x01 \x01(\x0e\x32\x0f.vlmesh.v1.Role\x12#\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x12.vlmesh.v1.Content\x12\'\n\ntool_calls\x18\x03 \x03(\x0b\x32\x13.vlmesh.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"<\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"L\n\nToolChoice\x12\'\n\x04mode\x18\x01 \x01(\x0e\x32\x19.vlmesh.v1.ToolChoiceMode\x12\x15\n\rfunction_name\x18\x02 \x01(\t\"\xe3\x02\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12$\n\x08messages\x18\x02 \x03(\x0b\x32\x12.vlmesh.v1.Message\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.vlmesh.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x10\n\x08logprobs\x18\x06 \x01(\x05\x12\x1f\n\x17include_stop_token_text\x18\x07 \x01(\x08\x12\x1e\n\x05tools\x18\x08 \x03(\x0b\x32\x0f.vlmesh.v1.Tool\x12*\n\x0btool_choice\x18\t \x01(\x0b\x32\x15.vlmesh.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\n \x01(\x08H\x00\x88\x01\x01\x12\x0e\n\x06prompt\x18\x0b \x01(\tB\x16\n\x14_parallel_tool_calls\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"[\n\x0bTokenDetail\x12&\n\x05token\x18\x01 \x01(\x0b\x32\x17.vlmesh.v1.TokenLogprob\x12$\n\x03top\x18\x02 \x03(\x0b\x32\x17.vlmesh.v1.TokenLogprob\"\xfd\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.vlmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.vlmesh.v1.Usage\x12(\n\x08logprobs\x18\x05 \x03(\x0b\x32\x16.vlmesh.v1.TokenDetail\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x10\n\x08trace_id\x18\x07 \x01(\t\x12\'\n\ntool_calls\x18\x08 \x03(\x0b\x32\x13.vlmesh.v1.ToolCall\"\x16\n\x14\x43reateSessionRequest\"+\n\x15\x43reateSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\'\n\x14\x43loseSessionResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\x8e\x01\n\x14GetModelInfoResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x1b\n\x13max_sequence_length\x18\x04 \x01(\x03\x12+\n\x0cstage_layers\x18\x05 \x03(\x0b\x32\x15.vlmesh.v1.LayerRangeJ\x04\x08\x03\x10\x04\"(\n\nLayerRange\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x05\"\x16\n\x14GetMeshStatusRequest\"\xf8\x01\n\x0cStageReplica\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12%\n\x06layers\x18\n \x01(\x0b\x32\x15.vlmesh.v1.LayerRange\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.vlmesh.v1.ReplicaState\x12\x15\n\rkv_used_bytes\x18\x04 \x01(\x03\x12\x17\n\x0fkv_budget_bytes\x18\x05 \x01(\x03\x12\x14\n\x0cnum_sessions\x18\x06 \x01(\x05\x12\x17\n\x0fpinned_sessions\x18\x07 \x01(\x05\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x14\n\x0cquantization\x18\t \x01(\tJ\x04\x08\x02\x10\x03\"\x9f\x01\n\x0eVisionInstance\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.vlmesh.v1.ReplicaState\x12\x12\n\ncache_hits\x18\x03 \x01(\x03\x12\x14\n\x0c\x63\x61\x63he_misses\x18\x04 \x01(\x03\x12\x15\n\rcache_entries\x18\x05 \x01(\x03\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x06 \x01(\x03\"\xfc\x01\n\x15GetMeshStatusResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\'\n\x06stages\x18\x02 \x03(\x0b\x32\x17.vlmesh.v1.StageReplica\x12)\n\x06vision\x18\x03 \x03(\x0b\x32\x19.vlmesh.v1.VisionInstance\x12\x14\n\x0cnum_sessions\x18\x04 \x01(\x05\x12\x18\n\x10requests_running\x18\x05 \x01(\x05\x12\x18\n\x10requests_waiting\x18\x06 \x01(\x05\x12\x14\n\x0ckv_log_bytes\x18\x07 \x01(\x03\x12\x1b\n\x13kv_log_budget_bytes\x18\x08 \x01(\x03*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04*\xa6\x01\n\x0eToolChoiceMode\x12 \n\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15TOOL_CHOICE_MODE_AUTO\x10\x01\x12\x19\n\x15TOOL_CHOICE_MODE_NONE\x10\x02\x12\x1d\n\x19TOOL_CHOICE_MODE_REQUIRED\x10\x03\x12\x1d\n\x19TOOL_CHOICE_MODE_FUNCTION\x10\x04*\x9c\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1d\n\x19\x46INISH_REASON_STOP_STRING\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04*[\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10REPLICA_STATE_UP\x10\x01\x12\x16\n\x12REPLICA_STATE_DOWN\x10\x02\x32\xa5\x03\n\x12\x43oordinatorService\x12\x45\n\x08Generate\x12\x1a.vlmesh.v1.GenerateRequest\x1a\x1b.vlmesh.v1.GenerateResponse0\x01\x12R\n\rCreateSession\x12\x1f.vlmesh.v1.CreateSessionRequest\x1a .vlmesh.v1.CreateSessionResponse\x12O\n\x0c\x43loseSession\x12\x1e.vlmesh.v1.CloseSessionRequest\x1a\x1f.vlmesh.v1.CloseSessionResponse\x12O\n\x0cGetModelInfo\x12\x1e.vlmesh.v1.GetModelInfoRequest\x1a\x1f.vlmesh.v1.GetModelInfoResponse\x12R\n\rGetMeshStatus\x12\x1f.vlmesh.v1.GetMeshStatusRequest\x1a .vlmesh.v1.GetMeshStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bvlmesh/v1/coordinator.proto\x12\tvlmesh.v1\x1a\x16vlmesh/v1/tensor.proto\"s\n\x07\x43ontent\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12\x0f\n\x05video\x18\x03 \x01(\x0cH\x00\x12.\n\x0cvideo_frames\x18\x04 \x01(\x0b\x32\x16.vlmesh.v1.VideoFramesH\x00\x42\x06\n\x04kind\"\x8c\x01\n\x07Message\x12\x1d\n\x04role\x18\x01 \x01(\x0e\x32\x0f.vlmesh.v1.Role\x12#\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x12.vlmesh.v1.Content\x12\'\n\ntool_calls\x18\x03 \x03(\x0b\x32\x13.vlmesh.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"<\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"L\n\nToolChoice\x12\'\n\x04mode\x18\x01 \x01(\x0e\x32\x19.vlmesh.v1.ToolChoiceMode\x12\x15\n\rfunction_name\x18\x02 \x01(\t\"\xee\x02\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12$\n\x08messages\x18\x02 \x03(\x0b\x32\x12.vlmesh.v1.Message\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.vlmesh.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x10\n\x08logprobs\x18\x06 \x01(\x05\x12\x1f\n\x17include_stop_token_text\x18\x07 \x01(\x08\x12\x1e\n\x05tools\x18\x08 \x03(\x0b\x32\x0f.vlmesh.v1.Tool\x12*\n\x0btool_choice\x18\t \x01(\x0b\x32\x15.vlmesh.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\n \x01(\x08H\x00\x88\x01\x01\x12\x0e\n\x06prompt\x18\x0b \x01(\t\x12\t\n\x01n\x18\x0c \x01(\x05\x42\x16\n\x14_parallel_tool_calls\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"[\n\x0bTokenDetail\x12&\n\x05token\x18\x01 \x01(\x0b\x32\x17.vlmesh.v1.TokenLogprob\x12$\n\x03top\x18\x02 \x03(\x0b\x32\x17.vlmesh.v1.TokenLogprob\"\x8c\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.vlmesh.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.vlmesh.v1.Usage\x12(\n\x08logprobs\x18\x05 \x03(\x0b\x32\x16.vlmesh.v1.TokenDetail\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x10\n\x08trace_id\x18\x07 \x01(\t\x12\'\n\ntool_calls\x18\x08 \x03(\x0b\x32\x13.vlmesh.v1.ToolCall\x12\r\n\x05index\x18\t \x01(\x05\"\x16\n\x14\x43reateSessionRequest\"+\n\x15\x43reateSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\'\n\x14\x43loseSessionResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\x8e\x01\n\x14GetModelInfoResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x1b\n\x13max_sequence_length\x18\x04 \x01(\x03\x12+\n\x0cstage_layers\x18\x05 \x03(\x0b\x32\x15.vlmesh.v1.LayerRangeJ\x04\x08\x03\x10\x04\"(\n\nLayerRange\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x05\"\x16\n\x14GetMeshStatusRequest\"\xf8\x01\n\x0cStageReplica\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12%\n\x06layers\x18\n \x01(\x0b\x32\x15.vlmesh.v1.LayerRange\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.vlmesh.v1.ReplicaState\x12\x15\n\rkv_used_bytes\x18\x04 \x01(\x03\x12\x17\n\x0fkv_budget_bytes\x18\x05 \x01(\x03\x12\x14\n\x0cnum_sessions\x18\x06 \x01(\x05\x12\x17\n\x0fpinned_sessions\x18\x07 \x01(\x05\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x14\n\x0cquantization\x18\t \x01(\tJ\x04\x08\x02\x10\x03\"\x9f\x01\n\x0eVisionInstance\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.vlmesh.v1.ReplicaState\x12\x12\n\ncache_hits\x18\x03 \x01(\x03\x12\x14\n\x0c\x63\x61\x63he_misses\x18\x04 \x01(\x03\x12\x15\n\rcache_entries\x18\x05 \x01(\x03\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x06 \x01(\x03\"\xfc\x01\n\x15GetMeshStatusResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\'\n\x06stages\x18\x02 \x03(\x0b\x32\x17.vlmesh.v1.StageReplica\x12)\n\x06vision\x18\x03 \x03(\x0b\x32\x19.vlmesh.v1.VisionInstance\x12\x14\n\x0cnum_sessions\x18\x04 \x01(\x05\x12\x18\n\x10requests_running\x18\x05 \x01(\x05\x12\x18\n\x10requests_waiting\x18\x06 \x01(\x05\x12\x14\n\x0ckv_log_bytes\x18\x07 \x01(\x03\x12\x1b\n\x13kv_log_budget_bytes\x18\x08 \x01(\x03*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04*\xa6\x01\n\x0eToolChoiceMode\x12 \n\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15TOOL_CHOICE_MODE_AUTO\x10\x01\x12\x19\n\x15TOOL_CHOICE_MODE_NONE\x10\x02\x12\x1d\n\x19TOOL_CHOICE_MODE_REQUIRED\x10\x03\x12\x1d\n\x19TOOL_CHOICE_MODE_FUNCTION\x10\x04*\x9c\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1d\n\x19\x46INISH_REASON_STOP_STRING\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04*[\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10REPLICA_STATE_UP\x10\x01\x12\x16\n\x12REPLICA_STATE_DOWN\x10\x02\x32\xa5\x03\n\x12\x43oordinatorService\x12\x45\n\x08Generate\x12\x1a.vlmesh.v1.GenerateRequest\x1a\x1b.vlmesh.v1.GenerateResponse0\x01\x12R\n\rCreateSession\x12\x1f.vlmesh.v1.CreateSessionRequest\x1a .vlmesh.v1.CreateSessionResponse\x12O\n\x0c\x43loseSession\x12\x1e.vlmesh.v1.CloseSessionRequest\x1a\x1f.vlmesh.v1.CloseSessionResponse\x12O\n\x0cGetModelInfo\x12\x1e.vlmesh.v1.GetModelInfoRequest\x1a\x1f.vlmesh.v1.GetModelInfoResponse\x12R\n\rGetMeshStatus\x12\x1f.vlmesh.v1.GetMeshStatusRequest\x1a .vlmesh.v1.GetMeshStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vlmesh.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=2378
-  _globals['_ROLE']._serialized_end=2473
-  _globals['_TOOLCHOICEMODE']._serialized_start=2476
-  _globals['_TOOLCHOICEMODE']._serialized_end=2642
-  _globals['_FINISHREASON']._serialized_start=2645
-  _globals['_FINISHREASON']._serialized_end=2801
-  _globals['_REPLICASTATE']._serialized_start=2803
-  _globals['_REPLICASTATE']._serialized_end=2894
+  _globals['_ROLE']._serialized_start=2404
+  _globals['_ROLE']._serialized_end=2499
+  _globals['_TOOLCHOICEMODE']._serialized_start=2502
+  _globals['_TOOLCHOICEMODE']._serialized_end=2668
+  _globals['_FINISHREASON']._serialized_start=2671
+  _globals['_FINISHREASON']._serialized_end=2827
+  _globals['_REPLICASTATE']._serialized_start=2829
+  _globals['_REPLICASTATE']._serialized_end=2920
   _globals['_CONTENT']._serialized_start=66
   _globals['_CONTENT']._serialized_end=181
   _globals['_MESSAGE']._serialized_start=184
@@ -51,35 +51,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOOLCHOICE']._serialized_start=456
   _globals['_TOOLCHOICE']._serialized_end=532
   _globals['_GENERATEREQUEST']._serialized_start=535
-  _globals['_GENERATEREQUEST']._serialized_end=890
-  _globals['_USAGE']._serialized_start=892
-  _globals['_USAGE']._serialized_end=972
-  _globals['_TOKENDETAIL']._serialized_start=974
-  _globals['_TOKENDETAIL']._serialized_end=1065
-  _globals['_GENERATERESPONSE']._serialized_start=1068
-  _globals['_GENERATERESPONSE']._serialized_end=1321
-  _globals['_CREATESESSIONREQUEST']._serialized_start=1323
-  _globals['_CREATESESSIONREQUEST']._serialized_end=1345
-  _globals['_CREATESESSIONRESPONSE']._serialized_start=1347
-  _globals['_CREATESESSIONRESPONSE']._serialized_end=1390
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=1392
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=1433
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1435
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1474
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1476
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1497
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1500
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1642
-  _globals['_LAYERRANGE']._serialized_start=1644
-  _globals['_LAYERRANGE']._serialized_end=1684
-  _globals['_GETMESHSTATUSREQUEST']._serialized_start=1686
-  _globals['_GETMESHSTATUSREQUEST']._serialized_end=1708
-  _globals['_STAGEREPLICA']._serialized_start=1711
-  _globals['_STAGEREPLICA']._serialized_end=1959
-  _globals['_VISIONINSTANCE']._serialized_start=1962
-  _globals['_VISIONINSTANCE']._serialized_end=2121
-  _globals['_GETMESHSTATUSRESPONSE']._serialized_start=2124
-  _globals['_GETMESHSTATUSRESPONSE']._serialized_end=2376
-  _globals['_COORDINATORSERVICE']._serialized_start=2897
-  _globals['_COORDINATORSERVICE']._serialized_end=3318
+  _globals['_GENERATEREQUEST']._serialized_end=901
+  _globals['_USAGE']._serialized_start=903
+  _globals['_USAGE']._serialized_end=983
+  _globals['_TOKENDETAIL']._serialized_start=985
+  _globals['_TOKENDETAIL']._serialized_end=1076
+  _globals['_GENERATERESPONSE']._serialized_start=1079
+  _globals['_GENERATERESPONSE']._serialized_end=1347
+  _globals['_CREATESESSIONREQUEST']._serialized_start=1349
+  _globals['_CREATESESSIONREQUEST']._serialized_end=1371
+  _globals['_CREATESESSIONRESPONSE']._serialized_start=1373
+  _globals['_CREATESESSIONRESPONSE']._serialized_end=1416
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1418
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1459
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1461
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1500
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1502
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1523
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1526
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1668
+  _globals['_LAYERRANGE']._serialized_start=1670
+  _globals['_LAYERRANGE']._serialized_end=1710
+  _globals['_GETMESHSTATUSREQUEST']._serialized_start=1712
+  _globals['_GETMESHSTATUSREQUEST']._serialized_end=1734
+  _globals['_STAGEREPLICA']._serialized_start=1737
+  _globals['_STAGEREPLICA']._serialized_end=1985
+  _globals['_VISIONINSTANCE']._serialized_start=1988
+  _globals['_VISIONINSTANCE']._serialized_end=2147
+  _globals['_GETMESHSTATUSRESPONSE']._serialized_start=2150
+  _globals['_GETMESHSTATUSRESPONSE']._serialized_end=2402
+  _globals['_COORDINATORSERVICE']._serialized_start=2923
+  _globals['_COORDINATORSERVICE']._serialized_end=3344
 # @@protoc_insertion_point(module_scope)

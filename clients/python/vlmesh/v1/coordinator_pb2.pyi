@@ -301,6 +301,7 @@ class GenerateRequest(_message.Message):
     TOOL_CHOICE_FIELD_NUMBER: _builtins.int
     PARALLEL_TOOL_CALLS_FIELD_NUMBER: _builtins.int
     PROMPT_FIELD_NUMBER: _builtins.int
+    N_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Empty: a one-shot request. Otherwise a session from CreateSession (NOT_FOUND if unknown)."""
     max_tokens: _builtins.int
@@ -316,6 +317,11 @@ class GenerateRequest(_message.Message):
     prompt: _builtins.str
     """A raw prompt instead of messages: tokenised as it is, with no chat template (its control
     tokens, such as "<|im_start|>", are control tokens). Text only; one-shot only; no tools.
+    """
+    n: _builtins.int
+    """Continuations to generate (0 or 1 = one; at most 16). They share the prompt's prefill: the
+    stages fork its KV, and each is sampled with a seed of its own derived from the request's
+    (greedy ones are alike). Every response names its continuation in `index`. One-shot only.
     """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
@@ -354,10 +360,11 @@ class GenerateRequest(_message.Message):
         tool_choice: Global___ToolChoice | None = ...,
         parallel_tool_calls: _builtins.bool | None = ...,
         prompt: _builtins.str = ...,
+        n: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_parallel_tool_calls", b"_parallel_tool_calls", "parallel_tool_calls", b"parallel_tool_calls", "sampling", b"sampling", "tool_choice", b"tool_choice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_parallel_tool_calls", b"_parallel_tool_calls", "include_stop_token_text", b"include_stop_token_text", "logprobs", b"logprobs", "max_tokens", b"max_tokens", "messages", b"messages", "parallel_tool_calls", b"parallel_tool_calls", "prompt", b"prompt", "sampling", b"sampling", "session_id", b"session_id", "stop", b"stop", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_parallel_tool_calls", b"_parallel_tool_calls", "include_stop_token_text", b"include_stop_token_text", "logprobs", b"logprobs", "max_tokens", b"max_tokens", "messages", b"messages", "n", b"n", "parallel_tool_calls", b"parallel_tool_calls", "prompt", b"prompt", "sampling", b"sampling", "session_id", b"session_id", "stop", b"stop", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__parallel_tool_calls: _TypeAlias = _typing.Literal["parallel_tool_calls"]  # noqa: Y015
     _WhichOneofArgType__parallel_tool_calls: _TypeAlias = _typing.Literal["_parallel_tool_calls", b"_parallel_tool_calls"]  # noqa: Y015
@@ -435,6 +442,7 @@ class GenerateResponse(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """New text since the previous response (never splits a UTF-8 character)."""
     finish_reason: Global___FinishReason.ValueType
@@ -443,6 +451,11 @@ class GenerateResponse(_message.Message):
     """The session this turn belongs to (empty for one-shot)."""
     trace_id: _builtins.str
     """Trace id of this request (hex), for the tracing UI."""
+    index: _builtins.int
+    """Which continuation (0 .. n-1) this response belongs to. Each ends with its own finish_reason
+    and usage: prompt_tokens and cached_tokens are the shared prompt's (the same in each),
+    completion_tokens its own. The call ends when every continuation has.
+    """
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Token ids generated since the previous response."""
@@ -472,10 +485,11 @@ class GenerateResponse(_message.Message):
         session_id: _builtins.str = ...,
         trace_id: _builtins.str = ...,
         tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
+        index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "logprobs", b"logprobs", "session_id", b"session_id", "text", b"text", "token_ids", b"token_ids", "tool_calls", b"tool_calls", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "index", b"index", "logprobs", b"logprobs", "session_id", b"session_id", "text", b"text", "token_ids", b"token_ids", "tool_calls", b"tool_calls", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,7 +26,7 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from vlmesh.v1 import tensor_pb2 as vlmesh_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1evlmesh/internal/v1/stage.proto\x12\x12vlmesh.internal.v1\x1a\x17google/rpc/status.proto\x1a\x16vlmesh/v1/tensor.proto\"%\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x0e\n\x06length\x18\x02 \x01(\x05\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x89\x01\n\rSampleRequest\x12)\n\x06params\x18\x01 \x01(\x0b\x32\x19.vlmesh.v1.SamplingParams\x12\x14\n\x0ctop_logprobs\x18\x02 \x01(\x05\x12\x19\n\x11penalty_token_ids\x18\x03 \x03(\x03\x12\x1c\n\x14\x63onstraint_token_ids\x18\x04 \x03(\x03\"\xb1\x04\n\tStepInput\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0estart_position\x18\x02 \x01(\x03\x12\'\n\x0cposition_ids\x18\x03 \x01(\x0b\x32\x11.vlmesh.v1.Tensor\x12.\n\x06tokens\x18\x04 \x01(\x0b\x32\x1c.vlmesh.internal.v1.TokenIdsH\x00\x12*\n\rhidden_states\x18\x05 \x01(\x0b\x32\x11.vlmesh.v1.TensorH\x00\x12.\n\x0cvisual_spans\x18\x06 \x03(\x0b\x32\x18.vlmesh.internal.v1.Span\x12(\n\rvisual_embeds\x18\x07 \x01(\x0b\x32\x11.vlmesh.v1.Tensor\x12\x37\n\tdeepstack\x18\x08 \x03(\x0b\x32$.vlmesh.internal.v1.DeepstackFeature\x12\x31\n\x06sample\x18\t \x01(\x0b\x32!.vlmesh.internal.v1.SampleRequest\x12\x17\n\x0freturn_kv_delta\x18\n \x01(\x08\x12\x46\n\rtrace_context\x18\x0b \x03(\x0b\x32/.vlmesh.internal.v1.StepInput.TraceContextEntry\x12\x0e\n\x06rewind\x18\x0c \x01(\x08\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05input\"D\n\x10\x44\x65\x65pstackFeature\x12\r\n\x05layer\x18\x01 \x01(\x05\x12!\n\x06\x65mbeds\x18\x02 \x01(\x0b\x32\x11.vlmesh.v1.Tensor\"`\n\x0cSampledToken\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12-\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x17.vlmesh.v1.TokenLogprob\"\xea\x01\n\nStepOutput\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\"\n\x06status\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\x12\x14\n\x0c\x63\x61\x63he_length\x18\x03 \x01(\x03\x12*\n\rhidden_states\x18\x04 \x01(\x0b\x32\x11.vlmesh.v1.TensorH\x00\x12\x31\n\x05token\x18\x05 \x01(\x0b\x32 .vlmesh.internal.v1.SampledTokenH\x00\x12%\n\tkv_deltas\x18\x06 \x03(\x0b\x32\x12.vlmesh.v1.KVDeltaB\x08\n\x06result\">\n\x0e\x46orwardRequest\x12,\n\x05steps\x18\x01 \x03(\x0b\x32\x1d.vlmesh.internal.v1.StepInput\"V\n\x0f\x46orwardResponse\x12/\n\x07outputs\x18\x01 \x03(\x0b\x32\x1e.vlmesh.internal.v1.StepOutput\x12\x12\n\ncompute_us\x18\x02 \x01(\x03\"\x10\n\x0eGetInfoRequest\"\xf0\x02\n\x0fGetInfoResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\x05\x12\x11\n\tlayer_end\x18\x03 \x01(\x05\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x10\n\x08is_first\x18\x05 \x01(\x08\x12\x0f\n\x07is_last\x18\x06 \x01(\x08\x12\x13\n\x0bhidden_size\x18\x07 \x01(\x05\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x17\n\x0fkv_budget_bytes\x18\t \x01(\x03\x12\x15\n\rkv_used_bytes\x18\n \x01(\x03\x12\x14\n\x0cnum_sessions\x18\x0b \x01(\x05\x12\x14\n\x0cweight_bytes\x18\x0c \x01(\x03\x12\x18\n\x10\x64\x65\x65pstack_layers\x18\r \x03(\x05\x12\x13\n\x0binstance_id\x18\x0e \x01(\t\x12\x15\n\rlease_seconds\x18\x0f \x01(\x01\x12\x14\n\x0cquantization\x18\x10 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x11 \x01(\t\"3\n\rRestoreHeader\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\x03\"y\n\x15RestoreSessionRequest\x12\x33\n\x06header\x18\x01 \x01(\x0b\x32!.vlmesh.internal.v1.RestoreHeaderH\x00\x12#\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x12.vlmesh.v1.KVDeltaH\x00\x42\x06\n\x04part\".\n\x16RestoreSessionResponse\x12\x14\n\x0c\x63\x61\x63he_length\x18\x01 \x01(\x03\"+\n\x15ReleaseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\">\n\x16ReleaseSessionResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x03\x12\x0f\n\x07\x65xisted\x18\x02 \x01(\x08\")\n\x12RenewLeasesRequest\x12\x13\n\x0bsession_ids\x18\x01 \x03(\t\"2\n\x13RenewLeasesResponse\x12\x1b\n\x13unknown_session_ids\x18\x01 \x03(\t2\xee\x03\n\x0cStageService\x12V\n\x07\x46orward\x12\".vlmesh.internal.v1.ForwardRequest\x1a#.vlmesh.internal.v1.ForwardResponse(\x01\x30\x01\x12R\n\x07GetInfo\x12\".vlmesh.internal.v1.GetInfoRequest\x1a#.vlmesh.internal.v1.GetInfoResponse\x12i\n\x0eRestoreSession\x12).vlmesh.internal.v1.RestoreSessionRequest\x1a*.vlmesh.internal.v1.RestoreSessionResponse(\x01\x12g\n\x0eReleaseSession\x12).vlmesh.internal.v1.ReleaseSessionRequest\x1a*.vlmesh.internal.v1.ReleaseSessionResponse\x12^\n\x0bRenewLeases\x12&.vlmesh.internal.v1.RenewLeasesRequest\x1a\'.vlmesh.internal.v1.RenewLeasesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1evlmesh/internal/v1/stage.proto\x12\x12vlmesh.internal.v1\x1a\x17google/rpc/status.proto\x1a\x16vlmesh/v1/tensor.proto\"%\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x0e\n\x06length\x18\x02 \x01(\x05\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x9d\x01\n\rSampleRequest\x12)\n\x06params\x18\x01 \x01(\x0b\x32\x19.vlmesh.v1.SamplingParams\x12\x14\n\x0ctop_logprobs\x18\x02 \x01(\x05\x12\x19\n\x11penalty_token_ids\x18\x03 \x03(\x03\x12\x1c\n\x14\x63onstraint_token_ids\x18\x04 \x03(\x03\x12\x12\n\nfork_seeds\x18\x05 \x03(\x04\"\xcb\x04\n\tStepInput\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0estart_position\x18\x02 \x01(\x03\x12\'\n\x0cposition_ids\x18\x03 \x01(\x0b\x32\x11.vlmesh.v1.Tensor\x12.\n\x06tokens\x18\x04 \x01(\x0b\x32\x1c.vlmesh.internal.v1.TokenIdsH\x00\x12*\n\rhidden_states\x18\x05 \x01(\x0b\x32\x11.vlmesh.v1.TensorH\x00\x12.\n\x0cvisual_spans\x18\x06 \x03(\x0b\x32\x18.vlmesh.internal.v1.Span\x12(\n\rvisual_embeds\x18\x07 \x01(\x0b\x32\x11.vlmesh.v1.Tensor\x12\x37\n\tdeepstack\x18\x08 \x03(\x0b\x32$.vlmesh.internal.v1.DeepstackFeature\x12\x31\n\x06sample\x18\t \x01(\x0b\x32!.vlmesh.internal.v1.SampleRequest\x12\x17\n\x0freturn_kv_delta\x18\n \x01(\x08\x12\x46\n\rtrace_context\x18\x0b \x03(\x0b\x32/.vlmesh.internal.v1.StepInput.TraceContextEntry\x12\x0e\n\x06rewind\x18\x0c \x01(\x08\x12\x18\n\x10\x66ork_session_ids\x18\r \x03(\t\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05input\"D\n\x10\x44\x65\x65pstackFeature\x12\r\n\x05layer\x18\x01 \x01(\x05\x12!\n\x06\x65mbeds\x18\x02 \x01(\x0b\x32\x11.vlmesh.v1.Tensor\"`\n\x0cSampledToken\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12-\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x17.vlmesh.v1.TokenLogprob\"\xa1\x02\n\nStepOutput\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\"\n\x06status\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\x12\x14\n\x0c\x63\x61\x63he_length\x18\x03 \x01(\x03\x12*\n\rhidden_states\x18\x04 \x01(\x0b\x32\x11.vlmesh.v1.TensorH\x00\x12\x31\n\x05token\x18\x05 \x01(\x0b\x32 .vlmesh.internal.v1.SampledTokenH\x00\x12%\n\tkv_deltas\x18\x06 \x03(\x0b\x32\x12.vlmesh.v1.KVDelta\x12\x35\n\x0b\x66ork_tokens\x18\x07 \x03(\x0b\x32 .vlmesh.internal.v1.SampledTokenB\x08\n\x06result\">\n\x0e\x46orwardRequest\x12,\n\x05steps\x18\x01 \x03(\x0b\x32\x1d.vlmesh.internal.v1.StepInput\"V\n\x0f\x46orwardResponse\x12/\n\x07outputs\x18\x01 \x03(\x0b\x32\x1e.vlmesh.internal.v1.StepOutput\x12\x12\n\ncompute_us\x18\x02 \x01(\x03\"\x10\n\x0eGetInfoRequest\"\xf0\x02\n\x0fGetInfoResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\x05\x12\x11\n\tlayer_end\x18\x03 \x01(\x05\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x10\n\x08is_first\x18\x05 \x01(\x08\x12\x0f\n\x07is_last\x18\x06 \x01(\x08\x12\x13\n\x0bhidden_size\x18\x07 \x01(\x05\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x17\n\x0fkv_budget_bytes\x18\t \x01(\x03\x12\x15\n\rkv_used_bytes\x18\n \x01(\x03\x12\x14\n\x0cnum_sessions\x18\x0b \x01(\x05\x12\x14\n\x0cweight_bytes\x18\x0c \x01(\x03\x12\x18\n\x10\x64\x65\x65pstack_layers\x18\r \x03(\x05\x12\x13\n\x0binstance_id\x18\x0e \x01(\t\x12\x15\n\rlease_seconds\x18\x0f \x01(\x01\x12\x14\n\x0cquantization\x18\x10 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x11 \x01(\t\"3\n\rRestoreHeader\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\x03\"y\n\x15RestoreSessionRequest\x12\x33\n\x06header\x18\x01 \x01(\x0b\x32!.vlmesh.internal.v1.RestoreHeaderH\x00\x12#\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x12.vlmesh.v1.KVDeltaH\x00\x42\x06\n\x04part\".\n\x16RestoreSessionResponse\x12\x14\n\x0c\x63\x61\x63he_length\x18\x01 \x01(\x03\"+\n\x15ReleaseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\">\n\x16ReleaseSessionResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x03\x12\x0f\n\x07\x65xisted\x18\x02 \x01(\x08\")\n\x12RenewLeasesRequest\x12\x13\n\x0bsession_ids\x18\x01 \x03(\t\"2\n\x13RenewLeasesResponse\x12\x1b\n\x13unknown_session_ids\x18\x01 \x03(\t2\xee\x03\n\x0cStageService\x12V\n\x07\x46orward\x12\".vlmesh.internal.v1.ForwardRequest\x1a#.vlmesh.internal.v1.ForwardResponse(\x01\x30\x01\x12R\n\x07GetInfo\x12\".vlmesh.internal.v1.GetInfoRequest\x1a#.vlmesh.internal.v1.GetInfoResponse\x12i\n\x0eRestoreSession\x12).vlmesh.internal.v1.RestoreSessionRequest\x1a*.vlmesh.internal.v1.RestoreSessionResponse(\x01\x12g\n\x0eReleaseSession\x12).vlmesh.internal.v1.ReleaseSessionRequest\x1a*.vlmesh.internal.v1.ReleaseSessionResponse\x12^\n\x0bRenewLeases\x12&.vlmesh.internal.v1.RenewLeasesRequest\x1a\'.vlmesh.internal.v1.RenewLeasesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,39 +40,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=142
   _globals['_TOKENIDS']._serialized_end=165
   _globals['_SAMPLEREQUEST']._serialized_start=168
-  _globals['_SAMPLEREQUEST']._serialized_end=305
-  _globals['_STEPINPUT']._serialized_start=308
-  _globals['_STEPINPUT']._serialized_end=869
-  _globals['_STEPINPUT_TRACECONTEXTENTRY']._serialized_start=809
-  _globals['_STEPINPUT_TRACECONTEXTENTRY']._serialized_end=860
-  _globals['_DEEPSTACKFEATURE']._serialized_start=871
-  _globals['_DEEPSTACKFEATURE']._serialized_end=939
-  _globals['_SAMPLEDTOKEN']._serialized_start=941
-  _globals['_SAMPLEDTOKEN']._serialized_end=1037
-  _globals['_STEPOUTPUT']._serialized_start=1040
-  _globals['_STEPOUTPUT']._serialized_end=1274
-  _globals['_FORWARDREQUEST']._serialized_start=1276
-  _globals['_FORWARDREQUEST']._serialized_end=1338
-  _globals['_FORWARDRESPONSE']._serialized_start=1340
-  _globals['_FORWARDRESPONSE']._serialized_end=1426
-  _globals['_GETINFOREQUEST']._serialized_start=1428
-  _globals['_GETINFOREQUEST']._serialized_end=1444
-  _globals['_GETINFORESPONSE']._serialized_start=1447
-  _globals['_GETINFORESPONSE']._serialized_end=1815
-  _globals['_RESTOREHEADER']._serialized_start=1817
-  _globals['_RESTOREHEADER']._serialized_end=1868
-  _globals['_RESTORESESSIONREQUEST']._serialized_start=1870
-  _globals['_RESTORESESSIONREQUEST']._serialized_end=1991
-  _globals['_RESTORESESSIONRESPONSE']._serialized_start=1993
-  _globals['_RESTORESESSIONRESPONSE']._serialized_end=2039
-  _globals['_RELEASESESSIONREQUEST']._serialized_start=2041
-  _globals['_RELEASESESSIONREQUEST']._serialized_end=2084
-  _globals['_RELEASESESSIONRESPONSE']._serialized_start=2086
-  _globals['_RELEASESESSIONRESPONSE']._serialized_end=2148
-  _globals['_RENEWLEASESREQUEST']._serialized_start=2150
-  _globals['_RENEWLEASESREQUEST']._serialized_end=2191
-  _globals['_RENEWLEASESRESPONSE']._serialized_start=2193
-  _globals['_RENEWLEASESRESPONSE']._serialized_end=2243
-  _globals['_STAGESERVICE']._serialized_start=2246
-  _globals['_STAGESERVICE']._serialized_end=2740
+  _globals['_SAMPLEREQUEST']._serialized_end=325
+  _globals['_STEPINPUT']._serialized_start=328
+  _globals['_STEPINPUT']._serialized_end=915
+  _globals['_STEPINPUT_TRACECONTEXTENTRY']._serialized_start=855
+  _globals['_STEPINPUT_TRACECONTEXTENTRY']._serialized_end=906
+  _globals['_DEEPSTACKFEATURE']._serialized_start=917
+  _globals['_DEEPSTACKFEATURE']._serialized_end=985
+  _globals['_SAMPLEDTOKEN']._serialized_start=987
+  _globals['_SAMPLEDTOKEN']._serialized_end=1083
+  _globals['_STEPOUTPUT']._serialized_start=1086
+  _globals['_STEPOUTPUT']._serialized_end=1375
+  _globals['_FORWARDREQUEST']._serialized_start=1377
+  _globals['_FORWARDREQUEST']._serialized_end=1439
+  _globals['_FORWARDRESPONSE']._serialized_start=1441
+  _globals['_FORWARDRESPONSE']._serialized_end=1527
+  _globals['_GETINFOREQUEST']._serialized_start=1529
+  _globals['_GETINFOREQUEST']._serialized_end=1545
+  _globals['_GETINFORESPONSE']._serialized_start=1548
+  _globals['_GETINFORESPONSE']._serialized_end=1916
+  _globals['_RESTOREHEADER']._serialized_start=1918
+  _globals['_RESTOREHEADER']._serialized_end=1969
+  _globals['_RESTORESESSIONREQUEST']._serialized_start=1971
+  _globals['_RESTORESESSIONREQUEST']._serialized_end=2092
+  _globals['_RESTORESESSIONRESPONSE']._serialized_start=2094
+  _globals['_RESTORESESSIONRESPONSE']._serialized_end=2140
+  _globals['_RELEASESESSIONREQUEST']._serialized_start=2142
+  _globals['_RELEASESESSIONREQUEST']._serialized_end=2185
+  _globals['_RELEASESESSIONRESPONSE']._serialized_start=2187
+  _globals['_RELEASESESSIONRESPONSE']._serialized_end=2249
+  _globals['_RENEWLEASESREQUEST']._serialized_start=2251
+  _globals['_RENEWLEASESREQUEST']._serialized_end=2292
+  _globals['_RENEWLEASESRESPONSE']._serialized_start=2294
+  _globals['_RENEWLEASESRESPONSE']._serialized_end=2344
+  _globals['_STAGESERVICE']._serialized_start=2347
+  _globals['_STAGESERVICE']._serialized_end=2841
 # @@protoc_insertion_point(module_scope)

@@ -82,6 +82,7 @@ class SampleRequest(_message.Message):
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     PENALTY_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     CONSTRAINT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    FORK_SEEDS_FIELD_NUMBER: _builtins.int
     top_logprobs: _builtins.int
     """Also return this many most likely tokens with their log-probabilities."""
     @_builtins.property
@@ -103,6 +104,12 @@ class SampleRequest(_message.Message):
         The constraint's state is a function of them, so any replica can rebuild it (failover).
         """
 
+    @_builtins.property
+    def fork_seeds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """With StepInput.fork_session_ids: one more token per fork, drawn from the same logits with
+        these seeds (same order), so n continuations of one prompt share its prefill.
+        """
+
     def __init__(
         self,
         *,
@@ -110,10 +117,11 @@ class SampleRequest(_message.Message):
         top_logprobs: _builtins.int = ...,
         penalty_token_ids: _abc.Iterable[_builtins.int] | None = ...,
         constraint_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        fork_seeds: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["constraint_token_ids", b"constraint_token_ids", "params", b"params", "penalty_token_ids", b"penalty_token_ids", "top_logprobs", b"top_logprobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["constraint_token_ids", b"constraint_token_ids", "fork_seeds", b"fork_seeds", "params", b"params", "penalty_token_ids", b"penalty_token_ids", "top_logprobs", b"top_logprobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -157,6 +165,7 @@ class StepInput(_message.Message):
     RETURN_KV_DELTA_FIELD_NUMBER: _builtins.int
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     REWIND_FIELD_NUMBER: _builtins.int
+    FORK_SESSION_IDS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session the KV cache belongs to."""
     start_position: _builtins.int
@@ -214,6 +223,13 @@ class StepInput(_message.Message):
         stream multiplexes many requests, so the context travels per step.
         """
 
+    @_builtins.property
+    def fork_session_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """After the step, copy the session's KV (all its positions) into each of these sessions,
+        replacing what they hold: n > 1 continuations of a prompt fork from its prefill. The room is
+        admitted before the step runs (KV_BUDGET_FULL otherwise, and the step does not run).
+        """
+
     def __init__(
         self,
         *,
@@ -229,10 +245,11 @@ class StepInput(_message.Message):
         return_kv_delta: _builtins.bool = ...,
         trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         rewind: _builtins.bool = ...,
+        fork_session_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hidden_states", b"hidden_states", "input", b"input", "position_ids", b"position_ids", "sample", b"sample", "tokens", b"tokens", "visual_embeds", b"visual_embeds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deepstack", b"deepstack", "hidden_states", b"hidden_states", "input", b"input", "position_ids", b"position_ids", "return_kv_delta", b"return_kv_delta", "rewind", b"rewind", "sample", b"sample", "session_id", b"session_id", "start_position", b"start_position", "tokens", b"tokens", "trace_context", b"trace_context", "visual_embeds", b"visual_embeds", "visual_spans", b"visual_spans"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deepstack", b"deepstack", "fork_session_ids", b"fork_session_ids", "hidden_states", b"hidden_states", "input", b"input", "position_ids", b"position_ids", "return_kv_delta", b"return_kv_delta", "rewind", b"rewind", "sample", b"sample", "session_id", b"session_id", "start_position", b"start_position", "tokens", b"tokens", "trace_context", b"trace_context", "visual_embeds", b"visual_embeds", "visual_spans", b"visual_spans"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["tokens", "hidden_states"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
@@ -312,6 +329,7 @@ class StepOutput(_message.Message):
     HIDDEN_STATES_FIELD_NUMBER: _builtins.int
     TOKEN_FIELD_NUMBER: _builtins.int
     KV_DELTAS_FIELD_NUMBER: _builtins.int
+    FORK_TOKENS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Echo of StepInput.session_id."""
     cache_length: _builtins.int
@@ -334,6 +352,10 @@ class StepOutput(_message.Message):
     def kv_deltas(self) -> _containers.RepeatedCompositeFieldContainer[_tensor_pb2.KVDelta]:
         """The K/V entries this step appended, one per owned layer (when return_kv_delta)."""
 
+    @_builtins.property
+    def fork_tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___SampledToken]:
+        """Last stage, with SampleRequest.fork_seeds: the token drawn for each fork, in order."""
+
     def __init__(
         self,
         *,
@@ -343,10 +365,11 @@ class StepOutput(_message.Message):
         hidden_states: _tensor_pb2.Tensor | None = ...,
         token: Global___SampledToken | None = ...,
         kv_deltas: _abc.Iterable[_tensor_pb2.KVDelta] | None = ...,
+        fork_tokens: _abc.Iterable[Global___SampledToken] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hidden_states", b"hidden_states", "result", b"result", "status", b"status", "token", b"token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_length", b"cache_length", "hidden_states", b"hidden_states", "kv_deltas", b"kv_deltas", "result", b"result", "session_id", b"session_id", "status", b"status", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_length", b"cache_length", "fork_tokens", b"fork_tokens", "hidden_states", b"hidden_states", "kv_deltas", b"kv_deltas", "result", b"result", "session_id", b"session_id", "status", b"status", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["hidden_states", "token"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
