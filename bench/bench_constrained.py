@@ -109,14 +109,28 @@ def run(model: Path, sessions: int, repeats: int, seed: int) -> dict:
                     lengths.append(len(ids[i]))
                 else:
                     ids[i].append(tok)
+    head = {"engine": "llguidance", "model": str(model), "vocab_size": vocab, "tokenizer_tokens": constraints.tokenizer().vocab_size}
+    return _row(head, sessions, repeats, tokenizer_ms, compile_cold_ms, cached, mask_us, masked_sample_us, free_sample_us, lengths)
+
+
+def _row(
+    head: dict,
+    sessions: int,
+    repeats: int,
+    tokenizer_ms: float,
+    compile_cold_ms: float,
+    cached: list[float],
+    mask_us: list[float],
+    masked_sample_us: list[float],
+    free_sample_us: list[float],
+    lengths: list[int],
+) -> dict:
+    """One engine's row: medians of the per-token timings, and what they add to a step."""
     mask = statistics.median(mask_us)
     masked = statistics.median(masked_sample_us)
     free = statistics.median(free_sample_us)
     return {
-        "engine": "llguidance",
-        "model": str(model),
-        "vocab_size": vocab,
-        "tokenizer_tokens": constraints.tokenizer().vocab_size,
+        **head,
         "sessions_in_flight": sessions,
         "tokenizer_build_ms": round(tokenizer_ms, 2),
         "compile_cold_ms": round(compile_cold_ms, 3),
@@ -186,25 +200,8 @@ def run_xgrammar(model: Path, sessions: int, repeats: int, seed: int) -> dict:
             for lg in logits:
                 sample(lg, params, position)
             free_sample_us.append((time.perf_counter() - t0) * 1e6 / len(live))
-    mask = statistics.median(mask_us)
-    masked = statistics.median(masked_sample_us)
-    free = statistics.median(free_sample_us)
-    return {
-        "engine": "xgrammar",
-        "model": str(model),
-        "vocab_size": vocab,
-        "sessions_in_flight": sessions,
-        "tokenizer_build_ms": round(tokenizer_ms, 2),
-        "compile_cold_ms": round(compile_cold_ms, 3),
-        "compile_cached_ms": round(statistics.median(cached), 4),
-        "mask_us_per_token": round(mask, 1),
-        "sample_masked_us_per_token": round(masked, 1),
-        "sample_free_us_per_token": round(free, 1),
-        "constraint_us_per_token": round(mask + masked - free, 1),
-        "per_step_ms_at_sessions": round((mask + masked - free) * sessions / 1e3, 3),
-        "output_tokens_median": statistics.median(lengths) if lengths else None,
-        "outputs_unfinished": sessions * repeats - len(lengths),
-    }
+    head = {"engine": "xgrammar", "model": str(model), "vocab_size": vocab}
+    return _row(head, sessions, repeats, tokenizer_ms, compile_cold_ms, cached, mask_us, masked_sample_us, free_sample_us, lengths)
 
 
 def main(argv: list[str] | None = None) -> int:
