@@ -70,11 +70,11 @@ class Stages:
     """The stages of one mesh split, in this process: a micro-batch goes through them in order,
     as the coordinator sends it (token ids to the first, hidden states on, sampling at the last)."""
 
-    def __init__(self, path: Path, dtype: torch.dtype, numerics: str, splits: int = 2):
+    def __init__(self, path: Path, dtype: torch.dtype, numerics: str, splits: int = 2, prepack: bool = True):
         ckpt = open_checkpoint(path)
         n = ckpt.text_config.num_hidden_layers
         cuts = [round(i * n / splits) for i in range(splits + 1)]
-        self.stages = [StageBackend(ckpt, a, b, dtype, KV_BUDGET, numerics=numerics) for a, b in zip(cuts, cuts[1:])]
+        self.stages = [StageBackend(ckpt, a, b, dtype, KV_BUDGET, numerics=numerics, prepack=prepack) for a, b in zip(cuts, cuts[1:])]
         self.vocab = ckpt.text_config.vocab_size
 
     def step(self, work: list[tuple[str, int, torch.Tensor]]) -> list[list[StepResult]]:
@@ -330,8 +330,11 @@ class Profiler:
             split.attention_calls += sum(self.calls.per_layer.values()) - before
 
 
-def profile_stages(path: Path, dtype: torch.dtype, numerics: str, batch: int, prompt: int, steps: int) -> list[Split]:
-    stages = Stages(path, dtype, numerics)
+def profile_stages(
+    path: Path, dtype: torch.dtype, numerics: str, batch: int, prompt: int, steps: int, prepack: bool = True
+) -> tuple[list[Split], int]:
+    """Per stage the timed split, and how many linears the stages packed."""
+    stages = Stages(path, dtype, numerics, prepack=prepack)
     prof = Profiler()
     prof.install(stages.stages)
     rng = random.Random(0)
@@ -359,7 +362,7 @@ def profile_stages(path: Path, dtype: torch.dtype, numerics: str, batch: int, pr
                     out = stage.run(work)  # type: ignore[arg-type]
                 hidden = [r.hidden for r in out]
             nxt = [r.token.token_id for r in out]  # type: ignore[union-attr]
-        return splits
+        return splits, sum(stage.model.packing.packed for stage in stages.stages)
     finally:
         prof.uninstall()
 
@@ -401,12 +404,13 @@ def profile(args: argparse.Namespace) -> None:
     dtype = getattr(torch, args.dtype)
     per = args.steps
     print(f"step profile: {path.name}, {args.dtype}, 2 stages in-process, prompt {args.prompt}, {per} decode steps timed; ms per micro-batch")
-    head = f"{'B':>3s} {'numerics':8s} {'stage':5s} {'compute':>8s} {'linear':>8s} {'attn':>8s} {'calls/L':>7s} {'rest':>8s} {'sampling':>8s} {'backend':>8s}"
+    head = f"{'B':>3s} {'numerics':14s} {'stage':5s} {'compute':>8s} {'linear':>8s} {'attn':>8s} {'calls/L':>7s} {'rest':>8s} {'sampling':>8s} {'backend':>8s}"
     for b in args.batch:
         ref = transformers_step(path, dtype, b, args.prompt, per) if not args.no_hf else float("nan")
         print(head)
-        for numerics in args.numerics:
-            splits = profile_stages(path, dtype, numerics, b, args.prompt, per)
+        for numerics, prepack in [(n, p) for n in args.numerics for p in args.prepack]:
+            splits, packed = profile_stages(path, dtype, numerics, b, args.prompt, per, prepack)
+            label = f"{numerics}/{'packed' if packed else 'plain'}"
             total = 0.0
             for si, s in enumerate(splits):
                 n_layers = _layers_of(path, si)
@@ -414,11 +418,11 @@ def profile(args: argparse.Namespace) -> None:
                 backend_own = s.run - s.forward - s.logits - s.sampling
                 ms = 1e3 / per
                 print(
-                    f"{b:3d} {numerics:8s} {si:5d} {s.run * ms:8.2f} {s.linear * ms:8.2f} {s.attention * ms:8.2f} "
+                    f"{b:3d} {label:14s} {si:5d} {s.run * ms:8.2f} {s.linear * ms:8.2f} {s.attention * ms:8.2f} "
                     f"{s.attention_calls / n_layers:7.1f} {rest * ms:8.2f} {s.sampling * ms:8.2f} {backend_own * ms:8.2f}"
                 )
                 total += s.run
-            print(f"{b:3d} {numerics:8s} {'sum':5s} {total * 1e3 / per:8.2f}")
+            print(f"{b:3d} {label:14s} {'sum':5s} {total * 1e3 / per:8.2f}")
         print(f"{b:3d} transformers generate() decode step: {ref * 1e3:.2f} ms\n")
 
 
@@ -446,6 +450,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 16], help="sessions in flight")
     ap.add_argument("--numerics", type=lambda s: s.split(","), default=["exact", "fast"])
+    ap.add_argument(
+        "--prepack",
+        type=lambda s: [x == "true" for x in s.split(",")],
+        default=[True],
+        help="true, false or true,false: linears packed for oneDNN at load (the stage's --prepack)",
+    )
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens per session")
     ap.add_argument("--steps", type=int, default=8, help="decode micro-batches timed")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

@@ -68,6 +68,22 @@ def test_step_costs_size_the_chunk_as_half_a_decode_step_within_bounds():
     assert c.budget() == c.ceiling
 
 
+def test_auto_chunks_protect_decoding_requests_unless_as_many_wait_for_a_first_token():
+    s = Scheduler(SchedulerConfig(max_batch=64))
+    s.costs.observe(0, 0.5)
+    s.costs.observe(100, 1.5)  # budget: 25 tokens
+    decoding = [Req(1), Req(1), Req(1)]
+    waiting = [Req(40), Req(40)]
+    for r in (*decoding, *waiting):
+        s.add(r)
+    picked = s.next_batch(0)  # three decoding, two waiting: chunked to half a decode step
+    assert picked[:3] == [(r, 1) for r in decoding] and picked[3:] == [(waiting[0], 22)]
+    late = Req(40)
+    s.add(late)
+    picked = s.next_batch(0)  # three waiting, three decoding: the prompts go in whole
+    assert picked[3:] == [(waiting[0], 40), (waiting[1], 40), (late, 40)]
+
+
 def _session(tokens: list[int], cached: int, owner: str = "k") -> Session:
     s = Session.new(owner, persistent=False, now=0.0)
     s.token_ids, s.cached = list(tokens), cached

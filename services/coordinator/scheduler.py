@@ -5,7 +5,8 @@ Continuous batching with chunked prefill, as vLLM schedules: every micro-batch c
 `chunk_tokens` tokens (by default sized from what steps have cost: StepCosts). Requests decoding (one token each) go first, then prompts, each taking as
 much of the remaining token budget as it needs, so a long prompt (an image is hundreds of
 tokens, a video thousands) is fed in chunks between the running requests' decode steps and a
-newcomer never holds them up for longer than one chunk.
+newcomer never holds them up for longer than one chunk. When as many requests wait for their
+first token as are decoding (a burst), the auto budget lets their prompts in at once instead.
 
 Pipelining: up to `pipeline_depth` micro-batches are in flight at once (one per layer range),
 each with about 1/depth of the active requests, so every range computes at the same time instead
@@ -86,13 +87,13 @@ class Scheduler:
         decodes: list[Schedulable] = []
         prompts: list[tuple[Schedulable, int]] = []
         active = 0
-        decoding = False
+        decoding = 0  # requests past their prompt (ready or in flight)
         for r in self.queue:
             remaining, in_flight, feedable = r.remaining, r.in_flight, r.feedable
             if in_flight or feedable:
                 active += 1
             if remaining == 1 or (in_flight and remaining <= 1):
-                decoding = True
+                decoding += 1
             if feedable:
                 if remaining == 1:
                     decodes.append(r)
@@ -102,7 +103,11 @@ class Scheduler:
             return []
         share = max(1, math.ceil(active / self.cfg.pipeline_depth))
         limit = min(self.cfg.max_batch, share)
-        budget = self.cfg.chunk_tokens or (self.costs.budget() if decoding else self.costs.ceiling)
+        # Auto: a chunk of about half a decode step protects the decoding requests' pace, unless
+        # at least as many requests wait for their first token (a burst arriving together): then
+        # their wait is the larger cost, and their prompts go in as one chunk of up to the ceiling.
+        protect = decoding and len(prompts) < decoding
+        budget = self.cfg.chunk_tokens or (self.costs.budget() if protect else self.costs.ceiling)
         # Decode steps first: they are what running requests wait on.
         picked: list[tuple[Schedulable, int]] = [(r, 1) for r in decodes[: max(0, min(limit, budget))]]
         budget -= len(picked)

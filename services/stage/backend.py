@@ -79,9 +79,10 @@ class StageBackend:
         max_batch: int = 64,
         quantize: str = "auto",
         numerics: str = "exact",
+        prepack: bool = True,
     ):
         self.ckpt = ckpt
-        self.model = StageModel(ckpt, start, end, dtype, device, quantize, numerics)
+        self.model = StageModel(ckpt, start, end, dtype, device, quantize, numerics, prepack)
         tc = ckpt.text_config
         self.dtype = dtype
         self.device = device

@@ -16,7 +16,7 @@ from torch import nn
 
 from services.common.checkpoint import Checkpoint, build_on_meta, load_weights
 
-from . import attention, quant  # attention: registers the attentions the layers are built with
+from . import attention, packed, quant  # attention: registers the attentions the layers are built with
 from .kv_cache import BatchKV
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ class StageModel(nn.Module):
         device: torch.device = torch.device("cpu"),
         quantize: str = "auto",
         numerics: str = "exact",
+        prepack: bool = True,
     ):
         super().__init__()
         tc = ckpt.text_config
@@ -78,8 +79,20 @@ class StageModel(nn.Module):
         # int8 W8A8 decoder-layer linears where the checkpoint has them or --quantize asks ("none"/"w8a8-int8").
         self.quantization = quant.prepare_stage(self, state, quantize, dtype, ckpt.config)
         load_weights(self, state, f"{ckpt.path} stage {start}:{end}", ckpt.family.transposed_on_load)
+        del state  # the packing below frees each original weight as its packed copy arrives
         self.device = device
         self.to(device).eval()
+        # Float linears packed for oneDNN once, if that is bitwise equal to F.linear here (packed.py).
+        keep = frozenset({self.embed_tokens.weight.data_ptr()}) if self.embed_tokens is not None else frozenset()
+        self.packing = (
+            packed.pack_linears(self, device, dtype, decode_only=frozenset({"lm_head"}), keep=keep)
+            if prepack
+            else packed.Packing(0, "--prepack false")
+        )
+        if self.packing.packed:
+            log.info("stage %d:%d: %d linears prepacked for oneDNN (bitwise equal to F.linear on this CPU)", start, end, self.packing.packed)
+        else:
+            log.info("stage %d:%d: linears not prepacked: %s", start, end, self.packing.reason)
 
     def _select(self, tied: bool):
         def select(part: str, name: str) -> str | None:
@@ -104,7 +117,8 @@ class StageModel(nn.Module):
     def weight_bytes(self) -> int:
         # A single tied stage's lm_head is a second Parameter over the embedding's storage:
         # count memory, not parameters.
-        return sum({p.data_ptr(): p.numel() * p.element_size() for p in self.parameters()}.values())
+        params = {p.data_ptr(): p.numel() * p.element_size() for p in self.parameters()}
+        return sum(params.values()) + sum(m.weight_bytes() for m in self.modules() if isinstance(m, packed.PackedLinear))
 
     def embed(self, token_ids: torch.Tensor, visual_index: torch.Tensor | None, visual: torch.Tensor | None) -> torch.Tensor:
         """token ids [N] -> [1, N, H], visual rows [M, H] written over positions visual_index [M]

@@ -53,6 +53,10 @@ class StageConfig(ServiceConfig):
         "exact",
         "attention: exact (transformers' call per session; greedy output equals generate()) or fast (one padded call per layer per micro-batch: not bitwise equal, agreement measured in the README)",
     )
+    prepack: bool = field(
+        True,
+        "pack the float linear weights for oneDNN once at load, where a load-time check finds it bitwise equal to F.linear on this CPU (bfloat16 on CPUs with bf16 kernels); false: plain nn.Linear",
+    )
 
     def layer_range(self) -> tuple[int, int]:
         try:
@@ -226,6 +230,7 @@ class StageServicer(stage_pb2_grpc.StageServiceServicer):
             instance_id=self.instance_id,
             lease_seconds=b.kv.lease_seconds,
             quantization=getattr(b.model, "quantization", "none"),
+            prepacked_linears=b.model.packing.packed,
             device=str(b.device),
         )
 
@@ -309,6 +314,7 @@ async def start(cfg: StageConfig) -> RunningServer:
             max_batch=cfg.max_batch,
             quantize=cfg.quantize,
             numerics=cfg.numerics,
+            prepack=cfg.prepack,
         ),
     )
     constraints = Constraints(cfg.model, ckpt.text_config.vocab_size, eos_token_ids(cfg.model)) if backend.is_last else None

@@ -463,6 +463,7 @@ class GetInfoResponse(_message.Message):
     LEASE_SECONDS_FIELD_NUMBER: _builtins.int
     QUANTIZATION_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
+    PREPACKED_LINEARS_FIELD_NUMBER: _builtins.int
     model_type: _builtins.str
     """Model family, e.g. "qwen2_vl"."""
     layer_start: _builtins.int
@@ -495,6 +496,10 @@ class GetInfoResponse(_message.Message):
     """Weight quantization of the decoder layers: "none" or e.g. "w8a8-int8"."""
     device: _builtins.str
     """Device the layers run on, e.g. "cpu" or "cuda:0"."""
+    prepacked_linears: _builtins.int
+    """Linear layers whose weights were packed for oneDNN at load (0: plain nn.Linear; the
+    stage's log says why).
+    """
     @_builtins.property
     def deepstack_layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Owned decoder layers that take a DeepStack feature (Qwen3-VL: global layers 0..k-1)."""
@@ -519,10 +524,11 @@ class GetInfoResponse(_message.Message):
         lease_seconds: _builtins.float = ...,
         quantization: _builtins.str = ...,
         device: _builtins.str = ...,
+        prepacked_linears: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deepstack_layers", b"deepstack_layers", "device", b"device", "dtype", b"dtype", "hidden_size", b"hidden_size", "instance_id", b"instance_id", "is_first", b"is_first", "is_last", b"is_last", "kv_budget_bytes", b"kv_budget_bytes", "kv_used_bytes", b"kv_used_bytes", "layer_end", b"layer_end", "layer_start", b"layer_start", "lease_seconds", b"lease_seconds", "model_type", b"model_type", "num_layers", b"num_layers", "num_sessions", b"num_sessions", "quantization", b"quantization", "weight_bytes", b"weight_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deepstack_layers", b"deepstack_layers", "device", b"device", "dtype", b"dtype", "hidden_size", b"hidden_size", "instance_id", b"instance_id", "is_first", b"is_first", "is_last", b"is_last", "kv_budget_bytes", b"kv_budget_bytes", "kv_used_bytes", b"kv_used_bytes", "layer_end", b"layer_end", "layer_start", b"layer_start", "lease_seconds", b"lease_seconds", "model_type", b"model_type", "num_layers", b"num_layers", "num_sessions", b"num_sessions", "prepacked_linears", b"prepacked_linears", "quantization", b"quantization", "weight_bytes", b"weight_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
