@@ -79,7 +79,7 @@ class StageModel(nn.Module):
         # int8 W8A8 decoder-layer linears where the checkpoint has them or --quantize asks ("none"/"w8a8-int8").
         self.quantization = quant.prepare_stage(self, state, quantize, dtype, ckpt.config)
         load_weights(self, state, f"{ckpt.path} stage {start}:{end}", ckpt.family.transposed_on_load)
-        del state  # the packing below frees each original weight as its packed copy arrives
+        del state  # no references left to the loaded tensors but the modules' own
         self.device = device
         self.to(device).eval()
         # Float linears packed for oneDNN once, if that is bitwise equal to F.linear here (packed.py).

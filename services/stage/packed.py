@@ -40,7 +40,7 @@ class PackedLinear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return _packed_linear(x, self.packed, self.bias)
 
     def weight_bytes(self) -> int:
         return self.packed.numel() * self.packed.element_size()
@@ -61,12 +61,16 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
 
 
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 def _bitwise_equal(linear: nn.Linear, packed: torch.Tensor, rows_to_try: tuple[int, ...], generator: torch.Generator) -> bool:
     w, b = linear.weight, linear.bias
     for rows in rows_to_try:
         x = torch.randn(1, rows, linear.in_features, generator=generator).to(w.dtype)
         with torch.inference_mode():
-            if not torch.equal(F.linear(x, w, b), torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")):
+            if not torch.equal(F.linear(x, w, b), _packed_linear(x, packed, b)):
                 return False
     return True
 
@@ -93,10 +97,12 @@ def pack_linears(
     ]
     if not targets:
         return Packing(0, "no plain linear layers")
-    # Check each distinct shape first, then swap one linear at a time, so each original weight is
-    # freed as its packed copy arrives (never the whole stage twice).
+    # Check each distinct shape on its first linear (keeping that packed copy), then swap one
+    # linear at a time. The originals are the checkpoint's mmap pages, not anonymous memory, so
+    # the packed copies are the only memory this adds (the pages stay as clean page cache).
     generator = torch.Generator().manual_seed(0)
     checked: set[tuple[int, int, bool, bool]] = set()
+    done: dict[int, torch.Tensor] = {}  # id(linear) -> its packed weight, for the ones checked
     for _, qualified, _, linear in targets:
         short = qualified in decode_only
         key = (linear.out_features, linear.in_features, linear.bias is not None, short)
@@ -109,6 +115,8 @@ def pack_linears(
         if not _bitwise_equal(linear, p, DECODE_ROWS if short else PROMPT_ROWS, generator):
             return Packing(0, f"a packed {key[0]}x{key[1]} linear is not bitwise equal to F.linear on this CPU")
         checked.add(key)
+        done[id(linear)] = p
     for parent, _, name, linear in targets:
-        setattr(parent, name, PackedLinear(linear, _pack(linear.weight.detach())))
+        p = done.pop(id(linear), None)
+        setattr(parent, name, PackedLinear(linear, p if p is not None else _pack(linear.weight.detach())))
     return Packing(len(targets), "")
