@@ -117,6 +117,5 @@ def pack_linears(
         checked.add(key)
         done[id(linear)] = p
     for parent, _, name, linear in targets:
-        p = done.pop(id(linear), None)
-        setattr(parent, name, PackedLinear(linear, p if p is not None else _pack(linear.weight.detach())))
+        setattr(parent, name, PackedLinear(linear, done.pop(id(linear)) if id(linear) in done else _pack(linear.weight.detach())))
     return Packing(len(targets), "")
