@@ -12,7 +12,11 @@ Parts:
   the first coming from the prefill). transformers: one generate() over the c prompts, left-padded
   (its static batch). Mesh: c concurrent Generate streams through the coordinator (continuous
   batching). Aggregate tok/s = all tokens / wall time; TTFT and inter-token latency (ITL)
-  percentiles from the client's arrival times.
+  percentiles from the client's arrival times. And where the mesh's time went over each
+  concurrency (the coordinator's Prometheus series, scraped before and after it): per micro-batch,
+  each stage's reported compute, the rest of its round trip (transport, queueing, protobuf), the
+  coordinator building the request and running its engine rounds, and each stage's idle share of
+  the wall time. Prompt micro-batches count with decode ones.
 - prefill: 8 sessions decoding; then one image request (a 448x448 picture) arrives. The running
   sessions' ITL while the newcomer's prompt is fed, against their ITL before it arrived, for each
   --chunks size (the coordinator's --chunk-tokens; a mesh per size).
@@ -106,13 +110,56 @@ async def stream_one(client, text_or_messages, max_tokens: int, t_start: float) 
     return {"tokens": n, "ttft": times[0] - t_start if times else None, "itl": [b - a for a, b in zip(times, times[1:])], "times": times}
 
 
-async def mesh_sweep(address: str, sizes: list[int], tokens: int) -> dict[int, dict]:
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """{(sample, sorted labels): value} of the coordinator's GET /metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {(x.name, tuple(sorted(x.labels.items()))): x.value for f in text_string_to_metric_families(text) for x in f.samples}
+
+
+def breakdown(before: dict, after: dict, wall_s: float) -> dict:
+    """Where the mesh's wall time went between two scrapes: per micro-batch (one Forward per layer
+    range: one replica each here), milliseconds."""
+
+    def delta(name: str, labels: tuple = ()) -> float:
+        return after.get((name, labels), 0.0) - before.get((name, labels), 0.0)
+
+    ranges = sorted(
+        (labels for (name, labels) in after if name == "vlmesh:stage_compute_seconds_count"), key=lambda lb: int(dict(lb)["stage"].split(":")[0])
+    )
+    batches = delta("vlmesh:stage_compute_seconds_count", ranges[0]) if ranges else 0
+    if not batches:
+        return {}
+    stages = {}
+    for labels in ranges:
+        n = delta("vlmesh:stage_compute_seconds_count", labels) or 1
+        compute = delta("vlmesh:stage_compute_seconds_sum", labels)
+        stages[dict(labels)["stage"]] = {
+            "compute_ms": compute / n * 1e3,
+            "transport_queue_ms": delta("vlmesh:stage_hop_overhead_seconds_sum", labels) / n * 1e3,
+            "build_ms": delta("vlmesh:stage_request_build_seconds_sum", labels) / n * 1e3,
+            "idle": max(0.0, 1 - compute / wall_s),
+        }
+    return {
+        "micro_batches": int(batches),
+        "wall_per_batch_ms": wall_s / batches * 1e3,
+        "engine_rounds_ms_per_batch": delta("vlmesh:engine_round_seconds_sum") / batches * 1e3,
+        "stages": stages,
+    }
+
+
+async def mesh_sweep(address: str, sizes: list[int], tokens: int, metrics_port: int | None = None) -> dict[int, dict]:
     from vlmesh import AsyncClient
 
     out = {}
     async with AsyncClient(address, timeout=3600) as client:
         await stream_one(client, prompt(999), tokens, time.perf_counter())  # warm-up
         for c in sizes:
+            before = scrape(metrics_port) if metrics_port else {}
             t0 = time.perf_counter()
             results = await asyncio.gather(*(stream_one(client, prompt(i), tokens, t0) for i in range(c)))
             wall = max(max(r["times"]) for r in results if r["times"]) - t0
@@ -127,6 +174,7 @@ async def mesh_sweep(address: str, sizes: list[int], tokens: int) -> dict[int, d
                 "ttft_p99": pct(ttft, 99),
                 "itl_p50": pct(itl, 50),
                 "itl_p99": pct(itl, 99),
+                "where": breakdown(before, scrape(metrics_port), wall) if metrics_port else {},
             }
             log(f"mesh, {c} at once: {made / wall:.2f} tok/s, TTFT p50 {out[c]['ttft_p50']:.2f} s, ITL p99 {out[c]['itl_p99']:.3f} s")
     return out
@@ -215,14 +263,22 @@ async def hop(stage_addresses: list[str], certs: str, num_layers: int, steps: in
 
 def start_mesh(model_dir: Path, stages: int, threads: int | None, chunk: int | None, log_dir: Path, pipeline: bool = True):
     from services.common.checkpoint import open_checkpoint
-    from services.launcher import LocalMesh, split_layers
+    from services.launcher import LocalMesh, free_port, split_layers
 
     layers = open_checkpoint(model_dir).text_config.num_hidden_layers
     env = {"VLMESH_PREFIX_CACHE_SESSIONS": "0", "VLMESH_DEFAULT_MAX_TOKENS": "4096"}
     if chunk:
         env["VLMESH_CHUNK_TOKENS"] = str(chunk)
     extra = ["--threads", str(threads)] if threads else []
-    mesh = LocalMesh(str(model_dir), split_layers(layers, stages), env=env, log_dir=str(log_dir), service_args={"stage": extra}, pipeline=pipeline)
+    mesh = LocalMesh(
+        str(model_dir),
+        split_layers(layers, stages),
+        env=env,
+        log_dir=str(log_dir),
+        service_args={"stage": extra},
+        pipeline=pipeline,
+        metrics_port=free_port(),
+    )
     log(f"mesh: starting {stages} stage(s){' with --threads ' + str(threads) if threads else ''}{f', chunk {chunk}' if chunk else ''}")
     mesh.start(timeout=1800)
     return mesh, layers
@@ -266,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             key = f"{s}" + (f"/chunk{chunk}" if chunk else "") + ("" if pipe else "/no-pipeline")
             entry: dict = {}
             if "sweep" in parts and chunk in (None, 512):
-                entry["sweep"] = asyncio.run(mesh_sweep(mesh.address, sizes, args.tokens))
+                entry["sweep"] = asyncio.run(mesh_sweep(mesh.address, sizes, args.tokens, mesh.metrics_port))
             if "prefill" in parts:
                 entry["prefill"] = asyncio.run(prefill_itl(mesh.address, make_image(7, args.image_size)))
                 log(f"prefill under load (chunk {chunk}): {entry['prefill']}")
@@ -284,6 +340,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def where_table(sweep: dict) -> list[str]:
+    rows = [(c, m["where"]) for c, m in sweep.items() if m.get("where")]
+    if not rows:
+        return []
+    labels = list(rows[0][1]["stages"])
+    lines = [
+        "\nWhere it went, ms per micro-batch (prompt ones included); per stage: compute / transport + queue / request build (idle share)\n",
+        "| in flight | micro-batches | wall per micro-batch | engine rounds | " + " | ".join(f"stage {lb}" for lb in labels) + " |",
+        "|---|---|---|---|" + "---|" * len(labels),
+    ]
+    for c, w in rows:
+        cells = [
+            f"{x['compute_ms']:.1f} / {x['transport_queue_ms']:.2f} / {x['build_ms']:.2f} ({x['idle']:.0%})"
+            for x in (w["stages"].get(lb) for lb in labels)
+            if x
+        ]
+        lines.append(
+            f"| {c} | {w['micro_batches']} | {w['wall_per_batch_ms']:.1f} | {w['engine_rounds_ms_per_batch']:.2f} | " + " | ".join(cells) + " |"
+        )
+    return lines
+
+
 def table(r: dict) -> str:
     lines = []
     for key, entry in r["mesh"].items():
@@ -298,6 +376,7 @@ def table(r: dict) -> str:
                 ratio = f"{m['tok_s'] / hf['tok_s']:.2f}" if hf else "-"
                 lines.append(f"| {c} | {hf['tok_s']:.2f} |" if hf else f"| {c} | - |")
                 lines[-1] += f" {m['tok_s']:.2f} | {ratio} | {m['ttft_p50']:.2f} / {m['ttft_p99']:.2f} | {m['itl_p50']:.3f} / {m['itl_p99']:.3f} |"
+            lines += where_table(entry["sweep"])
         if "prefill" in entry:
             pf = entry["prefill"]
             lines.append(

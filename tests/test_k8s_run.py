@@ -267,7 +267,13 @@ def test_metrics_ports_show_the_request(mesh, answer):
             assert got[("vlmesh:prompt_tokens_total", ())] > 0
             assert got[("vlmesh:e2e_request_latency_seconds_count", ())] == 1
             assert got[("vlmesh:time_to_first_token_seconds_count", ())] == 1
-            assert sum(v for (n, _), v in got.items() if n == "vlmesh:stage_hop_latency_seconds_count") > 0
+            hops = {labels: v for (n, labels), v in got.items() if n == "vlmesh:stage_hop_latency_seconds_count"}
+            assert hops and all(v > 0 for v in hops.values())
+            for labels, count in hops.items():  # every hop answered: each has the stage's compute and the rest
+                assert got[("vlmesh:stage_compute_seconds_count", labels)] == count
+                assert got[("vlmesh:stage_hop_overhead_seconds_count", labels)] == count
+                assert 0 < got[("vlmesh:stage_compute_seconds_sum", labels)] < got[("vlmesh:stage_hop_latency_seconds_sum", labels)]
+            assert got[("vlmesh:engine_round_seconds_count", ())] > 0
         elif kind == "stage":
             layers = next(a for a in p.argv if re.fullmatch(r"\d+:\d+", a))
             budget = int(p.argv[p.argv.index("--kv-budget-mb") + 1]) << 20

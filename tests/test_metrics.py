@@ -82,6 +82,27 @@ def test_coordinator_series_and_counts_over_http(served):
     assert not any(n.startswith(("vlmesh:kv_cache", "vlmesh:vision_cache")) for n in names(got))
 
 
+def test_the_engine_observer_splits_a_hop_into_compute_transport_and_building(served):
+    from services.coordinator.request import HopTimed
+    from services.coordinator.telemetry import EngineMetrics
+
+    m = CoordinatorMetrics.create()
+    port = served(m)
+    obs = EngineMetrics(m)
+    obs.on_hop(HopTimed("0:14", build_s=0.0001, rpc_s=0.0105, compute_s=0.01))
+    obs.on_hop(HopTimed("0:14", build_s=0.0002, rpc_s=0.002, compute_s=None))  # failed: no compute reported
+    obs.on_round(0.0003)
+    got = scrape(port)
+    one = (("stage", "0:14"),)
+    assert got[("vlmesh:stage_hop_latency_seconds_count", one)] == 2
+    assert got[("vlmesh:stage_hop_latency_seconds_sum", one)] == pytest.approx(0.0128)
+    assert got[("vlmesh:stage_request_build_seconds_sum", one)] == pytest.approx(0.0003)
+    assert got[("vlmesh:stage_compute_seconds_count", one)] == 1
+    assert got[("vlmesh:stage_compute_seconds_sum", one)] == pytest.approx(0.01)
+    assert got[("vlmesh:stage_hop_overhead_seconds_sum", one)] == pytest.approx(0.0005)
+    assert got[("vlmesh:engine_round_seconds_count", ())] == 1
+
+
 def test_stage_kv_gauges_read_current_values(served):
     m = StageMetrics.create()
     port = served(m)

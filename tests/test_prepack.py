@@ -67,13 +67,19 @@ def test_packing_is_refused_where_it_would_not_be_exact():
         assert type(root[0]) is nn.Linear
 
 
-def test_a_tied_weight_is_not_packed_twice(packing_here):
+def test_a_tied_lm_head_is_packed_and_the_embedding_keeps_its_weight(packing_here):
     emb = nn.Embedding(512, 256, dtype=torch.bfloat16)
     head = nn.Linear(256, 512, bias=False, dtype=torch.bfloat16)
     head.weight = emb.weight
     root = nn.ModuleDict({"embed": emb, "head": head})
-    p = packed.pack_linears(root, torch.device("cpu"), torch.bfloat16, keep=frozenset({emb.weight.data_ptr()}))
-    assert p.packed == 0 and type(root["head"]) is nn.Linear
+    w = emb.weight.detach().clone()
+    p = packed.pack_linears(root, torch.device("cpu"), torch.bfloat16, decode_only=frozenset({"head"}))
+    assert p.packed == 1 and isinstance(root["head"], packed.PackedLinear)
+    ids = torch.tensor([[0, 7, 511]])
+    with torch.inference_mode():
+        assert torch.equal(root["embed"](ids), w[ids])
+        x = torch.randn(1, 5, 256).to(torch.bfloat16)
+        assert torch.equal(root["head"](x), nn.functional.linear(x, w))
 
 
 def test_packed_stages_compute_the_same_bits_as_plain_ones_over_mixed_micro_batches(wide_model, packing_here):
@@ -100,10 +106,14 @@ def test_packed_stages_compute_the_same_bits_as_plain_ones_over_mixed_micro_batc
                     assert x.token.token_id == y.token.token_id and x.token.logprob == y.token.logprob
 
 
-def test_packed_stages_decode_what_generate_decodes_in_bfloat16(wide_model, packing_here):
+@pytest.mark.parametrize("splits", [1, 2])  # 1: one stage whose lm_head is tied to its embedding
+def test_packed_stages_decode_what_generate_decodes_in_bfloat16(wide_model, packing_here, splits):
     from services.common.checkpoint import open_checkpoint
 
-    stages = Stages(wide_model, torch.bfloat16, "exact", splits=2, prepack=True)
+    stages = Stages(wide_model, torch.bfloat16, "exact", splits=splits, prepack=True)
+    assert all(s.model.packing.packed for s in stages.stages)
+    if splits == 1:
+        assert isinstance(stages.stages[0].model.lm_head, packed.PackedLinear)
     prompt = torch.randint(3, stages.vocab, (12,), generator=torch.Generator().manual_seed(3))
     got, start, feed = [], 0, prompt
     for _ in range(10):

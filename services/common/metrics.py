@@ -23,6 +23,10 @@ coordinator     vlmesh:time_to_first_token_seconds                      request 
                 vlmesh:num_requests_running                             requests in the step loop now
                 vlmesh:num_requests_waiting                             requests waiting for a batch slot
                 vlmesh:stage_hop_latency_seconds{stage}                 one stage round trip seen by the coordinator
+                vlmesh:stage_compute_seconds{stage}                     the compute the stage reports for that round trip
+                vlmesh:stage_hop_overhead_seconds{stage}                the round trip less that compute: transport, queueing, protobuf
+                vlmesh:stage_request_build_seconds{stage}               the coordinator building the round trip's request
+                vlmesh:engine_round_seconds                             one engine round: applying results, scheduling, planning
 stage           vlmesh:kv_cache_usage_bytes{layers}                     KV bytes held
                 vlmesh:kv_cache_budget_bytes{layers}                    KV byte budget (--kv-budget-mb)
                 vlmesh:kv_cache_usage_perc{layers}                      usage / budget, 0..1 (vLLM's name for a fraction)
@@ -68,6 +72,10 @@ class CoordinatorMetrics:
     requests_running: Gauge
     requests_waiting: Gauge
     stage_hop_latency: Histogram  # {stage}: its layer range "A:B"
+    stage_compute: Histogram  # {stage}: the compute the stage reports for the hop
+    stage_hop_overhead: Histogram  # {stage}: the round trip less that compute (transport, the stage's queue, protobuf)
+    stage_request_build: Histogram  # {stage}: the coordinator building the hop's request
+    engine_round: Histogram  # the coordinator's engine rounds (applying results, scheduling, planning)
 
     @classmethod
     def create(cls) -> CoordinatorMetrics:
@@ -96,6 +104,33 @@ class CoordinatorMetrics:
                 PREFIX + "stage_hop_latency_seconds",
                 "One stage round trip seen by the coordinator, in seconds.",
                 ["stage"],
+                buckets=HOP_BUCKETS,
+                registry=r,
+            ),
+            stage_compute=Histogram(
+                PREFIX + "stage_compute_seconds",
+                "The compute a stage reports for one Forward, in seconds.",
+                ["stage"],
+                buckets=HOP_BUCKETS,
+                registry=r,
+            ),
+            stage_hop_overhead=Histogram(
+                PREFIX + "stage_hop_overhead_seconds",
+                "One stage round trip less the compute the stage reports (transport, queueing, protobuf), in seconds.",
+                ["stage"],
+                buckets=HOP_BUCKETS,
+                registry=r,
+            ),
+            stage_request_build=Histogram(
+                PREFIX + "stage_request_build_seconds",
+                "The coordinator building one Forward request, in seconds.",
+                ["stage"],
+                buckets=HOP_BUCKETS,
+                registry=r,
+            ),
+            engine_round=Histogram(
+                PREFIX + "engine_round_seconds",
+                "One round of the coordinator's engine (applying results, scheduling, planning), in seconds.",
                 buckets=HOP_BUCKETS,
                 registry=r,
             ),

@@ -210,12 +210,16 @@ class Engine:
     def round(self) -> None:
         """Apply what arrived, then start what can start."""
         assert self._loop is None or _running_loop() is self._loop, "engine state touched off its loop"
+        began = time.perf_counter()
         while self._inbox:
             self._apply(self._inbox.popleft())
         self._place_waiting()
         while (picked := self.scheduler.next_batch(len(self._batches))) and (batch := self._plan(picked)) is not None:
             self._spawn(self._execute(batch))
         self.counts = self._count()
+        seconds = time.perf_counter() - began
+        for obs in self.observers:
+            obs.on_round(seconds)
 
     def _apply(self, m: inbox.Message) -> None:
         handlers: dict[type, Callable[[Any], None]] = {

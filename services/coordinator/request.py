@@ -155,6 +155,17 @@ class TokenEmitted:
     previous_at: float | None  # the request's previous token; None for its first
 
 
+@dataclass(frozen=True, slots=True)
+class HopTimed:
+    """One Forward to one replica, as the runner timed it (seconds), for the step profile's
+    coordinator / transport / compute rows."""
+
+    label: str  # the layer range, "A:B"
+    build_s: float  # building the ForwardRequest (the coordinator's share of the hop)
+    rpc_s: float  # from sending it to its answer: transport, the stage's queue and its compute
+    compute_s: float | None  # what the stage reports it computed for (compute_us); None when the hop failed
+
+
 class Observer(Protocol):
     """Told what happened, on the engine's loop; writes nothing of the engine's (metrics)."""
 
@@ -162,4 +173,6 @@ class Observer(Protocol):
 
     def on_end(self, summary: RequestSummary) -> None: ...
 
-    def on_hop(self, label: str, seconds: float) -> None: ...
+    def on_hop(self, hop: HopTimed) -> None: ...
+
+    def on_round(self, seconds: float) -> None: ...  # one engine round: applying what arrived, scheduling, planning

@@ -24,7 +24,7 @@ from vlmesh.internal.v1 import stage_pb2
 from vlmesh.v1 import tensor_pb2
 
 from .batch import BatchOutcome, Lost, MicroBatch, StepOutcome, StepPlan
-from .request import Observer
+from .request import HopTimed, Observer
 from .stage_client import Mesh
 
 log = logging.getLogger(__name__)
@@ -183,8 +183,11 @@ class Runner:
         """One Forward to one replica. Each step's span gets a `stage` event for it (spans per hop
         per step would cost the coordinator more than the rest of the step's work)."""
         began = time.perf_counter()
+        sent = began
+        response: stage_pb2.ForwardResponse | None = None
         try:
             request = self._request(addr, group, first, last)
+            sent = time.perf_counter()
             response = await self.mesh.replicas[addr].forward(request, self._timeout(group))
             if len(response.outputs) != len(group):
                 raise StageDown(f"stage {addr} answered {len(response.outputs)} of {len(group)} steps")
@@ -195,9 +198,11 @@ class Runner:
                 )
             raise
         finally:
-            seconds = time.perf_counter() - began
+            ended = time.perf_counter()
+            timed = HopTimed(label, sent - began, ended - sent, response.compute_us / 1e6 if response is not None else None)
             for obs in self.observers:
-                obs.on_hop(label, seconds)
+                obs.on_hop(timed)
+        seconds = ended - began
         attrs: dict[str, str | int] = {
             "vlmesh.layers": label,
             "server.address": addr,

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from services.common.metrics import CoordinatorMetrics
 from vlmesh.v1 import coordinator_pb2
 
-from .request import RequestSummary, TokenEmitted
+from .request import HopTimed, RequestSummary, TokenEmitted
 
 FINISH_NAMES: dict[int, str] = {
     coordinator_pb2.FINISH_REASON_STOP: "stop",
@@ -29,8 +29,15 @@ class EngineMetrics:
         self.m.requests_running.set_function(running)
         self.m.requests_waiting.set_function(waiting)
 
-    def on_hop(self, label: str, seconds: float) -> None:
-        self.m.stage_hop_latency.labels(label).observe(seconds)
+    def on_hop(self, hop: HopTimed) -> None:
+        self.m.stage_hop_latency.labels(hop.label).observe(hop.build_s + hop.rpc_s)
+        self.m.stage_request_build.labels(hop.label).observe(hop.build_s)
+        if hop.compute_s is not None:
+            self.m.stage_compute.labels(hop.label).observe(hop.compute_s)
+            self.m.stage_hop_overhead.labels(hop.label).observe(max(0.0, hop.rpc_s - hop.compute_s))
+
+    def on_round(self, seconds: float) -> None:
+        self.m.engine_round.observe(seconds)
 
     def on_token(self, event: TokenEmitted) -> None:
         if event.previous_at is None:

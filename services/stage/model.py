@@ -83,11 +83,8 @@ class StageModel(nn.Module):
         self.device = device
         self.to(device).eval()
         # Float linears packed for oneDNN once, if that is bitwise equal to F.linear here (packed.py).
-        keep = frozenset({self.embed_tokens.weight.data_ptr()}) if self.embed_tokens is not None else frozenset()
         self.packing = (
-            packed.pack_linears(self, device, dtype, decode_only=frozenset({"lm_head"}), keep=keep)
-            if prepack
-            else packed.Packing(0, "--prepack false")
+            packed.pack_linears(self, device, dtype, decode_only=frozenset({"lm_head"})) if prepack else packed.Packing(0, "--prepack false")
         )
         if self.packing.packed:
             log.info("stage %d:%d: %d linears prepacked for oneDNN (bitwise equal to F.linear on this CPU)", start, end, self.packing.packed)
@@ -115,8 +112,8 @@ class StageModel(nn.Module):
         return select
 
     def weight_bytes(self) -> int:
-        # A single tied stage's lm_head is a second Parameter over the embedding's storage:
-        # count memory, not parameters.
+        # A single tied stage's unpacked lm_head is a second Parameter over the embedding's storage:
+        # count memory, not parameters (a packed one is a copy of its own, counted once).
         params = {p.data_ptr(): p.numel() * p.element_size() for p in self.parameters()}
         return sum(params.values()) + sum(m.weight_bytes() for m in self.modules() if isinstance(m, packed.PackedLinear))
 

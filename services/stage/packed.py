@@ -75,14 +75,13 @@ def _bitwise_equal(linear: nn.Linear, packed: torch.Tensor, rows_to_try: tuple[i
     return True
 
 
-def pack_linears(
-    root: nn.Module, device: torch.device, dtype: torch.dtype, decode_only: frozenset[str] = frozenset(), keep: frozenset[int] = frozenset()
-) -> Packing:
+def pack_linears(root: nn.Module, device: torch.device, dtype: torch.dtype, decode_only: frozenset[str] = frozenset()) -> Packing:
     """Replace every plain `nn.Linear` below root by a PackedLinear, if packing is bitwise equal
     to F.linear for each of their shapes on this machine (all or none). `decode_only`: names of
     linears that only ever see a few rows (the lm_head: one per sampled session), checked at
-    decode row counts only. `keep`: data_ptrs of weights another module also uses (a tied
-    lm_head on a single stage), left unpacked so the weight is not held twice."""
+    decode row counts only. A linear whose weight another module shares (a tied lm_head on a
+    single stage: the embedding looks rows up in it) is packed too: the packed copy is memory of
+    its own, as the last stage's lm_head is in a split mesh, and the shared weight stays."""
     if device.type != "cpu":
         return Packing(0, f"device {device} (packing is for the CPU's oneDNN)")
     if dtype != torch.bfloat16:
@@ -93,7 +92,7 @@ def pack_linears(
         (parent, f"{prefix}.{name}" if prefix else name, name, child)
         for prefix, parent in root.named_modules()
         for name, child in parent.named_children()
-        if type(child) is nn.Linear and child.weight.data_ptr() not in keep
+        if type(child) is nn.Linear
     ]
     if not targets:
         return Packing(0, "no plain linear layers")
