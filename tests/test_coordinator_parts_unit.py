@@ -50,6 +50,36 @@ def test_pipelining_splits_the_active_requests_across_micro_batches_and_bounds_t
     assert reqs[0] not in s.queue
 
 
+def test_pipelined_prompts_are_shared_out_by_tokens_and_no_prompt_is_cut_for_it():
+    s = Scheduler(SchedulerConfig(max_batch=64, pipeline_depth=2))
+    big, small = Req(100), [Req(10) for _ in range(3)]
+    for r in (big, *small):
+        s.add(r)
+    first = s.next_batch(0)  # 130 tokens wait, two micro-batches can start: about 65 each
+    assert first == [(big, 100)]  # whole: the share stops others joining, it does not cut
+    big.in_flight, big.feedable = True, False
+    assert s.next_batch(1) == [(r, 10) for r in small]  # the rest go in the second micro-batch
+    even = Scheduler(SchedulerConfig(max_batch=64, pipeline_depth=2))
+    burst = [Req(30) for _ in range(4)]
+    for r in burst:
+        even.add(r)
+    assert even.next_batch(0) == [(r, 30) for r in burst[:2]]
+    staggered = Scheduler(SchedulerConfig(max_batch=64, pipeline_depth=2))
+    first_come, rest = Req(30, in_flight=True, feedable=False), [Req(30) for _ in range(15)]
+    for r in (first_come, *rest):
+        staggered.add(r)
+    # the burst's first arrival went alone: the next micro-batch still takes only about half of
+    # what is left to prefill (480 tokens), not all the rest behind it
+    assert staggered.next_batch(1) == [(r, 30) for r in rest[:8]]
+    lone = Scheduler(SchedulerConfig(max_batch=64, pipeline_depth=2))
+    lone.add(alone := Req(300))
+    assert lone.next_batch(0) == [(alone, 300)]  # one prompt alone is not split to fill both
+    serial = Scheduler(SchedulerConfig(max_batch=64, pipeline_depth=1))
+    for r in burst:
+        serial.add(r)
+    assert serial.next_batch(0) == [(r, 30) for r in burst]  # not pipelined: one micro-batch
+
+
 def test_nothing_runs_when_no_request_is_feedable():
     s = Scheduler(SchedulerConfig())
     s.add(Req(5, feedable=False))

@@ -9,8 +9,9 @@ newcomer never holds them up for longer than one chunk. When as many requests wa
 first token as are decoding (a burst), the auto budget lets their prompts in at once instead.
 
 Pipelining: up to `pipeline_depth` micro-batches are in flight at once (one per layer range),
-each with about 1/depth of the active requests, so every range computes at the same time instead
-of one after another (GPipe's schedule; vLLM's virtual engines)."""
+each with about 1/depth of the active requests (decodes by count, waiting prompts by tokens), so
+every range computes at the same time instead of one after another (GPipe's schedule; vLLM's
+virtual engines)."""
 
 from __future__ import annotations
 
@@ -88,12 +89,15 @@ class Scheduler:
         prompts: list[tuple[Schedulable, int]] = []
         active = 0
         decoding = 0  # requests past their prompt (ready or in flight)
+        pending = 0  # prompt tokens not yet fed (ready or in flight)
         for r in self.queue:
             remaining, in_flight, feedable = r.remaining, r.in_flight, r.feedable
             if in_flight or feedable:
                 active += 1
             if remaining == 1 or (in_flight and remaining <= 1):
                 decoding += 1
+            elif remaining > 1 and (in_flight or feedable):
+                pending += remaining
             if feedable:
                 if remaining == 1:
                     decodes.append(r)
@@ -108,13 +112,22 @@ class Scheduler:
         # their wait is the larger cost, and their prompts go in as one chunk of up to the ceiling.
         protect = decoding and len(prompts) < decoding
         budget = self.cfg.chunk_tokens or (self.costs.budget() if protect else self.costs.ceiling)
+        # Pipelined, a micro-batch takes about 1/depth of the prompt tokens not yet fed (those in
+        # flight included), so that the ranges prefill at the same time rather than one after the
+        # other: one micro-batch holding every prompt of a burst leaves each range idle half the
+        # prefill, and so does one that takes all the rest behind the burst's first arrival. A
+        # prompt is not cut to balance: the share only stops further prompts joining.
+        depth = self.cfg.pipeline_depth
+        prompt_share = math.ceil(pending / depth) if depth > 1 else budget
         # Decode steps first: they are what running requests wait on.
         picked: list[tuple[Schedulable, int]] = [(r, 1) for r in decodes[: max(0, min(limit, budget))]]
         budget -= len(picked)
+        prompt_tokens = 0
         for r, remaining in prompts:  # then prompts, in arrival order, chunked to the budget left
-            if len(picked) >= self.cfg.max_batch or budget <= 0:
+            if len(picked) >= self.cfg.max_batch or budget <= 0 or prompt_tokens >= prompt_share:
                 break
             n = min(remaining, budget)
             picked.append((r, n))
             budget -= n
+            prompt_tokens += n
         return picked
