@@ -69,12 +69,12 @@ def pct(values: list[float], q: float) -> float | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def hf_batched(model_dir: Path, dtype: str, sizes: list[int], tokens: int) -> dict[int, dict]:
+def hf_batched(model_dir: Path, dtype: str, sizes: list[int], tokens: int, device: str) -> dict[int, dict]:
     import torch
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
     log(f"HF: loading {model_dir} ({dtype})")
-    model = Qwen2VLForConditionalGeneration.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).eval()
+    model = Qwen2VLForConditionalGeneration.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).to(device).eval()
     processor = AutoProcessor.from_pretrained(str(model_dir))
     processor.tokenizer.padding_side = "left"
     out = {}
@@ -82,7 +82,7 @@ def hf_batched(model_dir: Path, dtype: str, sizes: list[int], tokens: int) -> di
         texts = [
             processor.apply_chat_template([{"role": "user", "content": prompt(i)}], add_generation_prompt=True, tokenize=False) for i in range(c)
         ]
-        inputs = processor(text=texts, return_tensors="pt", padding=True)
+        inputs = processor(text=texts, return_tensors="pt", padding=True).to(device)
         t0 = time.perf_counter()
         with torch.inference_mode():
             gen = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
@@ -261,7 +261,16 @@ async def hop(stage_addresses: list[str], certs: str, num_layers: int, steps: in
     return {"steps": steps, "overhead_us_p50": pct(overhead, 50), "overhead_us_mean": statistics.fmean(overhead)}
 
 
-def start_mesh(model_dir: Path, stages: int, threads: int | None, chunk: int | None, log_dir: Path, pipeline: bool = True):
+def start_mesh(
+    model_dir: Path,
+    stages: int,
+    threads: int | None,
+    chunk: int | None,
+    log_dir: Path,
+    pipeline: bool = True,
+    device: str = "auto",
+    numerics: str = "exact",
+):
     from services.common.checkpoint import open_checkpoint
     from services.launcher import LocalMesh, free_port, split_layers
 
@@ -275,7 +284,7 @@ def start_mesh(model_dir: Path, stages: int, threads: int | None, chunk: int | N
         split_layers(layers, stages),
         env=env,
         log_dir=str(log_dir),
-        service_args={"stage": extra},
+        service_args={"stage": [*extra, "--device", device, "--numerics", numerics], "vision": ["--device", device]},
         pipeline=pipeline,
         metrics_port=free_port(),
     )
@@ -292,10 +301,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,2,4,8,16,32")
     p.add_argument("--tokens", type=int, default=24, help="tokens generated per request, the first from the prefill")
     p.add_argument("--threads", type=int, default=None, help="torch threads per stage process")
+    p.add_argument(
+        "--device", default="auto", help="where transformers and the mesh's vision and stages compute: auto (a GPU when there is one), cpu, cuda"
+    )
     p.add_argument("--part", default="sweep", help="comma list of sweep, prefill, hop")
     p.add_argument("--chunks", default="512", help="--chunk-tokens values for the prefill part")
     p.add_argument("--image-size", type=int, default=896, help="the prefill part's picture (896x896: 1024 image tokens on Qwen2-VL)")
     p.add_argument("--pipeline", default="true", help="the coordinator's --pipeline: true, false, or both (true,false)")
+    p.add_argument(
+        "--numerics",
+        default="exact",
+        help="the stages' --numerics: exact (bitwise generate()) or fast (one attention call per layer per micro-batch)",
+    )
     p.add_argument("--no-hf", action="store_true", help="skip transformers (e.g. when only the mesh's settings change)")
     p.add_argument("--out", default=None)
     p.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
@@ -304,12 +321,23 @@ def main(argv: list[str] | None = None) -> int:
         args.model, args.stages, args.concurrency, args.tokens, args.part, args.pipeline = "tiny", "2", "1,2", 4, "sweep,hop", "false"
     args.model_dir = args.model if Path(args.model).is_dir() else None
     model_dir = prepare_model(args)
+    from services.common.devices import resolve_device
+
+    device = str(resolve_device(args.device))
     sizes = [int(x) for x in args.concurrency.split(",")]
     parts = set(args.part.split(","))
-    report: dict = {"model": str(model_dir), "dtype": args.dtype, "tokens": args.tokens, "threads": args.threads, "hf": {}, "mesh": {}}
+    report: dict = {
+        "model": str(model_dir),
+        "dtype": args.dtype,
+        "device": device,
+        "tokens": args.tokens,
+        "threads": args.threads,
+        "hf": {},
+        "mesh": {},
+    }
     logs = RESULTS / "logs-load"
     if "sweep" in parts and not args.no_hf:
-        report["hf"] = hf_batched(model_dir, args.dtype, sizes, args.tokens)
+        report["hf"] = hf_batched(model_dir, args.dtype, sizes, args.tokens, device)
     configs = [
         (s, chunk, pipe)
         for s in [int(x) for x in args.stages.split(",")]
@@ -317,9 +345,14 @@ def main(argv: list[str] | None = None) -> int:
         for pipe in [x == "true" for x in args.pipeline.split(",")]
     ]
     for s, chunk, pipe in configs:
-        mesh, layers = start_mesh(model_dir, s, args.threads, chunk, logs, pipe)
+        mesh, layers = start_mesh(model_dir, s, args.threads, chunk, logs, pipe, device, args.numerics)
         try:
-            key = f"{s}" + (f"/chunk{chunk}" if chunk else "") + ("" if pipe else "/no-pipeline")
+            key = (
+                f"{s}"
+                + (f"/chunk{chunk}" if chunk else "")
+                + ("" if pipe else "/no-pipeline")
+                + ("" if args.numerics == "exact" else f"/{args.numerics}")
+            )
             entry: dict = {}
             if "sweep" in parts and chunk in (None, 512):
                 entry["sweep"] = asyncio.run(mesh_sweep(mesh.address, sizes, args.tokens, mesh.metrics_port))
@@ -367,7 +400,7 @@ def table(r: dict) -> str:
     for key, entry in r["mesh"].items():
         if "sweep" in entry:
             lines += [
-                f"\n{key} stage(s){' --threads ' + str(r['threads']) if r['threads'] else ''}, {r['dtype']}, {r['tokens']} tokens per request\n",
+                f"\n{key} stage(s){' --threads ' + str(r['threads']) if r['threads'] else ''}, {r['dtype']} on {r.get('device', 'cpu')}, {r['tokens']} tokens per request\n",
                 "| in flight | HF batched tok/s | mesh tok/s | mesh / batched | TTFT p50 / p99 s | ITL p50 / p99 s |",
                 "|---|---|---|---|---|---|",
             ]

@@ -330,7 +330,7 @@ def bench_hf(args, model_dir: Path, warm_image: Path, images: list[Path]) -> dic
     res["bench_process_before_load"] = {"rss_mb": rss0 / 2**20, "uss_mb": __import__("psutil").Process().memory_full_info().uss / 2**20}
     log(f"HF: loading {model_dir} ({args.dtype}) with from_pretrained")
     t = time.perf_counter()
-    model = Qwen2VLForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch_dtype)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch_dtype).to(args.device)
     model.eval()
     res["load_s"] = time.perf_counter() - t
     rss1 = rss_bytes()
@@ -345,7 +345,7 @@ def bench_hf(args, model_dir: Path, warm_image: Path, images: list[Path]) -> dic
         t0 = time.perf_counter()
         img = Image.open(path).convert("RGB")
         text = processor.apply_chat_template(image_messages(path), add_generation_prompt=True, tokenize=False)
-        inputs = processor(text=[text], images=[img], return_tensors="pt")
+        inputs = processor(text=[text], images=[img], return_tensors="pt").to(args.device)
         with torch.inference_mode():
             out = model.generate(**inputs, max_new_tokens=1, do_sample=False)
         dt = time.perf_counter() - t0
@@ -378,7 +378,7 @@ def bench_hf(args, model_dir: Path, warm_image: Path, images: list[Path]) -> dic
 
     def text_inputs(prompt: str):
         text = processor.apply_chat_template(text_messages(prompt), add_generation_prompt=True, tokenize=False)
-        return processor(text=[text], return_tensors="pt")
+        return processor(text=[text], return_tensors="pt").to(args.device)
 
     # Pick a prompt whose unconstrained greedy continuation has no EOS in N tokens (also the
     # decode warm-up): the mesh, which has no min_tokens, then produces exactly N tokens too.
@@ -586,7 +586,7 @@ def table(report: dict) -> str:
 def notes(report: dict) -> str:
     hf = report.get("hf") or {}
     lines = [
-        f"model {report['model']} ({report['model_dir']}), {report['dtype']}, {report['machine']['cores']} cores, "
+        f"model {report['model']} ({report['model_dir']}), {report['dtype']} on {report.get('device', 'cpu')}, {report['machine']['cores']} cores, "
         f"torch {report['versions']['torch']}, transformers {report['versions']['transformers']}, threads per process: "
         f"{report['threads_note']}",
         f"TTFT: one {IMAGE_SIZE}x{IMAGE_SIZE} image ({hf.get('image_tokens', '?')} image tokens, prompt "
@@ -625,6 +625,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=None, help="N (default 128 for tiny, 32 for 2b)")
     ap.add_argument("--repeats", type=int, default=None, help="TTFT/decode runs per config (default 3 tiny, 1 2b)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = torch's default)")
+    ap.add_argument(
+        "--device", default="auto", help="where transformers and the mesh's vision and stages compute: auto (a GPU when there is one), cpu, cuda"
+    )
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment for the mesh processes")
     ap.add_argument(
         "--quiet-wait",
@@ -645,6 +648,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats is None:
         args.repeats = 3 if args.model == "tiny" else 1
     args.env = dict(kv.split("=", 1) for kv in args.env)
+    from services.common.devices import resolve_device
+
+    args.device = str(resolve_device(args.device))
+    args.env.setdefault("VLMESH_DEVICE", args.device)  # the vision and stage services' --device
     QUIET.update(wait_s=args.quiet_wait, threshold=args.quiet_threshold)
     stage_counts = [int(s) for s in args.stages.split(",") if s.strip()]
     out = Path(args.out) if args.out else RESULTS / f"{args.model}-{args.dtype}.json"
@@ -683,6 +690,7 @@ def main(argv: list[str] | None = None) -> int:
             "processor": platform.processor(),
             "mem_total_gb": __import__("psutil").virtual_memory().total / 1e9,
         },
+        "device": args.device if args.device == "cpu" else f"{args.device} ({torch.cuda.get_device_name(torch.device(args.device))})",
         "threads": args.threads or torch.get_num_threads(),
         "threads_note": f"{args.threads} (--threads)" if args.threads else f"torch default ({torch.get_num_threads()})",
         "mesh_env": args.env,

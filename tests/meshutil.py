@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import io
+import os
 import shutil
 import tempfile
 import time
@@ -31,6 +32,12 @@ from vlmesh.v1 import coordinator_pb2_grpc as cgrpc
 from vlmesh.v1 import tensor_pb2
 
 T = TypeVar("T")
+
+# Where the in-process meshes and the reference compute: cpu unless VLMESH_TEST_DEVICE says (cuda on
+# a GPU machine, to run the parity suite there). Both sides follow it, in float32: the truth is
+# generate() on the same device, and a service's "auto" would take bfloat16 on a GPU.
+TEST_DEVICE = torch.device(os.environ.get("VLMESH_TEST_DEVICE", "cpu"))
+_ON_DEVICE = {} if TEST_DEVICE.type == "cpu" else {"device": str(TEST_DEVICE), "dtype": "float32"}
 
 
 def wait_until(
@@ -133,10 +140,10 @@ class InProcessMesh:
 def start_mesh(model, ranges, vision_kw: dict | None = None, stage_kw: dict | None = None, coord_kw: dict | None = None) -> InProcessMesh:
     """Vision, one stage per range (a list of ranges may repeat one: replicas) and a coordinator,
     each on its own event loop, talking mutual TLS inside the mesh."""
-    vision = ThreadedServer(start_vision, VisionConfig(model=str(model), port=0, **mesh_tls_kw("vision"), **(vision_kw or {})))
+    vision_kw, stage_kw = {**_ON_DEVICE, **(vision_kw or {})}, {**_ON_DEVICE, **(stage_kw or {})}
+    vision = ThreadedServer(start_vision, VisionConfig(model=str(model), port=0, **mesh_tls_kw("vision"), **vision_kw))
     stages = [
-        ThreadedServer(start_stage, StageConfig(model=str(model), layers=f"{a}:{b}", port=0, **mesh_tls_kw("stage"), **(stage_kw or {})))
-        for a, b in ranges
+        ThreadedServer(start_stage, StageConfig(model=str(model), layers=f"{a}:{b}", port=0, **mesh_tls_kw("stage"), **stage_kw)) for a, b in ranges
     ]
     state = tempfile.mkdtemp(prefix="vlmesh-state-")
     atexit.register(shutil.rmtree, state, True)
@@ -215,7 +222,7 @@ class Reference:
 
         self.processor = AutoProcessor.from_pretrained(model_dir)
         cls = getattr(transformers, AutoConfig.from_pretrained(model_dir).architectures[0])
-        self.model = cls.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.model = cls.from_pretrained(model_dir, dtype=torch.float32).to(TEST_DEVICE).eval()
         self.eos = self.model.generation_config.eos_token_id
 
     def video_kwargs(self, videos: list[dict]) -> dict:
@@ -256,6 +263,7 @@ class Reference:
         inputs = {"input_ids": torch.tensor([input_ids])}
         inputs["mm_token_type_ids"] = torch.tensor(self.processor.create_mm_token_type_ids([input_ids]))
         inputs.update(self.visual_inputs(images, list(videos)))
+        inputs = {k: v.to(TEST_DEVICE) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True, **kw)
         return out.sequences[0, len(input_ids) :].tolist(), out

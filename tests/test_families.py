@@ -197,8 +197,8 @@ def test_stage_reads_only_its_own_experts(mesh):
     experts = {n for n in stage.state_dict() if ".experts." in n}
     assert experts == {"layers.0.mlp.experts.gate_up_proj", "layers.0.mlp.experts.down_proj"}  # global layer 1
     ref = reference(mesh.model_dir).model.model.language_model.layers[1].mlp.experts
-    torch.testing.assert_close(stage.layers[0].mlp.experts.gate_up_proj, ref.gate_up_proj, rtol=0, atol=0)
-    torch.testing.assert_close(stage.layers[0].mlp.experts.down_proj, ref.down_proj, rtol=0, atol=0)
+    torch.testing.assert_close(stage.layers[0].mlp.experts.gate_up_proj, ref.gate_up_proj.cpu(), rtol=0, atol=0)
+    torch.testing.assert_close(stage.layers[0].mlp.experts.down_proj, ref.down_proj.cpu(), rtol=0, atol=0)
     whole = sum(p.numel() * p.element_size() for p in reference(mesh.model_dir).model.model.language_model.parameters())
     assert stage.weight_bytes() < whole / 3
 
@@ -247,6 +247,6 @@ def test_kv_log_equals_generate_past_key_values(mesh, images, videos):
     cache = out.past_key_values
     assert sorted(log) == list(range(len(cache.layers)))
     for layer, d in log.items():
-        torch.testing.assert_close(from_proto(d.key, "k"), cache.layers[layer].keys[0], atol=1e-5, rtol=0)
-        torch.testing.assert_close(from_proto(d.value, "v"), cache.layers[layer].values[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(from_proto(d.key, "k"), cache.layers[layer].keys[0].cpu(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(from_proto(d.value, "v"), cache.layers[layer].values[0].cpu(), atol=1e-5, rtol=0)
     mesh.stub.CloseSession(cpb.CloseSessionRequest(session_id=sid))

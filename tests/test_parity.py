@@ -78,7 +78,7 @@ def test_kv_log_equals_generate_past_key_values(mesh, images):
     assert sorted(log) == list(range(len(cache.layers)))
     for layer, d in log.items():
         k, v = tensors.from_proto(d.key, "k"), tensors.from_proto(d.value, "v")
-        ref_k, ref_v = cache.layers[layer].keys[0], cache.layers[layer].values[0]  # [H, L, D]
+        ref_k, ref_v = cache.layers[layer].keys[0].cpu(), cache.layers[layer].values[0].cpu()  # [H, L, D]
         assert k.shape == ref_k.shape
         torch.testing.assert_close(k, ref_k, atol=1e-5, rtol=0)
         torch.testing.assert_close(v, ref_v, atol=1e-5, rtol=0)
