@@ -69,7 +69,7 @@ def pct(values: list[float], q: float) -> float | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def hf_batched(model_dir: Path, dtype: str, sizes: list[int], tokens: int, device: str) -> dict[int, dict]:
+def hf_batched(model_dir: Path, dtype: str, sizes: list[int], tokens: int, device: str = "cpu") -> dict[int, dict]:
     import torch
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
