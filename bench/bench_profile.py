@@ -13,6 +13,16 @@ Parts (--part, default all):
   (time of 1 + steps tokens - time of 1 token) / steps). Both numerics (--numerics exact,fast).
   Coordinator, transport, queueing and idle time are mesh-level figures this in-process profile
   does not see (bench_load's per-hop part measures the hop).
+- ceiling: what the throughput goals allow on this machine. For B requests of bench_load's prompts
+  (chat-templated, about 35 tokens each), the same measured in this process, with the same threads:
+  transformers' prefill (one forward over the left-padded batch) and decode step (generate()), and
+  each of 2 stages' (exact, prepacked) prefill of the B prompts and decode micro-batch of B and of
+  B/2 sessions. From these, the mesh/transformers throughput ratio of B requests of --tokens tokens
+  each (the first from the prefill) if the hops, the coordinator and scheduling cost nothing: on one
+  machine (the stages run in turn: their sum), and on one machine per stage pipelined with two
+  micro-batches of B/2 (prefill fully overlapped, each stage running both micro-batches per round).
+  Measure the second with one core per stage: `taskset -c 0 ... --threads 1` against transformers
+  on that core, as bench_scaling pins them.
 - bitwise: exact against fast over tiny checkpoints of every family, float32 and bfloat16, 1..16
   sessions, mixed prompt lengths, chunked prefill beside decodes, the sessions staggered; both
   driven in lockstep on exact's greedy tokens (teacher forcing). Prints whether stage 0's hidden
@@ -21,12 +31,15 @@ Parts (--part, default all):
     python bench/bench_profile.py --smoke                        # tiny model, seconds (CI)
     python bench/bench_profile.py --part profile --model 2b --dtype bfloat16
     python bench/bench_profile.py --part bitwise                 # tiny checkpoints only
+    python bench/bench_profile.py --part ceiling --model 2b --dtype bfloat16 --batch 8,16
+    taskset -c 0 python bench/bench_profile.py --part ceiling --model 2b --dtype bfloat16 --batch 16,32 --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 import random
 import statistics
 import sys
@@ -426,6 +439,128 @@ def profile(args: argparse.Namespace) -> None:
         print(f"{b:3d} transformers generate() decode step: {ref * 1e3:.2f} ms\n")
 
 
+def _chat_prompts(path: Path, batch: int) -> tuple[Any, list[torch.Tensor]]:
+    """bench_load's B prompts through the checkpoint's chat template: the processor (left padding)
+    and each prompt's token ids [T_i]."""
+    from transformers import AutoProcessor
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_load import prompt  # type: ignore[import-not-found]
+
+    processor = AutoProcessor.from_pretrained(str(path))
+    processor.tokenizer.padding_side = "left"
+    texts = [
+        processor.apply_chat_template([{"role": "user", "content": prompt(i)}], add_generation_prompt=True, tokenize=False) for i in range(batch)
+    ]
+    ids = [torch.tensor(processor.tokenizer(t)["input_ids"]) for t in texts]
+    return processor, ids
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def transformers_costs(path: Path, dtype: torch.dtype, batch: int, steps: int, repeats: int) -> tuple[float, float]:
+    """(prefill s, decode step s) of transformers over bench_load's B prompts, left-padded as its
+    generate() batch runs them."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Clock(LogitsProcessor):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+            self.times.append(time.perf_counter())
+            return scores
+
+    processor, ids = _chat_prompts(path, batch)
+    width = max(t.numel() for t in ids)
+    inputs = {
+        "input_ids": torch.stack([torch.cat([torch.full((width - t.numel(),), processor.tokenizer.pad_token_id), t]) for t in ids]),
+        "attention_mask": torch.stack([torch.cat([torch.zeros(width - t.numel(), dtype=torch.long), torch.ones_like(t)]) for t in ids]),
+    }
+    cls: Any = open_checkpoint(path).family.for_generation
+    model = cls.from_pretrained(str(path), dtype=dtype).eval()
+    with torch.inference_mode():
+        model(**inputs, logits_to_keep=1)  # warm-up
+        prefill = _median_time(lambda: model(**inputs, use_cache=True, logits_to_keep=1), repeats)
+        clock = Clock()
+        model.generate(**inputs, max_new_tokens=2 + steps, min_new_tokens=2 + steps, do_sample=False, logits_processor=LogitsProcessorList([clock]))
+    gaps = [b - a for a, b in zip(clock.times[1:], clock.times[2:])]  # the first decode step warms up
+    return prefill, statistics.median(gaps)
+
+
+def stage_costs(path: Path, dtype: torch.dtype, batch: int, steps: int, repeats: int) -> tuple[list[float], list[float]]:
+    """Per stage of 2 (exact, prepacked): the prefill of bench_load's B prompts in one micro-batch
+    (s), and the decode micro-batch of B sessions (s)."""
+    _, ids = _chat_prompts(path, batch)
+    stages = Stages(path, dtype, "exact")
+    prefill: list[list[float]] = [[] for _ in stages.stages]
+    decode: list[list[float]] = [[] for _ in stages.stages]
+
+    def timed(work: list[tuple[str, int, torch.Tensor]], into: list[list[float]]) -> list[int]:
+        hidden: list[torch.Tensor | None] = [None] * len(work)
+        out: list[StepResult] = []
+        for si, stage in enumerate(stages.stages):
+            steps_ = [
+                Step(
+                    sid,
+                    start,
+                    torch.arange(start, start + t.numel())[None].expand(3, -1).contiguous(),
+                    token_ids=t if si == 0 else None,
+                    hidden=hidden[j] if si else None,
+                    sample=GREEDY if stage.is_last else None,
+                )
+                for j, (sid, start, t) in enumerate(work)
+            ]
+            t0 = time.perf_counter()
+            out = stage.run(steps_)  # type: ignore[arg-type]
+            into[si].append(time.perf_counter() - t0)
+            hidden = [r.hidden for r in out]
+        return [r.token.token_id for r in out]  # type: ignore[union-attr]
+
+    for rep in range(repeats + 1):  # the first a warm-up
+        into = prefill if rep else [[] for _ in stages.stages]
+        nxt = timed([(f"r{rep}s{i}", 0, t) for i, t in enumerate(ids)], into)
+    at = [t.numel() for t in ids]
+    for k in range(steps + 1):
+        work = [(f"r{repeats}s{i}", at[i], torch.tensor([nxt[i]])) for i in range(batch)]
+        nxt = timed(work, decode if k else [[] for _ in stages.stages])
+        at = [a + 1 for a in at]
+    return [statistics.median(p) for p in prefill], [statistics.median(d) for d in decode]
+
+
+def ceiling(args: argparse.Namespace) -> None:
+    path = model_path(args)
+    dtype = getattr(torch, args.dtype)
+    threads = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    print(f"ceiling: {path.name}, {args.dtype}, {threads} torch thread(s) on {cores} core(s); 2 stages, exact, prepacked")
+    print("costs in s (prefill: the B prompts at once) and ms (decode step); ceilings: mesh/transformers tok/s at --tokens per request")
+    heads = [f"{n} tok: 1 machine" for n in args.tokens] + [f"{n} tok: pipelined" for n in args.tokens]
+    print(f"| B | HF prefill s | stages' prefill s | HF decode ms | stages' decode ms, B | stages' decode ms, B/2 | {' | '.join(heads)} |")
+    print("|" + "---|" * (6 + len(heads)))
+    for b in args.batch:
+        hf_p, hf_d = transformers_costs(path, dtype, b, args.steps, args.repeats)
+        p, d = stage_costs(path, dtype, b, args.steps, args.repeats)
+        _, half = stage_costs(path, dtype, max(1, b // 2), args.steps, args.repeats)
+        one_machine = [(hf_p + (n - 1) * hf_d) / (sum(p) + (n - 1) * sum(d)) for n in args.tokens]
+        # Pipelined on a machine per stage: the prefill overlaps fully (the larger stage's), and each
+        # round every stage runs both micro-batches of B/2.
+        piped = [(hf_p + (n - 1) * hf_d) / (max(p) + (n - 1) * 2 * max(half)) for n in args.tokens]
+        cells = [f"{r:.2f}" for r in one_machine + piped]
+        print(
+            f"| {b} | {hf_p:.2f} | {' + '.join(f'{x:.2f}' for x in p)} | {hf_d * 1e3:.0f} | {' + '.join(f'{x * 1e3:.0f}' for x in d)} "
+            f"| {' + '.join(f'{x * 1e3:.0f}' for x in half)} | {' | '.join(cells)} |",
+            flush=True,
+        )
+
+
 def _layers_of(path: Path, stage: int, splits: int = 2) -> int:
     n = open_checkpoint(path).text_config.num_hidden_layers
     cuts = [round(i * n / splits) for i in range(splits + 1)]
@@ -445,7 +580,7 @@ def model_path(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("all", "profile", "bitwise"), default="all")
+    ap.add_argument("--part", choices=("all", "profile", "bitwise", "ceiling"), default="all")
     ap.add_argument("--model", choices=("tiny", "2b"), default="tiny")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 16], help="sessions in flight")
@@ -458,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens per session")
     ap.add_argument("--steps", type=int, default=8, help="decode micro-batches timed")
+    ap.add_argument("--repeats", type=int, default=2, help="ceiling: prefills timed (the median)")
+    ap.add_argument("--tokens", type=lambda s: [int(x) for x in s.split(",")], default=[16, 24], help="ceiling: tokens per request")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' step")
     ap.add_argument("--checkpoints", type=lambda s: s.split(","), default=[], help="bitwise: checkpoints whose name has one of these")
@@ -466,11 +603,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.smoke:
-        args.model, args.batch, args.steps, args.prompt = "tiny", [1, 3], 2, 8
+        args.model, args.batch, args.steps, args.prompt, args.repeats = "tiny", [1, 3], 2, 8, 1
     if args.part in ("all", "profile"):
         profile(args)
     if args.part in ("all", "bitwise"):
         bitwise(args)
+    if args.part in ("all", "ceiling"):
+        ceiling(args)
     return 0
 
 

@@ -163,7 +163,8 @@ def hf_pinned(model_dir: Path, args, cores: set[int]) -> dict:
 
 def mesh_pinned(model_dir: Path, args, s: int, cores: list[int], sizes: list[int]) -> dict:
     k = args.cores_per_stage
-    mesh, _ = start_mesh(model_dir, s, k, None, RESULTS / "logs-scaling", args.pipeline == "true")
+    # The CPU explicitly: pinning cores is the point, and transformers' side (hf_batched) is on the CPU.
+    mesh, _ = start_mesh(model_dir, s, k, None, RESULTS / "logs-scaling", args.pipeline == "true", device="cpu")
     try:
         stages = [c for c in mesh.children.values() if c.service == "stage"]
         plan = {c.name: set(cores[i * k : (i + 1) * k]) for i, c in enumerate(stages)}

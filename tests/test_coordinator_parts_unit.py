@@ -68,9 +68,10 @@ def test_pipelined_prompts_are_shared_out_by_tokens_and_no_prompt_is_cut_for_it(
     first_come, rest = Req(30, in_flight=True, feedable=False), [Req(30) for _ in range(15)]
     for r in (first_come, *rest):
         staggered.add(r)
-    # the burst's first arrival went alone: the next micro-batch still takes only about half of
-    # what is left to prefill (480 tokens), not all the rest behind it
-    assert staggered.next_batch(1) == [(r, 30) for r in rest[:8]]
+    # the burst's first arrival went alone: the next micro-batch takes about an eighth of what is
+    # left to prefill (480 tokens: 60), held to the 64-token floor, so three prompts, not all the
+    # rest behind it
+    assert staggered.next_batch(1) == [(r, 30) for r in rest[:3]]
     lone = Scheduler(SchedulerConfig(max_batch=64, pipeline_depth=2))
     lone.add(alone := Req(300))
     assert lone.next_batch(0) == [(alone, 300)]  # one prompt alone is not split to fill both
@@ -78,6 +79,46 @@ def test_pipelined_prompts_are_shared_out_by_tokens_and_no_prompt_is_cut_for_it(
     for r in burst:
         serial.add(r)
     assert serial.next_batch(0) == [(r, 30) for r in burst]  # not pipelined: one micro-batch
+
+
+def test_a_pipelined_burst_is_prefilled_in_pieces_no_smaller_than_an_efficient_chunk():
+    # 16 prompts of 60 tokens, 2 ranges: pieces of about 960 / 8 = 120 tokens (two prompts), so the
+    # first range's lone first piece (the pipeline's fill) is an eighth of the prefill, not a half.
+    s = Scheduler(SchedulerConfig(max_batch=64, pipeline_depth=2))
+    burst = [Req(60) for _ in range(16)]
+    for r in burst:
+        s.add(r)
+    assert s.next_batch(0) == [(r, 60) for r in burst[:2]]
+    # Measured costs where a piece that small would mostly pay a decode step's weight reads: a
+    # decode micro-batch 0.25 s, a prompt token 1/1024 s -> worth at least 4 * 256 = 1024 tokens;
+    # the share is then that, never more than 1/depth of what waits (480 tokens).
+    s.costs.observe(0, 0.25)
+    s.costs.observe(1024, 1.25)
+    assert s.costs.efficient() == 1024
+    assert sum(n for _, n in s.next_batch(0)) == 480
+    # Nothing measured, or chunks cheap to start: the floor.
+    assert StepCosts().efficient() == StepCosts().pipeline_floor
+
+
+def test_a_burst_s_early_members_do_not_hold_the_rest_of_it_to_small_chunks():
+    s = Scheduler(SchedulerConfig(max_batch=64, pipeline_depth=2))
+    s.costs.observe(0, 0.5)
+    s.costs.observe(100, 1.5)  # measured: half a decode step is 25 prompt tokens
+    burst = [Req(60) for _ in range(12)]
+    for r in burst:
+        s.add(r)
+    for r in burst[:8]:  # fed in earlier pieces: decoding now, 8 against 4 still waiting
+        r.remaining = 1
+    picked = s.next_batch(0)
+    assert sum(n for r, n in picked if r.remaining > 1) >= 60  # whole prompts, not 25-token chunks
+    # A newcomer arriving while those twelve decode is held to half a decode step's worth.
+    for r in burst:
+        r.remaining = 1
+    s.add(newcomer := Req(300))
+    fed = dict((id(r), n) for r, n in s.next_batch(0))
+    assert 0 < fed[id(newcomer)] <= 25
+    s.remove(newcomer)
+    assert id(newcomer) not in s._arrival
 
 
 def test_nothing_runs_when_no_request_is_feedable():
